@@ -1,0 +1,34 @@
+# `make demo` and `make test` do the whole set-up: each creates .venv on first use.
+# On a CPU-only machine torch==2.13.0 resolves to the CPU wheel; on a GPU machine to the CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS := requirements/constraints.txt
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv demo test test-slow bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) torch
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps open_clip_torch
+	touch $@
+
+demo: venv
+	$(PY) -m engine demo --out build/demo
+
+test: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow"
+
+test-slow: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow
+
+bench: venv
+	$(PY) benchmarks/bench_closed_form.py
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,188 @@
+"""Closed-form multi-concept erasure: the engine vs a per-layer implementation of the same equations.
+
+    python benchmarks/bench_closed_form.py [--archs sd15,sdxl] [--concepts 1,10,100,1000] [--device cuda]
+
+For each architecture (random weights, real shapes) and each number of concepts N, both
+implementations start from the same selected token embeddings (text encoding is shared and
+timed once), then:
+
+* engine: one fused Gram/cross-Gram accumulation, one fp64 Cholesky solve of a D x D system,
+  one stacked `W T` update of every K/V matrix (engine.closed_form);
+* per-layer: the way published reference code does it: for every K/V matrix, project the
+  targets through that layer, accumulate its two sums and invert its own D x D system.
+
+Reports time per phase, the speed-up, and the maximum relative difference between the edited
+weights. Prints a table and writes JSON (device, versions, git sha) to benchmarks/results/.
+Only the UNet's cross-attention K/V matrices are materialized (the rest of the UNet is built on
+the meta device): the closed-form edit reads and writes nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.closed_form import (  # noqa: E402
+    METHODS,
+    accumulate,
+    apply_transform,
+    collect_rows,
+    cross_attention_kv,
+    solve_transform,
+)
+from engine.concepts import concepts_from_names  # noqa: E402
+from engine.export import package_versions  # noqa: E402
+from engine.tiny import build_pipeline, text_encoder_configs  # noqa: E402
+
+CAPTIONS = [line.strip() for line in (ROOT / "examples" / "captions.txt").read_text().splitlines() if line.strip()]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device, fn):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def per_layer_reference(rows, kv, ridge):
+    """One solve per K/V matrix, as the published UCE/MACE code does. Returns key -> W' and timings."""
+    dev = rows.table.device
+    S_rows = rows.table[rows.src_index]  # (N, D)
+    T_rows = rows.table[rows.tgt_index]
+    w = rows.weight[:, None]
+    D = S_rows.shape[1]
+    eye = torch.eye(D, device=dev)
+    P = rows.caption_gram.to(dev) * rows.preserve_weight if rows.caption_gram is not None else torch.zeros(D, D, device=dev)
+    out, t_gram, t_solve, t_update = {}, 0.0, 0.0, 0.0
+    for key, module in kv:
+        W = module.weight.detach().float()
+        (mat1, mat2), dt = timed(dev, lambda: (
+            ridge * W + ((T_rows @ W.T) * w).T @ S_rows + W @ P,  # sum w (W e') e^T + lam W P + mu W
+            ridge * eye + (S_rows * w).T @ S_rows + P,
+        ))
+        t_gram += dt
+        inv, dt = timed(dev, lambda: torch.inverse(mat2))
+        t_solve += dt
+        out[key], dt = timed(dev, lambda: mat1 @ inv)
+        t_update += dt
+    return out, {"gram": t_gram, "solve": t_solve, "weight_update": t_update}
+
+
+def build_for_bench(arch: str, device: torch.device):
+    """The pipeline with real text encoders and only the UNet's K/V matrices materialized."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):  # sizes only: the UNet and VAE weights are never read here
+        pipe = build_pipeline(arch, seed=0)
+    torch.manual_seed(0)
+    configs = text_encoder_configs(arch)
+    pipe.register_modules(text_encoder=CLIPTextModel(configs[0]).eval().to(device))
+    if len(configs) > 1:
+        pipe.register_modules(text_encoder_2=CLIPTextModelWithProjection(configs[1]).eval().to(device))
+    for _, module in cross_attention_kv(pipe.unet):
+        module.weight = torch.nn.Parameter(torch.randn(module.out_features, module.in_features, device=device) * 0.02)
+    return pipe
+
+
+def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.device, backend: str):
+    pipe = build_for_bench(arch, device)
+    kv = cross_attention_kv(pipe.unet)
+    D = kv[0][1].in_features
+    originals = {k: m.weight.detach().clone() for k, m in kv}
+    results = []
+    for n in n_concepts:
+        concepts = concepts_from_names(
+            [f"Person{i} Example" for i in range(n)], anchor="a person", templates=templates, captions=CAPTIONS
+        )
+        cfg = METHODS["uce"].replace(progress=False, backend=backend, batch_size=128)
+        with torch.no_grad():
+            rows, t_enc = timed(device, lambda: collect_rows(pipe, concepts, cfg))
+
+            (S, C), t_gram = timed(device, lambda: accumulate(rows, backend))
+            (T, solver, cond), t_solve = timed(device, lambda: solve_transform(S, C, cfg.ridge, cfg.max_condition))
+            edited, t_update = timed(device, lambda: apply_transform(kv, T.to(device), backend))
+            engine_t = {"gram": t_gram, "solve": t_solve, "weight_update": t_update}
+            for key, module in kv:  # restore for the reference
+                module.weight.data.copy_(originals[key])
+            ref, ref_t = per_layer_reference(rows, kv, cfg.ridge)
+        max_rel = max(float((edited[k].float() - ref[k]).norm() / ref[k].norm()) for k in ref)
+        eng_total, ref_total = sum(engine_t.values()), sum(ref_t.values())
+        results.append({
+            "arch": arch, "D": D, "kv_matrices": len(kv), "concepts": n, "templates": len(templates),
+            "edit_rows": rows.n_edit, "preserve_rows": len(rows.src_index) - rows.n_edit, "caption_rows": rows.caption_rows,
+            "text_encoding_s": t_enc, "engine_s": engine_t, "per_layer_s": ref_t,
+            "engine_total_s": eng_total, "per_layer_total_s": ref_total, "speedup": ref_total / eng_total,
+            "max_relative_difference": max_rel, "solver": solver,
+        })
+        r = results[-1]
+        print(f"{arch:<6} N={n:<5} rows={r['edit_rows']:<6} encode {t_enc:7.2f}s | engine gram {t_gram:.4f} solve {t_solve:.4f} "
+              f"update {t_update:.4f} = {eng_total:.4f}s | per-layer {ref_total:.4f}s | x{r['speedup']:.1f} | max rel diff {max_rel:.2e}",
+              flush=True)
+    return results
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", default="sd15,sdxl")
+    parser.add_argument("--concepts", default="1,10,100,1000")
+    parser.add_argument("--templates", default="a photo of {}|a portrait of {}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/closed_form_<device>.json)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    templates = args.templates.split("|")
+    all_results = []
+    for arch in args.archs.split(","):
+        all_results += run(arch, [int(n) for n in args.concepts.split(",")], templates, device, args.backend)
+    report = {
+        "benchmark": "closed_form",
+        "device": device_name(device),
+        "device_type": device.type,
+        "versions": package_versions(),
+        "git_sha": git_sha(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "results": all_results,
+    }
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"closed_form_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n| arch | N | edit rows | text encoding (s) | engine gram+solve+update (s) | per-layer (s) | speed-up | max rel diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in all_results:
+        print(f"| {r['arch']} | {r['concepts']} | {r['edit_rows']} | {r['text_encoding_s']:.2f} | {r['engine_total_s']:.4f} | "
+              f"{r['per_layer_total_s']:.4f} | {r['speedup']:.1f}x | {r['max_relative_difference']:.1e} |")
+    print(f"device: {report['device']}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""erasure-engine: fast concept erasure for Stable Diffusion models.
+
+The public, stable API is what `__all__` lists; see engine/api.py for usage.
+"""
+
+from engine.api import Result, apply_delta, erase, method_config
+from engine.closed_form import METHODS, ClosedFormConfig
+from engine.concepts import Concept, ConceptFileError, ConceptSet, concepts_from_names, load_concepts
+from engine.models import load_pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "erase",
+    "apply_delta",
+    "method_config",
+    "Result",
+    "METHODS",
+    "ClosedFormConfig",
+    "Concept",
+    "ConceptSet",
+    "ConceptFileError",
+    "load_concepts",
+    "concepts_from_names",
+    "load_pipeline",
+]

@@ -1,0 +1,178 @@
+"""The engine's stable Python surface for tools that embed it.
+
+    import engine
+    result = engine.erase("path/to/sd15", "celebrities.txt", method="uce", anchor="a person")
+    result.save("out/erased", export_lora=True)
+    result.pipeline  # the edited diffusers pipeline, ready to generate
+
+Everything listed in `__all__` of `engine/__init__.py` is the public API; other modules may change.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.closed_form import METHODS, ClosedFormConfig, ClosedFormEdit, closed_form_edit, cross_attention_kv
+from engine.concepts import ConceptSet, concepts_from_names, load_concepts
+from engine.export import (
+    DELTA_NAME,
+    LORA_DIR,
+    LORA_NAME,
+    MANIFEST_NAME,
+    atomic_output_dir,
+    lora_from_delta,
+    package_versions,
+    save_delta,
+    sha256_file,
+    sha256_tree,
+    tensors_fingerprint,
+    write_json,
+)
+from engine.export import apply_delta as _apply_delta_to_pipe
+from engine.models import load_pipeline, text_encoder_fingerprint
+
+
+@dataclass
+class Result:
+    """An erased pipeline, the changed tensors and the manifest describing the run."""
+
+    pipeline: object
+    delta: dict[str, torch.Tensor]  # UNet key -> edited tensor
+    original: dict[str, torch.Tensor]  # UNet key -> tensor before the edit
+    manifest: dict
+    edit: ClosedFormEdit | None = field(default=None, repr=False)
+
+    def save(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        export_lora: bool = False,
+        lora_rank: int | None = None,
+        save_pipeline: bool = True,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the pipeline, delta.safetensors, optional LoRA and manifest.json atomically."""
+        start = time.perf_counter()
+        manifest = dict(self.manifest)
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            save_delta(tmp / DELTA_NAME, self.delta, self.original)
+            if export_lora:
+                state, info = lora_from_delta(self.delta, self.original, lora_rank)
+                from safetensors.torch import save_file
+
+                (tmp / LORA_DIR).mkdir()
+                save_file(state, str(tmp / LORA_DIR / LORA_NAME))
+                manifest["lora"] = info
+            if save_pipeline:
+                self.pipeline.save_pretrained(tmp, safe_serialization=True)
+            manifest["timings"] = dict(manifest.get("timings", {}), save=time.perf_counter() - start)
+            manifest["outputs"] = sha256_tree(tmp)
+            write_json(tmp / MANIFEST_NAME, manifest)
+        self.manifest = manifest
+        return Path(out_dir)
+
+
+def _resolve_model(model, *, model_config=None, allow_pickle=False):
+    if isinstance(model, (str, os.PathLike)):
+        return load_pipeline(model, config=model_config, allow_pickle=allow_pickle), str(model)
+    if not hasattr(model, "unet") or not hasattr(model, "tokenizer"):
+        raise TypeError(f"model must be a diffusers Stable Diffusion pipeline or a path, got {type(model).__name__}")
+    return model, None
+
+
+def _resolve_concepts(concepts, anchor, templates) -> tuple[ConceptSet, str | None]:
+    if isinstance(concepts, ConceptSet):
+        return concepts, None
+    if isinstance(concepts, (str, os.PathLike)):
+        return load_concepts(concepts, anchor=anchor, templates=templates), str(concepts)
+    if isinstance(concepts, (list, tuple)) and all(isinstance(c, str) for c in concepts):
+        return concepts_from_names(concepts, anchor=anchor or "", templates=templates), None
+    raise TypeError("concepts must be a ConceptSet, a concept file path or a list of names")
+
+
+def method_config(method: str, config: ClosedFormConfig | dict | None = None, **overrides) -> ClosedFormConfig:
+    """The named method's published defaults, then `config` (a dict or config), then overrides."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    base = METHODS[method]
+    if isinstance(config, ClosedFormConfig):
+        base = config
+    elif isinstance(config, dict):
+        base = base.replace(**config)
+    elif config is not None:
+        raise TypeError("config must be a ClosedFormConfig, a dict or None")
+    return base.replace(**overrides)
+
+
+def erase(
+    model,
+    concepts,
+    method: str = "uce",
+    *,
+    config: ClosedFormConfig | dict | None = None,
+    anchor: str | None = None,
+    templates: list[str] | None = None,
+    model_config: str | None = None,
+    allow_pickle: bool = False,
+    **overrides,
+) -> Result:
+    """Erase `concepts` from `model` with a closed-form method, in one solve.
+
+    model: a loaded StableDiffusion(XL)Pipeline (edited in place) or a local path (folder,
+    single-file .safetensors with `model_config`). concepts: a ConceptSet, a concept file path
+    or a list of names. method: "uce" or "trce-stage1". Hyper-parameters: `config` and keyword
+    overrides of ClosedFormConfig fields (e.g. ridge=0.5, tokens="eot").
+    """
+    cfg = method_config(method, config, **overrides)
+    start = time.perf_counter()
+    pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
+    load_seconds = time.perf_counter() - start
+    concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
+    kv_keys = [key for key, _ in cross_attention_kv(pipe.unet)]
+    params = dict(pipe.unet.named_parameters())
+    original = {k: params[k].detach().clone() for k in kv_keys}
+
+    edit = closed_form_edit(pipe, concept_set, cfg)
+
+    inputs = {
+        "model": model_path,
+        "text_encoder_fingerprint": text_encoder_fingerprint(pipe),
+        "kv_fingerprint": tensors_fingerprint(original),
+    }
+    if model_path and Path(model_path).exists():
+        inputs["model_files"] = sha256_tree(model_path) if Path(model_path).is_dir() else {Path(model_path).name: sha256_file(model_path)}
+    if concept_path:
+        inputs["concepts_file"] = {"path": concept_path, "sha256": sha256_file(concept_path)}
+    manifest = {
+        "engine": "erasure-engine",
+        "method": method,
+        "config": cfg.to_dict(),
+        "concepts": concept_set.to_dict(),
+        "seed": None,  # the closed-form solve is deterministic
+        "versions": package_versions(),
+        "device": str(pipe.unet.device),
+        "inputs": inputs,
+        "solve": {
+            "solver": edit.solver,
+            "condition": edit.condition,
+            "rows": edit.rows,
+            "preserve_weight": edit.preserve_weight,
+            "preserve_drift": edit.preserve_drift,
+            "concept_residual": edit.concept_residual,
+            "layers_changed": len(edit.changed),
+        },
+        "timings": {"load": load_seconds, **edit.timings},
+    }
+    return Result(pipeline=pipe, delta=edit.changed, original=original, manifest=manifest, edit=edit)
+
+
+def apply_delta(model, delta_path, *, model_config=None, allow_pickle=False):
+    """Load `model` (path or pipeline), apply a saved delta.safetensors, return the pipeline."""
+    pipe, _ = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
+    _apply_delta_to_pipe(pipe, delta_path)
+    return pipe

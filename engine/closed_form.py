@@ -1,0 +1,480 @@
+"""Closed-form editing of the cross-attention key/value projections (UCE, TRCE stage 1).
+
+Every cross-attention layer l projects the same text embedding e with W_l (`to_k`, `to_v`).
+The edit solves, for all layers at once,
+
+    min_W'  sum_i w_i ||W' e_i - W e'_i||^2 + lam sum_j ||W' p_j - W p_j||^2 + mu ||W' - W||_F^2
+
+whose solution is W'_l = W_l T with ONE D x D matrix shared by every layer:
+
+    T = (C + lam P + mu I) (S + lam P + mu I)^-1,
+    S = sum_i w_i e_i e_i^T,  C = sum_i w_i e'_i e_i^T,  P = sum_j p_j p_j^T.
+
+Rows e_i are source token embeddings (a concept's prompt), e'_i the aligned target rows
+(the same template with the anchor), p_j preservation rows (retained concepts, captions).
+Which token positions carry the edit is `tokens`:
+
+* ``eot``: the first end-of-text position of the source prompt -> that of the target.
+* ``concept``: the concept's own tokens and every later token up to the first end-of-text
+  (CLIP's causal attention lets all of them see the concept), aligned to the target from the
+  end-of-text backwards and clamped at the anchor's first token.
+* ``all``: all 77 positions, position by position.
+
+Preservation rows of retained concepts use the same positions as the edit; caption rows are
+every position from the start token to the first end-of-text.
+
+Only rows that are needed are kept after encoding, so memory grows with the number of
+selected rows, not with the number of prompts times 77.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import string
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from engine.concepts import ConceptSet
+from engine.models import encode_prompts, text_encoder_fingerprint
+from kernels import stacked_transform, weighted_gram
+
+TOKEN_MODES = ("eot", "concept", "all")
+MAX_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class ClosedFormConfig:
+    """Hyper-parameters of one closed-form edit. Validated on construction."""
+
+    tokens: str = "concept"  # which token positions carry the edit: eot | concept | all
+    erase_weight: float = 1.0  # multiplies every concept's own weight (w_i)
+    preserve_weight: float | None = None  # lam; None: UCE's max(0.1, 1 / #preservation prompts)
+    ridge: float = 0.1  # mu, pulls W' towards W; keeps the system well posed
+    max_condition: float = 1e12  # above this the solve falls back to a clamped eigen-solve
+    batch_size: int = 64  # prompts per text-encoder call
+    backend: str = "auto"  # kernels: auto | triton | torch
+    cache_dir: str | None = None  # caption Gram cache; None: $ERASURE_CACHE or ~/.cache/erasure-engine
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.tokens not in TOKEN_MODES:
+            raise ValueError(f"config field 'tokens' must be one of {TOKEN_MODES}, got {self.tokens!r}")
+        for name in ("erase_weight", "ridge", "max_condition"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"config field {name!r} must be a finite number, got {value!r}")
+        if self.erase_weight <= 0:
+            raise ValueError(f"config field 'erase_weight' must be > 0, got {self.erase_weight}")
+        if self.ridge < 0:
+            raise ValueError(f"config field 'ridge' must be >= 0, got {self.ridge}")
+        if self.max_condition <= 1:
+            raise ValueError(f"config field 'max_condition' must be > 1, got {self.max_condition}")
+        if self.preserve_weight is not None and (
+            not isinstance(self.preserve_weight, (int, float))
+            or not math.isfinite(self.preserve_weight)
+            or self.preserve_weight < 0
+        ):
+            raise ValueError(f"config field 'preserve_weight' must be a number >= 0 or null, got {self.preserve_weight!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"config field 'batch_size' must be a positive integer, got {self.batch_size!r}")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"config field 'backend' must be auto, triton or torch, got {self.backend!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides) -> "ClosedFormConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+# Published defaults. UCE (Gandikota et al. 2024): tokens from the concept onwards, erase scale 1,
+# preserve scale max(0.1, 1/n), ridge 0.1. TRCE stage 1 (Chen et al. 2025): only the first [EoT]
+# row with weight 1, a tiny preservation weight (1e-6 per outer product); ridge as UCE.
+METHODS: dict[str, ClosedFormConfig] = {
+    "uce": ClosedFormConfig(tokens="concept", erase_weight=1.0, preserve_weight=None, ridge=0.1),
+    "trce-stage1": ClosedFormConfig(tokens="eot", erase_weight=1.0, preserve_weight=1e-6, ridge=0.1),
+}
+
+
+@dataclass
+class ClosedFormEdit:
+    """What one solve produced: the transform, the changed weights and how well it fits."""
+
+    transform: torch.Tensor  # (D, D) float32, W' = W @ transform
+    changed: dict[str, torch.Tensor]  # UNet state-dict key -> edited weight
+    concept_residual: dict[str, float]  # ||W T e - W e'|| / ||W e'|| over the concept's rows, all layers
+    concept_residual_before: dict[str, float]  # ||W e - W e'|| / ||W e'||: how far the concept started
+    preserve_drift: float  # ||W (T - I) p|| / ||W p|| over all preservation rows, all layers
+    solver: str  # "cholesky" or "eigen-clamped"
+    condition: float  # condition-number estimate of the solved system
+    rows: dict[str, int]  # how many edit / preservation / caption rows entered the sums
+    preserve_weight: float  # the lam actually used
+    timings: dict[str, float]  # seconds per phase
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class PhaseTimer:
+    """Collects wall time per named phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def cross_attention_kv(unet) -> list[tuple[str, torch.nn.Linear]]:
+    """(state-dict key of the weight, module) for every cross-attention to_k and to_v."""
+    from diffusers.models.attention_processor import Attention
+
+    found = []
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            for proj in ("to_k", "to_v"):
+                found.append((f"{name}.{proj}.weight", getattr(module, proj)))
+    if not found:
+        raise ValueError("the UNet has no cross-attention layers to edit")
+    return found
+
+
+def _prefix_end(tokenizer, template: str) -> int:
+    """Position right after the template's text before {} (1 counts the start token)."""
+    prefix = ""
+    for literal, field, _, _ in string.Formatter().parse(template):  # braces come back unescaped
+        prefix += literal
+        if field is not None:
+            break
+    return 1 + len(tokenizer(prefix, add_special_tokens=False).input_ids)
+
+
+def _span_start(tokenizer, template: str, fill: str, ids: list[int], where: str) -> int:
+    """Position of the first token of `fill` inside template.format(fill), from real ids."""
+    start = _prefix_end(tokenizer, template)
+    fill_ids = tokenizer(fill, add_special_tokens=False).input_ids
+    if ids[start : start + len(fill_ids)] == fill_ids:
+        return start
+    # A template that glues text to {} can merge the name with its neighbour; find it instead.
+    for pos in range(1, len(ids) - len(fill_ids) + 1):
+        if fill_ids and ids[pos : pos + len(fill_ids)] == fill_ids:
+            return pos
+    raise ValueError(f"{where}: cannot find the tokens of {fill!r} in the prompt {template.format(fill)!r}")
+
+
+class _RowPlan:
+    """Collects (prompt, position) rows, encodes only what is needed, and keeps them compactly."""
+
+    def __init__(self):
+        self.prompts: dict[str, int] = {}
+        self.rows: dict[tuple[int, int], int] = {}
+
+    def prompt(self, text: str) -> int:
+        return self.prompts.setdefault(text, len(self.prompts))
+
+    def row(self, prompt_idx: int, position: int) -> int:
+        return self.rows.setdefault((prompt_idx, position), len(self.rows))
+
+    def encode(self, pipe, batch_size: int, progress: bool, desc: str) -> torch.Tensor:
+        """The selected rows' embeddings, (n_rows, D) float32, in row order."""
+        by_prompt: dict[int, list[tuple[int, int]]] = {}
+        for (p, pos), r in self.rows.items():
+            by_prompt.setdefault(p, []).append((pos, r))
+        texts = list(self.prompts)
+        table = None
+        for lo in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+            emb, _ = encode_prompts(pipe, texts[lo : lo + batch_size], batch_size=batch_size)
+            if table is None:
+                table = torch.empty(len(self.rows), emb.shape[-1], dtype=torch.float32, device=emb.device)
+            for k in range(emb.shape[0]):
+                for pos, r in by_prompt.get(lo + k, ()):
+                    table[r] = emb[k, pos]
+        return table
+
+
+def _tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
+    out = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=False).input_ids
+    for text, ids in zip(prompts, out):
+        if len(ids) > MAX_LENGTH:
+            raise ValueError(f"prompt longer than {MAX_LENGTH} tokens: {text!r}")
+    return out
+
+
+def _positions(mode: str, tokenizer, template: str, fill: str, ids: list[int], eot_id: int, where: str) -> list[int]:
+    eot = ids.index(eot_id)
+    if mode == "eot":
+        return [eot]
+    if mode == "all":
+        return list(range(MAX_LENGTH))
+    return list(range(_span_start(tokenizer, template, fill, ids, where), eot + 1))
+
+
+def _aligned_targets(src_pos: list[int], src_eot: int, tgt_eot: int, tgt_lo: int) -> list[int]:
+    """Align source rows to target rows counting back from each end-of-text."""
+    return [max(tgt_eot - (src_eot - p), tgt_lo) for p in src_pos]
+
+
+def _cache_dir(config: ClosedFormConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure-engine"))
+
+
+def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[torch.Tensor, int]:
+    """sum_j p_j p_j^T over every real token of every caption, cached on disk.
+
+    The cache key covers the text encoder(s)' weights, the captions in order and this row rule,
+    so a changed model or list never reuses a stale matrix. Returns (gram, number of rows).
+    """
+    key_src = json.dumps({"encoder": text_encoder_fingerprint(pipe), "captions": captions, "rows": "bos..eot", "v": 1})
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    path = _cache_dir(config) / f"caption-gram-{key}.safetensors"
+    if path.exists():
+        cached = load_file(str(path))
+        return cached["gram"], int(cached["rows"].item())
+
+    tokenizer = pipe.tokenizer
+    eot_id = tokenizer.eos_token_id
+    plan = _RowPlan()
+    for text, ids in zip(captions, _tokenize(tokenizer, captions)):
+        p = plan.prompt(text)
+        for pos in range(ids.index(eot_id) + 1):
+            plan.row(p, pos)
+    table = plan.encode(pipe, config.batch_size, config.progress, "encode captions")
+    index = torch.arange(table.shape[0])
+    gram, _ = weighted_gram(table, table, torch.ones(table.shape[0]), index, index, backend=config.backend)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"gram": gram.contiguous(), "rows": torch.tensor([table.shape[0]])}, str(tmp))
+    os.replace(tmp, path)
+    return gram, table.shape[0]
+
+
+def solve_transform(S: torch.Tensor, C: torch.Tensor, ridge: float, max_condition: float):
+    """T = (C + ridge I) (S + ridge I)^-1 in float64 (preservation already inside S and C).
+
+    Cholesky when the system is well conditioned; otherwise an eigen-solve with eigenvalues
+    clamped at lambda_max / max_condition, with a warning. Returns (T float32, solver, cond).
+    """
+    D = S.shape[0]
+    eye = torch.eye(D, dtype=torch.float64)
+    A = S.detach().double().cpu() + ridge * eye  # a D x D solve: the CPU in fp64 is exact and cheap
+    A = 0.5 * (A + A.T)  # fp32 accumulation leaves tiny asymmetries
+    B = C.detach().double().cpu() + ridge * eye
+    L, info = torch.linalg.cholesky_ex(A)
+    diag = L.diagonal()
+    cond = float((diag.max() / diag.min()) ** 2) if info == 0 and bool(diag.min() > 0) else math.inf
+    if cond <= max_condition:
+        T = torch.cholesky_solve(B.T.contiguous(), L).T
+        solver = "cholesky"
+    else:
+        evals, evecs = torch.linalg.eigh(A)
+        floor = evals.max().clamp_min(1e-300) / max_condition
+        warnings.warn(
+            f"closed-form system is ill-conditioned (condition estimate {cond:.3g} > {max_condition:.3g}); "
+            f"solving with eigenvalues clamped at {float(floor):.3g}. Raise 'ridge' or add preservation data.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        cond = float(evals.max() / evals.min()) if evals.min() > 0 else math.inf
+        inv = (evecs / evals.clamp_min(floor)) @ evecs.T
+        T = B @ inv
+        solver = "eigen-clamped"
+    if not torch.isfinite(T).all():
+        raise FloatingPointError("closed-form solve produced non-finite values; nothing was changed")
+    return T.float(), solver, cond
+
+
+def _relative_error(W_gram: torch.Tensor, diff: torch.Tensor, ref: torch.Tensor) -> float:
+    """||W diff|| / ||W ref|| summed over rows and all layers, using W^T W (D x D)."""
+    num = ((diff.double() @ W_gram) * diff.double()).sum()
+    den = ((ref.double() @ W_gram) * ref.double()).sum()
+    return float(torch.sqrt(num / den.clamp_min(1e-300)))
+
+
+# --------------------------------------------------------------------------- the edit
+
+
+@dataclass
+class EditRows:
+    """Every row entering the sums, encoded once and kept compactly."""
+
+    table: torch.Tensor  # (n_rows, D) float32: unique selected token embeddings
+    src_index: torch.Tensor  # (N,) int64 rows of e_i (edit) and p_j (preservation) in `table`
+    tgt_index: torch.Tensor  # (N,) int64 rows of e'_i; equal to src_index for preservation rows
+    weight: torch.Tensor  # (N,) float32: w_i for edit rows, lam for preservation rows
+    owner: torch.Tensor  # (N,) int64: index of the concept a row edits, -1 for preservation
+    n_edit: int  # the first n_edit rows are edit rows
+    preserve_weight: float  # lam
+    caption_gram: torch.Tensor | None  # (D, D) sum of caption rows' outer products, unweighted
+    caption_rows: int
+
+
+def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRows:
+    """Select the token rows of every concept and preservation prompt and encode them."""
+    tokenizer = pipe.tokenizer
+    eot_id = tokenizer.eos_token_id
+    plan = _RowPlan()
+    src_rows, tgt_rows, weights, owner = [], [], [], []
+    # Edit rows: source prompt -> target prompt, per concept and template.
+    for ci, concept in enumerate(concepts.concepts):
+        pairs = concept.prompt_pairs()
+        ids_all = _tokenize(tokenizer, [s for _, s, _ in pairs] + [t for _, _, t in pairs])
+        for k, (template, src, tgt) in enumerate(pairs):
+            ids_s, ids_t = ids_all[k], ids_all[len(pairs) + k]
+            where = f"concept {concept.name!r}, template {template!r}"
+            src_pos = _positions(config.tokens, tokenizer, template, concept.name, ids_s, eot_id, where)
+            if config.tokens == "concept":
+                tgt_lo = (
+                    _span_start(tokenizer, template, concept.anchor, ids_t, where)
+                    if concept.anchor.strip()
+                    else _prefix_end(tokenizer, template)
+                )
+                tgt_pos = _aligned_targets(src_pos, ids_s.index(eot_id), ids_t.index(eot_id), tgt_lo)
+            elif config.tokens == "eot":
+                tgt_pos = [ids_t.index(eot_id)]
+            else:
+                tgt_pos = src_pos
+            ps, pt = plan.prompt(src), plan.prompt(tgt)
+            for a, b in zip(src_pos, tgt_pos):
+                src_rows.append(plan.row(ps, a))
+                tgt_rows.append(plan.row(pt, b))
+                weights.append(config.erase_weight * concept.weight)
+                owner.append(ci)
+    n_edit = len(src_rows)
+    if n_edit == 0:
+        raise ValueError(f"{concepts.source}: no concepts to edit")
+    # Preservation rows of retained concepts: the same positions, mapped onto themselves.
+    n_pres_prompts = len(concepts.preserve_captions)
+    for concept in concepts.preserve_concepts:
+        for template in concept.templates:
+            text = template.format(concept.name)
+            (ids,) = _tokenize(tokenizer, [text])
+            where = f"preserved concept {concept.name!r}, template {template!r}"
+            p = plan.prompt(text)
+            n_pres_prompts += 1
+            for a in _positions(config.tokens, tokenizer, template, concept.name, ids, eot_id, where):
+                r = plan.row(p, a)
+                src_rows.append(r)
+                tgt_rows.append(r)
+                owner.append(-1)
+    lam = config.preserve_weight
+    if lam is None:
+        lam = max(0.1, 1.0 / n_pres_prompts) if n_pres_prompts else 0.0
+    weights += [lam] * (len(src_rows) - n_edit)
+    table = plan.encode(pipe, config.batch_size, config.progress, "encode prompts")
+    P_cap, caption_rows = None, 0
+    if concepts.preserve_captions:
+        P_cap, caption_rows = caption_gram(pipe, list(concepts.preserve_captions), config)
+    dev = table.device  # where the text encoder ran: the fused kernels run there too
+    return EditRows(
+        table=table,
+        src_index=torch.tensor(src_rows, dtype=torch.int64, device=dev),
+        tgt_index=torch.tensor(tgt_rows, dtype=torch.int64, device=dev),
+        weight=torch.tensor(weights, dtype=torch.float32, device=dev),
+        owner=torch.tensor(owner, dtype=torch.int64),
+        n_edit=n_edit,
+        preserve_weight=lam,
+        caption_gram=P_cap,
+        caption_rows=caption_rows,
+    )
+
+
+def accumulate(rows: EditRows, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """S = sum w e e^T + lam P and C = sum w e' e^T + lam P, in one fused gather-and-accumulate."""
+    S, C = weighted_gram(rows.table, rows.table, rows.weight, rows.src_index, rows.tgt_index, backend=backend)
+    if rows.caption_gram is not None and rows.preserve_weight > 0:
+        P = rows.caption_gram.to(S.device)
+        S = S + rows.preserve_weight * P
+        C = C + rows.preserve_weight * P
+    return S, C
+
+
+def apply_transform(kv: list[tuple[str, torch.nn.Linear]], T: torch.Tensor, backend: str = "auto") -> dict[str, torch.Tensor]:
+    """W_l <- W_l T for every K/V matrix in one stacked product. Returns key -> new weight.
+
+    Nothing is written unless every edited value is finite.
+    """
+    stacked = torch.cat([m.weight.detach().float() for _, m in kv])  # (R, D)
+    edited = stacked_transform(stacked, T.to(stacked.device), backend=backend)
+    if not torch.isfinite(edited).all():
+        raise FloatingPointError("edited weights contain NaN or inf; the model was not changed")
+    changed = {}
+    with torch.no_grad():
+        for (key, module), new in zip(kv, edited.split([m.out_features for _, m in kv])):
+            module.weight.copy_(new.to(module.weight.dtype))
+            changed[key] = module.weight.detach().clone()
+    return changed
+
+
+def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> ClosedFormEdit:
+    """Solve the edit for every concept at once and write it into `pipe.unet` in place.
+
+    The pipeline is only modified after the solve succeeded with finite values.
+    """
+    timer = PhaseTimer()
+    kv = cross_attention_kv(pipe.unet)
+    with timer("text_encoding"):
+        rows = collect_rows(pipe, concepts, config)
+    with timer("gram"):
+        S, C = accumulate(rows, config.backend)
+    with timer("solve"):
+        T, solver, cond = solve_transform(S, C, config.ridge, config.max_condition)
+    original = torch.cat([m.weight.detach().double() for _, m in kv])  # (R, D), for the report
+    with timer("weight_update"):
+        changed = apply_transform(kv, T, config.backend)
+    with timer("report"):
+        residual, before, drift = _fit_report(rows, T, original, concepts)
+    return ClosedFormEdit(
+        transform=T,
+        changed=changed,
+        concept_residual=residual,
+        concept_residual_before=before,
+        preserve_drift=drift,
+        solver=solver,
+        condition=cond,
+        rows={"edit": rows.n_edit, "preserve": len(rows.src_index) - rows.n_edit, "caption": rows.caption_rows},
+        preserve_weight=rows.preserve_weight,
+        timings=timer.seconds,
+    )
+
+
+def _fit_report(rows: EditRows, T: torch.Tensor, W: torch.Tensor, concepts: ConceptSet):
+    """Per-concept residual after (and distance before) the edit, and the preservation drift.
+
+    All layers together: ||W x||^2 summed over layers is x^T (W^T W) x with W the stacked K/V.
+    """
+    W_gram = (W.T @ W).cpu()  # (D, D)
+    T64 = T.double().cpu()
+    table, src_index, tgt_index = rows.table.cpu(), rows.src_index.cpu(), rows.tgt_index.cpu()
+    residual, before = {}, {}
+    for ci, concept in enumerate(concepts.concepts):
+        sel = (rows.owner == ci).nonzero().squeeze(1)
+        e = table[src_index[sel]].double()
+        e_t = table[tgt_index[sel]].double()
+        residual[concept.name] = _relative_error(W_gram, e @ T64.T - e_t, e_t)
+        before[concept.name] = _relative_error(W_gram, e - e_t, e_t)
+    pres = table[src_index[rows.n_edit :]].double()
+    eye = torch.eye(T.shape[0], dtype=torch.float64)
+    drift = _relative_error(W_gram, pres @ (T64 - eye).T, pres) if len(pres) else 0.0
+    return residual, before, drift

@@ -1,0 +1,253 @@
+"""Loading Stable Diffusion checkpoints from local paths, offline, and encoding prompts.
+
+Supported: a diffusers folder (model_index.json) of a StableDiffusionPipeline or
+StableDiffusionXLPipeline; a single original-format `.safetensors` file together with `config=`, a
+local diffusers folder of the same architecture (its configs, tokenizers and scheduler are used);
+and, only with allow_pickle=True, a pickled single file (.ckpt/.pt/.pth/.bin), read with
+torch.load(weights_only=True) so that no code in it is run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+from engine.tokenizer import MAX_LENGTH, check_tokenizer
+
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _pipeline_class_of(folder: Path, what: str):
+    """The diffusers pipeline class a folder's model_index.json names; only SD and SDXL are accepted."""
+    import diffusers
+
+    index = folder / "model_index.json"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {folder} is not a folder")
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{what} {folder} has no model_index.json: it is not a diffusers pipeline folder "
+            "(pass the folder that holds model_index.json, unet/, text_encoder/, ...)"
+        )
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {index}: {err}") from err
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(
+            f"{index} names pipeline class {name!r}; only {' and '.join(PIPELINE_CLASSES)} are supported"
+        )
+    return getattr(diffusers, name)
+
+
+def _dtype_kwargs(torch_dtype) -> dict:
+    # diffusers renamed torch_dtype= to dtype= (and warns on the old name); older releases in our
+    # supported range only know torch_dtype=. _resolve_dtype arrived with the rename.
+    import diffusers.utils
+
+    return {"dtype" if hasattr(diffusers.utils, "_resolve_dtype") else "torch_dtype": torch_dtype}
+
+
+def _sd_only_kwargs(cls) -> dict:
+    # SD pipelines ship a safety checker (and its image processor) that an erasure engine never
+    # runs; SDXL pipelines have neither argument.
+    if cls.__name__ == "StableDiffusionPipeline":
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return {}
+
+
+def _load_pickled_state_dict(path: Path) -> dict:
+    """A pickled checkpoint's tensors, unpickled with weights_only=True (no code runs)."""
+    try:
+        # mmap avoids a second copy of a multi-GB file; only the zip format supports it.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:
+        raise ValueError(
+            f"{path} could not be read with torch.load(weights_only=True) ({type(err).__name__}: {err}); "
+            "it may hold arbitrary Python objects: convert it to .safetensors with a trusted tool"
+        ) from err
+    # Original LDM checkpoints nest the weights under "state_dict" (sometimes more than once).
+    while isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+
+
+def _from_single_file(cls, path: Path, config: Path, torch_dtype, state_dict: dict | None):
+    """cls.from_single_file(path, config=config), offline; state_dict replaces reading `path`."""
+    kwargs = dict(config=str(config), local_files_only=True, **_dtype_kwargs(torch_dtype), **_sd_only_kwargs(cls))
+    if state_dict is None:
+        return cls.from_single_file(str(path), **kwargs)
+    # The pipeline-level from_single_file only takes a file path and would unpickle it itself; we
+    # have already read it safely, so hand diffusers that dict instead of letting it open the file.
+    from unittest import mock
+
+    from diffusers.loaders import single_file
+
+    if not hasattr(single_file, "load_single_file_checkpoint"):
+        raise RuntimeError("this diffusers version has no single_file.load_single_file_checkpoint to load a .ckpt")
+    with mock.patch.object(single_file, "load_single_file_checkpoint", lambda *a, **k: state_dict):
+        return cls.from_single_file(str(path), **kwargs)
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Load a Stable Diffusion (SD1/SD2) or SDXL pipeline from a local path, without the hub.
+
+    path: a diffusers folder (with model_index.json), or a single original-format checkpoint file
+    (`.safetensors`; `.ckpt`/`.pt`/`.pth`/`.bin` only with allow_pickle=True). A single file needs
+    config: a local diffusers folder of the same architecture, whose model_index.json decides SD vs
+    SDXL and whose component configs, tokenizers and scheduler are used (ignored for a folder).
+    Every tokenizer is checked to hold the full CLIP vocabulary. Returns the pipeline on `device`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path does not exist: {path}")
+
+    if path.is_dir():
+        cls = _pipeline_class_of(path, "model folder")
+        pipe = cls.from_pretrained(
+            str(path), local_files_only=True, **_dtype_kwargs(torch_dtype), **_sd_only_kwargs(cls)
+        )
+        components_from = path
+    else:
+        suffix = path.suffix.lower()
+        pickled = suffix in PICKLE_SUFFIXES
+        if suffix != ".safetensors" and not pickled:
+            raise ValueError(
+                f"unknown model file type {path.name!r}: expected a diffusers folder, a .safetensors file "
+                f"or (with allow_pickle=True) one of {', '.join(PICKLE_SUFFIXES)}"
+            )
+        if pickled and not allow_pickle:
+            raise ValueError(
+                f"{path} is a pickled checkpoint ({suffix}), which can run code when loaded; refusing it. "
+                "Prefer a .safetensors file; if you trust this file pass allow_pickle=True "
+                "(CLI: --allow-pickle); it is then read with torch.load(weights_only=True)"
+            )
+        if config is None:
+            raise ValueError(
+                f"loading the single file {path} offline needs config=: a local diffusers folder of the same "
+                "architecture (with model_index.json), e.g. the diffusers release of the base model "
+                "(CLI: --model-config DIR)"
+            )
+        components_from = Path(config)
+        cls = _pipeline_class_of(components_from, "config")  # before reading a multi-GB file
+        state_dict = _load_pickled_state_dict(path) if pickled else None
+        pipe = _from_single_file(cls, path, components_from, torch_dtype, state_dict)
+
+    for name in TOKENIZER_NAMES:
+        tok = getattr(pipe, name, None)
+        if tok is not None:
+            check_tokenizer(tok, str(components_from / name))
+    return pipe.to(device)
+
+
+def pipeline_family(pipe) -> str:
+    """'sdxl' for a pipeline with a second text encoder, else 'sd'."""
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def text_encoder_fingerprint(pipe) -> str:
+    """sha256 over the text encoder(s)' tensors (names, shapes, dtypes, bytes) and tokenizer sizes.
+
+    A cache key for anything derived from prompt embeddings: it changes when any text encoder
+    weight or the vocabulary changes, and not when only the UNet does.
+    """
+    digest = hashlib.sha256()
+    for name in TEXT_ENCODER_NAMES:
+        encoder = getattr(pipe, name, None)
+        if encoder is None:
+            continue
+        state = encoder.state_dict()
+        for key in sorted(state):
+            t = state[key].detach().cpu().contiguous()
+            digest.update(f"{name}.{key}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name in TOKENIZER_NAMES:
+        tok = getattr(pipe, name, None)
+        if tok is not None:
+            digest.update(f"{name}:{len(tok)}".encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """input_ids (N, 77) int64, padded with the tokenizer's pad token; raises on a prompt over 77 tokens.
+
+    A longer prompt would be truncated by the pipeline and lose its end-of-text token, so rows taken
+    from it would not be the ones the model sees for the full text.
+    """
+    rows = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=False).input_ids
+    for text, ids in zip(prompts, rows):
+        if len(ids) > MAX_LENGTH:
+            raise ValueError(f"prompt is {len(ids)} tokens long, over the {MAX_LENGTH}-token limit: {text!r}")
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(prompts), MAX_LENGTH)
+
+
+def encode_prompts(
+    pipe, prompts: list[str], *, batch_size: int = 64, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings float32 (N, 77, D), input_ids int64 (N, 77)) for `prompts`.
+
+    The embeddings are exactly the pipeline's encoder_hidden_states for each prompt (SD1/SD2: the
+    text encoder's last hidden state; SDXL: both encoders' penultimate hidden states concatenated),
+    computed by the pipeline's own encode_prompt without classifier-free guidance. input_ids are
+    `pipe.tokenizer`'s, padded to 77.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings")
+    prompts = list(prompts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        dim = pipe.unet.config.cross_attention_dim
+        return torch.empty(0, MAX_LENGTH, dim), torch.empty(0, MAX_LENGTH, dtype=torch.int64)
+    # tokenizer_2 (SDXL) has the same vocabulary, so the same lengths: checking one is enough.
+    ids = tokenize_prompts(pipe.tokenizer, prompts)
+
+    device = pipe.text_encoder.device
+    sdxl = pipeline_family(pipe) == "sdxl"
+    chunks = []
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(prompts), batch_size), desc="encode prompts", disable=not progress, unit="batch"):
+            batch = prompts[lo : lo + batch_size]
+            if sdxl:
+                emb = pipe.encode_prompt(batch, device=device, do_classifier_free_guidance=False)[0]
+            else:
+                emb = pipe.encode_prompt(batch, device, 1, False)[0]  # (prompt, device, per prompt, cfg)
+            chunks.append(emb.float().cpu())
+    return torch.cat(chunks), ids
+
+
+def first_eot_positions(input_ids: torch.Tensor, eot_token_id: int) -> torch.Tensor:
+    """The first position of the end-of-text id in each row of input_ids (N, L), as int64 (N,)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be 2-D (N, L), got shape {tuple(input_ids.shape)}")
+    hit = input_ids == eot_token_id
+    missing = (~hit.any(dim=1)).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"no end-of-text token {eot_token_id} in row(s) {missing[:10]} of input_ids")
+    # argmax returns the first maximal index, i.e. the first hit.
+    return hit.to(torch.int8).argmax(dim=1).to(torch.int64)

@@ -1,0 +1,17 @@
+"""Triton kernels for the erasure engine, one op per file.
+
+Each op module holds its `@triton.jit` kernel(s), a launcher that checks its inputs, a
+`torch.autograd.Function`, one functional entry point, and the pure-torch reference beside it.
+The entry points pick Triton where it can run (CUDA tensors, or CPU tensors under
+`TRITON_INTERPRET=1`) and the reference otherwise; `backend=` forces either.
+"""
+
+from kernels.gram import weighted_gram, weighted_gram_reference
+from kernels.kv_update import stacked_transform, stacked_transform_reference
+
+__all__ = [
+    "weighted_gram",
+    "weighted_gram_reference",
+    "stacked_transform",
+    "stacked_transform_reference",
+]

@@ -1,0 +1,213 @@
+"""The closed-form editor on tiny real-format pipelines."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from engine.closed_form import (
+    METHODS,
+    ClosedFormConfig,
+    _aligned_targets,
+    _positions,
+    _prefix_end,
+    caption_gram,
+    closed_form_edit,
+    cross_attention_kv,
+    solve_transform,
+)
+from engine.concepts import Concept, ConceptSet
+from engine.models import encode_prompts, load_pipeline
+
+
+@pytest.fixture
+def pipe(tiny_sd_dir):
+    return load_pipeline(tiny_sd_dir)
+
+
+def kv_weights(p):
+    return {k: m.weight.detach().clone() for k, m in cross_attention_kv(p.unet)}
+
+
+def rows_of(p, prompt, positions):
+    emb, _ = encode_prompts(p, [prompt])
+    return emb[0, positions]  # (n, D)
+
+
+CONCEPTS = ConceptSet(
+    concepts=(
+        Concept("Arlen Corrance", anchor="a person", templates=("a photo of {}", "{} smiling")),
+        Concept("Bexley Holloway", anchor="a person", templates=("a photo of {}", "{} smiling")),
+        Concept("Van Gogh", anchor="art", templates=("a painting by {}",)),
+    ),
+    preserve_concepts=(Concept("Calder Dunmore", templates=("a photo of {}",)),),
+)
+
+
+def test_positions_and_alignment_follow_real_token_ids(pipe):
+    tok = pipe.tokenizer
+    eot = tok.eos_token_id
+    ids_s = tok("a photo of brad pitt").input_ids + [eot] * 3
+    ids_t = tok("a photo of a person").input_ids
+    # <start> a photo of brad pitt <eot>: concept tokens at 4, 5 and the eot at 6
+    assert _positions("eot", tok, "a photo of {}", "brad pitt", ids_s, eot, "t") == [6]
+    src = _positions("concept", tok, "a photo of {}", "brad pitt", ids_s, eot, "t")
+    assert src == [4, 5, 6]
+    assert _prefix_end(tok, "a photo of {}") == 4
+    assert _aligned_targets(src, 6, ids_t.index(eot), 4) == [4, 5, 6]
+    # A three-token source aligned to a one-token anchor clamps at the anchor's first token.
+    assert _aligned_targets([4, 5, 6, 7], 7, 5, 4) == [4, 4, 4, 5]
+
+
+def test_missing_concept_tokens_raise(pipe):
+    tok = pipe.tokenizer
+    ids = tok("a photo of somebody").input_ids
+    with pytest.raises(ValueError, match="cannot find the tokens of 'zebra'"):
+        _positions("concept", tok, "a photo of {}", "zebra", ids, tok.eos_token_id, "concept 'zebra'")
+
+
+def test_uce_maps_concept_rows_onto_anchor_rows_and_preserves_others(pipe):
+    before = kv_weights(pipe)
+    cfg = METHODS["uce"].replace(tokens="eot", ridge=1e-4, progress=False)
+    edit = closed_form_edit(pipe, CONCEPTS, cfg)
+    after = kv_weights(pipe)
+    assert set(edit.changed) == set(before) and len(before) >= 4
+    eot = pipe.tokenizer.eos_token_id
+    for concept in CONCEPTS.concepts:
+        for _, src, tgt in concept.prompt_pairs():
+            e = rows_of(pipe, src, [pipe.tokenizer(src).input_ids.index(eot)])
+            e_t = rows_of(pipe, tgt, [pipe.tokenizer(tgt).input_ids.index(eot)])
+            for key in before:  # every layer, checked independently of the engine's own report
+                new = e @ after[key].T
+                old_anchor = e_t @ before[key].T
+                old_concept = e @ before[key].T
+                rel = (new - old_anchor).norm() / old_anchor.norm()
+                assert rel < 0.02, (concept.name, key, float(rel))
+                assert (old_concept - old_anchor).norm() / old_anchor.norm() > 0.1  # it did move
+    # The preserved concept keeps its projections.
+    text = "a photo of Calder Dunmore"
+    p = rows_of(pipe, text, [pipe.tokenizer(text).input_ids.index(eot)])
+    for key in before:
+        rel = (p @ after[key].T - p @ before[key].T).norm() / (p @ before[key].T).norm()
+        assert rel < 0.02, (key, float(rel))
+    assert max(edit.concept_residual.values()) < 0.02
+    assert edit.preserve_drift < 0.02
+    assert edit.solver == "cholesky"
+    assert set(edit.timings) >= {"text_encoding", "gram", "solve", "weight_update"}
+
+
+def test_concept_token_mode_edits_every_selected_row(pipe):
+    before = kv_weights(pipe)
+    concepts = ConceptSet(concepts=(Concept("Arlen Corrance", anchor="a person", templates=("a photo of {}",)),))
+    edit = closed_form_edit(pipe, concepts, METHODS["uce"].replace(ridge=1e-4, progress=False))
+    after = kv_weights(pipe)
+    tok = pipe.tokenizer
+    ids_s = tok("a photo of Arlen Corrance").input_ids
+    ids_t = tok("a photo of a person").input_ids
+    src = _positions("concept", tok, "a photo of {}", "Arlen Corrance", ids_s, tok.eos_token_id, "t")
+    tgt = _aligned_targets(src, len(ids_s) - 1, len(ids_t) - 1, 4)
+    e = rows_of(pipe, "a photo of Arlen Corrance", src)
+    e_t = rows_of(pipe, "a photo of a person", tgt)
+    assert edit.rows["edit"] == len(src) >= 3
+    for key in before:
+        rel = (e @ after[key].T - e_t @ before[key].T).norm() / (e_t @ before[key].T).norm()
+        assert rel < 0.02, (key, float(rel))
+
+
+def test_triton_and_torch_backends_agree(tiny_sd_dir):
+    results = {}
+    for backend in ("torch", "triton"):
+        p = load_pipeline(tiny_sd_dir)
+        cfg = METHODS["trce-stage1"].replace(backend=backend, progress=False)
+        results[backend] = closed_form_edit(p, CONCEPTS, cfg)
+    assert torch.allclose(results["torch"].transform, results["triton"].transform, rtol=1e-4, atol=1e-5)
+    for key, value in results["torch"].changed.items():
+        assert torch.allclose(value, results["triton"].changed[key], rtol=1e-4, atol=1e-5)
+
+
+def test_caption_gram_is_cached_and_keyed_by_the_encoder(tiny_sd_dir, tmp_path, monkeypatch):
+    import engine.closed_form as cf
+
+    pipe = load_pipeline(tiny_sd_dir)
+    cfg = ClosedFormConfig(cache_dir=str(tmp_path), progress=False)
+    captions = ["a dog on a beach", "a bowl of fruit", "a city street at night"]
+    gram, rows = caption_gram(pipe, captions, cfg)
+    emb, ids = encode_prompts(pipe, captions)
+    eot = pipe.tokenizer.eos_token_id
+    expected = sum(emb[i, : ids[i].tolist().index(eot) + 1].T @ emb[i, : ids[i].tolist().index(eot) + 1] for i in range(3))
+    assert torch.allclose(gram, expected, rtol=1e-4, atol=1e-3)
+    assert rows == sum(ids[i].tolist().index(eot) + 1 for i in range(3))
+    assert len(list(tmp_path.glob("caption-gram-*.safetensors"))) == 1
+
+    calls = []
+    monkeypatch.setattr(cf, "encode_prompts", lambda *a, **k: calls.append(1) or encode_prompts(*a, **k))
+    again, _ = caption_gram(pipe, captions, cfg)
+    assert calls == [] and torch.equal(again, gram)
+    with torch.no_grad():  # a different text encoder must not reuse the cached matrix
+        next(pipe.text_encoder.parameters()).add_(0.1)
+    caption_gram(pipe, captions, cfg)
+    assert calls and len(list(tmp_path.glob("caption-gram-*.safetensors"))) == 2
+
+
+def test_captions_enter_the_preservation_sum(tiny_sd_dir, tmp_path):
+    concepts = ConceptSet(
+        concepts=CONCEPTS.concepts[:1],
+        preserve_captions=("a dog on a beach", "a bowl of fruit"),
+    )
+    edit = closed_form_edit(load_pipeline(tiny_sd_dir), concepts, METHODS["uce"].replace(cache_dir=str(tmp_path), progress=False))
+    assert edit.rows["caption"] > 0
+    assert edit.preserve_weight == pytest.approx(0.5)  # UCE: max(0.1, 1/2 prompts)
+
+
+def test_ill_conditioned_system_falls_back_with_a_warning():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(3, 16, generator=g)
+    e_t = torch.randn(3, 16, generator=g)
+    S, C = e.T @ e, e_t.T @ e  # rank 3 of 16: singular without a ridge
+    with pytest.warns(RuntimeWarning, match="ill-conditioned"):
+        T, solver, cond = solve_transform(S, C, ridge=0.0, max_condition=1e8)
+    assert solver == "eigen-clamped" and torch.isfinite(T).all()
+    assert torch.allclose(e @ T.T, e_t, rtol=1e-3, atol=1e-3)  # the edit still holds on its rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T2, solver2, cond2 = solve_transform(S, C, ridge=1.0, max_condition=1e8)
+    assert solver2 == "cholesky" and math.isfinite(cond2)
+
+
+def test_non_finite_solve_is_refused():
+    S = torch.eye(4)
+    C = torch.eye(4)
+    C[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        solve_transform(S, C, ridge=0.1, max_condition=1e8)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="'tokens'"):
+        ClosedFormConfig(tokens="some")
+    with pytest.raises(ValueError, match="'ridge'"):
+        ClosedFormConfig(ridge=-1)
+    with pytest.raises(ValueError, match="'preserve_weight'"):
+        ClosedFormConfig(preserve_weight=float("nan"))
+    with pytest.raises(ValueError, match="unknown config field"):
+        ClosedFormConfig().replace(lr=1)
+
+
+def test_sdxl_edit_uses_both_text_encoders(tiny_sdxl_dir):
+    pipe = load_pipeline(tiny_sdxl_dir)
+    kv = cross_attention_kv(pipe.unet)
+    D = kv[0][1].in_features
+    assert D == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    before = kv_weights(pipe)
+    concepts = ConceptSet(concepts=(Concept("Arlen Corrance", anchor="a person", templates=("a photo of {}",)),))
+    edit = closed_form_edit(pipe, concepts, METHODS["trce-stage1"].replace(ridge=1e-4, progress=False))
+    after = kv_weights(pipe)
+    eot = pipe.tokenizer.eos_token_id
+    e = rows_of(pipe, "a photo of Arlen Corrance", [pipe.tokenizer("a photo of Arlen Corrance").input_ids.index(eot)])
+    e_t = rows_of(pipe, "a photo of a person", [pipe.tokenizer("a photo of a person").input_ids.index(eot)])
+    assert e.shape[-1] == D
+    for key in before:
+        rel = (e @ after[key].T - e_t @ before[key].T).norm() / (e_t @ before[key].T).norm()
+        assert rel < 0.02, (key, float(rel))
+    assert edit.rows["edit"] == 1

@@ -1,0 +1,260 @@
+"""kernels.gram.weighted_gram: the Triton path (the interpreter on CPU) against the torch reference."""
+
+import pytest
+import torch
+
+import kernels._dispatch as dispatch
+import kernels.gram as gram
+from kernels import weighted_gram, weighted_gram_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# conftest sets TRITON_INTERPRET=1, so on CPU the kernel runs through Triton's interpreter.
+needs_triton = pytest.mark.skipif(
+    not dispatch.triton_can_run(torch.empty(0, device=DEVICE)), reason="Triton cannot run here"
+)
+# The interpreter's bf16 is unreliable (tl.dot on bf16 is wrong, fp32 -> bf16 casts truncate).
+needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 is checked on CUDA only, not in the Triton interpreter")
+
+# (D, N, Ns, Nt, dtype, atol, rtol). atol is relative to the largest |reference| entry, so one
+# tolerance fits outputs (entries ~ N) and gradients alike. fp16 forward is as exact as fp32 (fp32
+# accumulation of exact products); its gradients are rounded to fp16, hence the looser pair.
+CASES = [
+    (37, 53, 90, 70, torch.float32, 1e-6, 1e-5),
+    (64, 100, 100, 60, torch.float32, 1e-6, 1e-5),
+    (70, 1, 5, 3, torch.float32, 1e-6, 1e-5),
+    (16, 17, 20, 20, torch.float32, 1e-6, 1e-5),
+    (37, 53, 90, 70, torch.float16, 2e-3, 4e-3),
+    (70, 100, 100, 60, torch.float16, 2e-3, 4e-3),
+]
+
+
+def make_inputs(D, N, Ns, Nt, dtype, seed=0, device=DEVICE):
+    """Random tables, indices with repeats (N > Ns in places), positive weights."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(Ns, D, generator=g).to(device=device, dtype=dtype)
+    tgt = torch.randn(Nt, D, generator=g).to(device=device, dtype=dtype)
+    # Draw from a third of the rows so that indices repeat even for small N.
+    src_index = torch.randint(0, max(1, Ns // 3), (N,), generator=g).to(device)
+    tgt_index = torch.randint(0, Nt, (N,), generator=g).to(device)
+    weight = (torch.rand(N, generator=g) + 0.1).to(device=device, dtype=dtype)
+    return src, tgt, weight, src_index, tgt_index
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def outputs_and_grads(fn, src, tgt, weight, src_index, tgt_index, seed=1):
+    """(S, C) and the gradients of a random linear loss wrt src, tgt, weight."""
+    s, t, w = leaves(src, tgt, weight)
+    S, C = fn(s, t, w, src_index, tgt_index)
+    g = torch.Generator().manual_seed(seed)
+    gS = torch.randn(S.shape, generator=g).to(S.device)
+    gC = torch.randn(C.shape, generator=g).to(C.device)
+    ((S * gS).sum() + (C * gC).sum()).backward()
+    return S.detach(), C.detach(), s.grad, t.grad, w.grad
+
+
+def assert_close(actual, expected, atol, rtol):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol)
+
+
+@needs_triton
+@pytest.mark.parametrize("D, N, Ns, Nt, dtype, atol, rtol", CASES)
+def test_forward_and_gradients_match_reference(D, N, Ns, Nt, dtype, atol, rtol):
+    inputs = make_inputs(D, N, Ns, Nt, dtype)
+    got = outputs_and_grads(lambda *a: weighted_gram(*a, backend="triton"), *inputs)
+    want = outputs_and_grads(weighted_gram_reference, *inputs)
+    S, C = got[:2]
+    assert S.dtype == C.dtype == torch.float32 and S.shape == C.shape == (D, D)
+    assert S.abs().max() > 1  # a real sum of random rows, not an accidental zero
+    for name, a, e in zip(("S", "C", "d_src", "d_tgt", "d_weight"), got, want):
+        assert a is not None, name
+        assert_close(a, e, atol, rtol)
+    # The gradient dtypes follow the inputs.
+    assert got[2].dtype == got[3].dtype == got[4].dtype == dtype
+
+
+@needs_triton
+def test_matches_explicit_sum_with_repeats():
+    """Independent of the reference: S and C are the plain sums over the selected rows."""
+    src, tgt, weight, si, ti = make_inputs(21, 30, 12, 9, torch.float32, seed=3)
+    si[:5] = 7  # one row selected five times
+    S, C = weighted_gram(src, tgt, weight, si, ti, backend="triton")
+    S_want = sum(weight[i] * torch.outer(src[si[i]], src[si[i]]) for i in range(30))
+    C_want = sum(weight[i] * torch.outer(tgt[ti[i]], src[si[i]]) for i in range(30))
+    torch.testing.assert_close(S, S_want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(C, C_want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(S, S.T)  # a Gram matrix is symmetric
+
+
+@needs_triton
+def test_strided_tables():
+    """The kernel addresses the tables by strides: column-major and sliced tables work too."""
+    src, tgt, weight, si, ti = make_inputs(37, 53, 90, 70, torch.float32, seed=4)
+    src_t = src.T.contiguous().T  # same values, column-major
+    tgt_wide = torch.cat([tgt, torch.randn_like(tgt)], 1)[:, :37]  # row stride 74
+    assert not src_t.is_contiguous() and not tgt_wide.is_contiguous()
+    S, C = weighted_gram(src_t, tgt_wide, weight, si, ti, backend="triton")
+    S_want, C_want = weighted_gram_reference(src, tgt, weight, si, ti)
+    assert_close(S, S_want, 1e-6, 1e-5)
+    assert_close(C, C_want, 1e-6, 1e-5)
+
+
+@needs_triton
+def test_mixed_input_dtypes():
+    src, tgt, weight, si, ti = make_inputs(40, 50, 60, 60, torch.float16, seed=5)
+    tgt, weight = tgt.float(), weight.double()
+    S, C = weighted_gram(src, tgt, weight, si, ti, backend="triton")
+    S_want, C_want = weighted_gram_reference(src, tgt, weight, si, ti)
+    assert_close(S, S_want, 1e-6, 1e-5)
+    assert_close(C, C_want, 1e-6, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-6, 1e-5), (torch.float16, 2e-3, 4e-3)])
+def test_same_tensor_for_src_and_tgt(dtype, atol, rtol):
+    """One table on both sides (the engine's layout): its gradient gets both contributions."""
+    table, _, weight, si, ti = make_inputs(37, 53, 80, 80, dtype, seed=6)
+    ti = torch.randint(0, 80, (53,), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+
+    def one_table(fn):
+        t, w = leaves(table, weight)
+        S, C = fn(t, t, w, si, ti)
+        g = torch.Generator().manual_seed(8)
+        gS, gC = torch.randn(S.shape, generator=g).to(DEVICE), torch.randn(C.shape, generator=g).to(DEVICE)
+        ((S * gS).sum() + (C * gC).sum()).backward()
+        return S.detach(), C.detach(), t.grad, w.grad
+
+    got = one_table(lambda *a: weighted_gram(*a, backend="triton"))
+    want = one_table(weighted_gram_reference)
+    for a, e in zip(got, want):
+        assert_close(a, e, atol, rtol)
+    # Same answer as two separate copies, whose gradients add up to the shared one.
+    S2, C2, d_src, d_tgt, _ = outputs_and_grads(
+        lambda *a: weighted_gram(*a, backend="triton"), table, table.clone(), weight, si, ti, seed=8
+    )
+    torch.testing.assert_close(got[0], S2, atol=0, rtol=0)
+    torch.testing.assert_close(got[1], C2, atol=0, rtol=0)
+    assert_close(got[2], (d_src.float() + d_tgt.float()).to(dtype), atol, rtol)
+    assert d_tgt.abs().max() > 0 and d_src.abs().max() > 0  # both sides really contribute
+
+
+@needs_triton
+def test_gradient_of_one_output_only():
+    """A loss on C alone: S's gradient arrives as zeros and the weight gradient is C's part only."""
+    src, tgt, weight, si, ti = make_inputs(20, 25, 30, 30, torch.float32, seed=9)
+    grads = []
+    for fn in (lambda *a: weighted_gram(*a, backend="triton"), weighted_gram_reference):
+        s, t, w = leaves(src, tgt, weight)
+        fn(s, t, w, si, ti)[1].sum().backward()
+        grads.append((s.grad, t.grad, w.grad))
+    for a, e in zip(*grads):
+        assert_close(a, e, 1e-6, 1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("D, N, Ns, Nt, atol", [(37, 53, 90, 70, 1e-3), (70, 100, 100, 60, 1e-3)])
+def test_bf16_within_twice_torch_error(D, N, Ns, Nt, atol):
+    """bf16 inputs: the kernel's error vs an fp64 truth is at most twice torch's own bf16 error."""
+    inputs = make_inputs(D, N, Ns, Nt, torch.bfloat16, seed=10)
+
+    def native(src, tgt, weight, si, ti):  # torch computing in the inputs' dtype, no upcast
+        Sg, Tg = src[si], tgt[ti]
+        return (Sg * weight[:, None]).T @ Sg, (Tg * weight[:, None]).T @ Sg
+
+    src, tgt, weight, si, ti = inputs
+    got = outputs_and_grads(lambda *a: weighted_gram(*a, backend="triton"), *inputs)
+    torch_bf16 = outputs_and_grads(native, *inputs)
+    truth = outputs_and_grads(native, src.double(), tgt.double(), weight.double(), si, ti)  # fp64 leaves
+    for name, a, b, e in zip(("S", "C", "d_src", "d_tgt", "d_weight"), got, torch_bf16, truth):
+        scale = e.abs().max().item()
+        err = (a.double() - e.double()).abs().max().item() / scale
+        err_torch = (b.double() - e.double()).abs().max().item() / scale
+        assert err <= 2 * err_torch + atol, (name, err, err_torch)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_selection_gives_zeros(backend):
+    src, tgt, weight, si, ti = make_inputs(37, 0, 10, 10, torch.float32)
+    s, t, w = leaves(src, tgt, weight)
+    S, C = weighted_gram(s, t, w, si, ti, backend=backend)
+    assert S.shape == C.shape == (37, 37) and S.dtype == C.dtype == torch.float32
+    assert not S.any() and not C.any()
+    (S.sum() + C.sum()).backward()
+    assert s.grad is not None and not s.grad.any() and not t.grad.any()
+
+
+@needs_triton
+def test_empty_selection_from_empty_tables():
+    empty = torch.zeros(0, 8, device=DEVICE)
+    none = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    S, C = weighted_gram(empty, empty, torch.zeros(0, device=DEVICE), none, none, backend="triton")
+    assert S.shape == (8, 8) and not S.any() and not C.any()
+
+
+def _bad(**change):
+    """Valid inputs with some replaced; returned as the positional argument tuple."""
+    src, tgt, weight, si, ti = make_inputs(8, 5, 6, 7, torch.float32)
+    args = {"src": src, "tgt": tgt, "weight": weight, "src_index": si, "tgt_index": ti}
+    for k, v in change.items():
+        t = v(args)
+        args[k] = t if t.device.type == "meta" else t.to(DEVICE)
+    return tuple(args.values())
+
+
+BAD_INPUTS = [
+    ("mismatched D", _bad(tgt=lambda a: torch.randn(7, 9)), "same width D"),
+    ("1-D table", _bad(src=lambda a: torch.randn(48)), "src must be 2-D"),
+    ("int table", _bad(src=lambda a: torch.ones(6, 8, dtype=torch.int32)), "fp32/fp16/bf16"),
+    ("int32 index", _bad(src_index=lambda a: a["src_index"].int()), "src_index must be a 1-D int64"),
+    ("float index", _bad(tgt_index=lambda a: a["tgt_index"].float()), "tgt_index must be a 1-D int64"),
+    ("2-D index", _bad(src_index=lambda a: a["src_index"][:, None]), "1-D int64"),
+    ("index lengths", _bad(tgt_index=lambda a: a["tgt_index"][:4]), "same length"),
+    ("weight length", _bad(weight=lambda a: a["weight"][:4]), r"weight must have shape \(5,\)"),
+    ("index too big", _bad(src_index=lambda a: torch.tensor([0, 1, 6, 2, 3])), r"src_index must lie in \[0, 6\)"),
+    ("negative index", _bad(tgt_index=lambda a: torch.tensor([0, -1, 2, 3, 4])), r"tgt_index must lie in \[0, 7\)"),
+    ("two devices", _bad(weight=lambda a: torch.ones(5, device="meta")), "one device"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
+@pytest.mark.parametrize("case, args, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_invalid_inputs_raise_value_error(case, args, message, backend):
+    with pytest.raises(ValueError, match=message):
+        weighted_gram(*args, backend=backend)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        weighted_gram(*_bad(), backend="cuda")
+
+
+def _kernel_must_not_run(*args, **kwargs):
+    raise AssertionError("the Triton launcher ran")
+
+
+@needs_triton
+def test_backend_torch_never_launches_the_kernel(monkeypatch):
+    args = make_inputs(37, 53, 90, 70, torch.float32)
+    monkeypatch.setattr(gram, "_launch_weighted_gram", _kernel_must_not_run)
+    S, C = weighted_gram(*args, backend="torch")
+    S_want, C_want = weighted_gram_reference(*args)
+    torch.testing.assert_close(S, S_want, atol=0, rtol=0)
+    torch.testing.assert_close(C, C_want, atol=0, rtol=0)
+    with pytest.raises(AssertionError, match="launcher ran"):  # and "auto" does pick the kernel here
+        weighted_gram(*args, backend="auto")
+
+
+def test_backend_triton_errors_when_triton_cannot_run(monkeypatch):
+    args = make_inputs(16, 10, 20, 20, torch.float32)
+    monkeypatch.setattr(dispatch, "triton_can_run", lambda *tensors: False)
+    monkeypatch.setattr(gram, "_launch_weighted_gram", _kernel_must_not_run)
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
+        weighted_gram(*args, backend="triton")
+    S, _ = weighted_gram(*args, backend="auto")  # "auto" falls back to the reference
+    torch.testing.assert_close(S, weighted_gram_reference(*args)[0], atol=0, rtol=0)
