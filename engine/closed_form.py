@@ -50,6 +50,9 @@ from engine.models import encode_prompts, text_encoder_fingerprint
 from kernels import stacked_transform, weighted_gram
 
 TOKEN_MODES = ("eot", "concept", "all")
+# The solve multiplies the Gram's relative rounding error by its condition number (1e5-1e7 for
+# real text embeddings), so fp32 sums move the edited weights by ~1e-3; fp64 sums by ~1e-9.
+GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MAX_LENGTH = 77
 
 
@@ -64,6 +67,7 @@ class ClosedFormConfig:
     max_condition: float = 1e12  # above this the solve falls back to a clamped eigen-solve
     batch_size: int = 64  # prompts per text-encoder call
     backend: str = "auto"  # kernels: auto | triton | torch
+    gram_dtype: str = "float64"  # Gram accumulation: float64 (the solve amplifies rounding) | float32
     cache_dir: str | None = None  # caption Gram cache; None: $ERASURE_CACHE or ~/.cache/erasure-engine
     progress: bool = True
 
@@ -90,6 +94,8 @@ class ClosedFormConfig:
             raise ValueError(f"config field 'batch_size' must be a positive integer, got {self.batch_size!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"config field 'backend' must be auto, triton or torch, got {self.backend!r}")
+        if self.gram_dtype not in GRAM_DTYPES:
+            raise ValueError(f"config field 'gram_dtype' must be one of {tuple(GRAM_DTYPES)}, got {self.gram_dtype!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,7 +252,9 @@ def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[t
     The cache key covers the text encoder(s)' weights, the captions in order and this row rule,
     so a changed model or list never reuses a stale matrix. Returns (gram, number of rows).
     """
-    key_src = json.dumps({"encoder": text_encoder_fingerprint(pipe), "captions": captions, "rows": "bos..eot", "v": 1})
+    key_src = json.dumps(
+        {"encoder": text_encoder_fingerprint(pipe), "captions": captions, "rows": "bos..eot", "dtype": config.gram_dtype}
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     path = _cache_dir(config) / f"caption-gram-{key}.safetensors"
     if path.exists():
@@ -262,7 +270,10 @@ def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[t
             plan.row(p, pos)
     table = plan.encode(pipe, config.batch_size, config.progress, "encode captions")
     index = torch.arange(table.shape[0])
-    gram, _ = weighted_gram(table, table, torch.ones(table.shape[0]), index, index, backend=config.backend)
+    gram, _ = weighted_gram(
+        table, table, torch.ones(table.shape[0], device=table.device), index.to(table.device), index.to(table.device),
+        out_dtype=GRAM_DTYPES[config.gram_dtype], backend=config.backend,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"gram": gram.contiguous(), "rows": torch.tensor([table.shape[0]])}, str(tmp))
@@ -400,11 +411,14 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
     )
 
 
-def accumulate(rows: EditRows, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def accumulate(rows: EditRows, backend: str = "auto", gram_dtype: str = "float64") -> tuple[torch.Tensor, torch.Tensor]:
     """S = sum w e e^T + lam P and C = sum w e' e^T + lam P, in one fused gather-and-accumulate."""
-    S, C = weighted_gram(rows.table, rows.table, rows.weight, rows.src_index, rows.tgt_index, backend=backend)
+    S, C = weighted_gram(
+        rows.table, rows.table, rows.weight, rows.src_index, rows.tgt_index,
+        out_dtype=GRAM_DTYPES[gram_dtype], backend=backend,
+    )
     if rows.caption_gram is not None and rows.preserve_weight > 0:
-        P = rows.caption_gram.to(S.device)
+        P = rows.caption_gram.to(S.device, S.dtype)
         S = S + rows.preserve_weight * P
         C = C + rows.preserve_weight * P
     return S, C
@@ -417,7 +431,9 @@ def apply_transform(kv: list[tuple[str, torch.nn.Linear]], T: torch.Tensor, back
     """
     stacked = torch.cat([m.weight.detach().float() for _, m in kv])  # (R, D)
     edited = stacked_transform(stacked, T.to(stacked.device), backend=backend)
-    if not torch.isfinite(edited).all():
+    # One reduction instead of a full boolean mask: any NaN/inf makes the sum non-finite, and
+    # finite weights cannot sum past fp32's range.
+    if not torch.isfinite(edited.sum()):
         raise FloatingPointError("edited weights contain NaN or inf; the model was not changed")
     changed = {}
     with torch.no_grad():
@@ -437,7 +453,7 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     with timer("text_encoding"):
         rows = collect_rows(pipe, concepts, config)
     with timer("gram"):
-        S, C = accumulate(rows, config.backend)
+        S, C = accumulate(rows, config.backend, config.gram_dtype)
     with timer("solve"):
         T, solver, cond = solve_transform(S, C, config.ridge, config.max_condition)
     original = torch.cat([m.weight.detach().double() for _, m in kv])  # (R, D), for the report

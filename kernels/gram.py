@@ -60,8 +60,8 @@ if triton_importable():  # the module must import (and the torch reference work)
         w_ptr,  # *weights (N,), contiguous, any float dtype
         sidx_ptr,  # *int64 source row indices (N,), contiguous
         tidx_ptr,  # *int64 target row indices (N,), contiguous
-        s_out_ptr,  # *fp32 S output (D, D), contiguous
-        c_out_ptr,  # *fp32 C output (D, D), contiguous
+        s_out_ptr,  # *S output (D, D), contiguous, fp32 or fp64 (as ACC_FP64)
+        c_out_ptr,  # *C output (D, D), contiguous, fp32 or fp64 (as ACC_FP64)
         N,  # number of selected rows
         D,  # embedding width
         stride_sn,  # src stride between rows (elements)
@@ -70,6 +70,7 @@ if triton_importable():  # the module must import (and the torch reference work)
         stride_td,  # tgt stride between columns (elements)
         BLOCK_D: tl.constexpr,  # output block is BLOCK_D x BLOCK_D (>= 16 for tl.dot)
         BLOCK_N: tl.constexpr,  # rows gathered per step of the reduction (>= 16 for tl.dot)
+        ACC_FP64: tl.constexpr,  # True: fp64 products and sums (FMA, no tensor cores); False: fp32 tl.dot
     ):
         pid_i = tl.program_id(0)  # block row of S / C (the "outer" side: s_i or t_i)
         pid_j = tl.program_id(1)  # block column of S / C (the shared source side)
@@ -78,30 +79,37 @@ if triton_importable():  # the module must import (and the torch reference work)
         mask_i = offs_i < D  # D need not be a multiple of BLOCK_D
         mask_j = offs_j < D
 
-        acc_s = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-        acc_c = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+        acc_s = tl.zeros((BLOCK_D, BLOCK_D), dtype=acc_dtype)
+        acc_c = tl.zeros((BLOCK_D, BLOCK_D), dtype=acc_dtype)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             # Padding rows get index 0 and weight 0, and their loads are masked off as well.
             idx_s = tl.load(sidx_ptr + offs_n, mask=mask_n, other=0)
             idx_t = tl.load(tidx_ptr + offs_n, mask=mask_n, other=0)
-            w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
 
             # Gather: row offsets come from the indices (int64, so huge tables cannot overflow).
             src_rows = src_ptr + idx_s[:, None] * stride_sn
             tgt_rows = tgt_ptr + idx_t[:, None] * stride_tn
             m_ni = mask_n[:, None] & mask_i[None, :]
             m_nj = mask_n[:, None] & mask_j[None, :]
-            x = tl.load(src_rows + offs_j[None, :] * stride_sd, mask=m_nj, other=0.0).to(tl.float32)
-            a = tl.load(src_rows + offs_i[None, :] * stride_sd, mask=m_ni, other=0.0).to(tl.float32)
-            b = tl.load(tgt_rows + offs_i[None, :] * stride_td, mask=m_ni, other=0.0).to(tl.float32)
+            x = tl.load(src_rows + offs_j[None, :] * stride_sd, mask=m_nj, other=0.0).to(acc_dtype)
+            a = tl.load(src_rows + offs_i[None, :] * stride_sd, mask=m_ni, other=0.0).to(acc_dtype)
+            b = tl.load(tgt_rows + offs_i[None, :] * stride_td, mask=m_ni, other=0.0).to(acc_dtype)
             a = a * w[:, None]
             b = b * w[:, None]
-            # Tiles are fp32 before tl.dot: bf16 dots are wrong in the interpreter, and "ieee"
-            # keeps full fp32 on GPUs (TF32 would cost ~3 digits the edit's solve needs).
-            acc_s = tl.dot(tl.trans(a), x, acc_s, input_precision="ieee")
-            acc_c = tl.dot(tl.trans(b), x, acc_c, input_precision="ieee")
+            if ACC_FP64:
+                # The solve amplifies the Gram's rounding by its condition number (often 1e5-1e7),
+                # so the default path sums exact fp64 products: outer products reduced over rows.
+                acc_s += tl.sum(a[:, :, None] * x[:, None, :], axis=0)
+                acc_c += tl.sum(b[:, :, None] * x[:, None, :], axis=0)
+            else:
+                # Tiles are fp32 before tl.dot: bf16 dots are wrong in the interpreter, and "ieee"
+                # keeps full fp32 on GPUs (TF32 would cost ~3 digits the edit's solve needs).
+                acc_s = tl.dot(tl.trans(a), x, acc_s, input_precision="ieee")
+                acc_c = tl.dot(tl.trans(b), x, acc_c, input_precision="ieee")
 
         out_offs = offs_i[:, None] * D + offs_j[None, :]
         out_mask = mask_i[:, None] & mask_j[None, :]
@@ -154,27 +162,32 @@ def _check_inputs(src, tgt, weight, src_index, tgt_index) -> None:
             )
 
 
-def _block_sizes(d: int) -> tuple[int, int]:
+def _block_sizes(d: int, acc_fp64: bool) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_N): fixed by the launcher (no autotune: it needs a GPU to benchmark on)."""
+    if acc_fp64:
+        # The (BLOCK_N, BLOCK_D, BLOCK_D) fp64 product tile must stay small: 8 x 32 x 32.
+        return min(32, max(16, triton.next_power_of_2(d))), 8
     # tl.dot needs every tile side >= 16. Two 64 x 64 fp32 accumulators are 64 registers a thread
     # over 4 warps; not tuned on hardware.
-    block_d = min(64, max(16, triton.next_power_of_2(d)))
-    return block_d, 32
+    return min(64, max(16, triton.next_power_of_2(d))), 32
 
 
-def _launch_weighted_gram(src, tgt, weight, src_index, tgt_index, check=True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the Triton kernel; returns (S, C), both (D, D) fp32 contiguous.
+def _launch_weighted_gram(
+    src, tgt, weight, src_index, tgt_index, out_dtype=torch.float32, check=True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Triton kernel; returns (S, C), both (D, D) contiguous in out_dtype (fp32 or fp64).
 
     check=False skips the input checks, for callers that just ran them (they cost a host sync).
     """
     if check:
         _check_inputs(src, tgt, weight, src_index, tgt_index)
     n, d = src_index.shape[0], src.shape[1]
-    S = torch.zeros((d, d), dtype=torch.float32, device=src.device)
-    C = torch.zeros((d, d), dtype=torch.float32, device=src.device)
+    S = torch.zeros((d, d), dtype=out_dtype, device=src.device)
+    C = torch.zeros((d, d), dtype=out_dtype, device=src.device)
     if n == 0 or d == 0:  # empty sums: nothing to launch
         return S, C
-    block_d, block_n = _block_sizes(d)
+    acc_fp64 = out_dtype == torch.float64
+    block_d, block_n = _block_sizes(d, acc_fp64)
     grid = (triton.cdiv(d, block_d), triton.cdiv(d, block_d))
     _weighted_gram_kernel[grid](
         src,
@@ -192,14 +205,15 @@ def _launch_weighted_gram(src, tgt, weight, src_index, tgt_index, check=True) ->
         tgt.stride(1),
         BLOCK_D=block_d,
         BLOCK_N=block_n,
+        ACC_FP64=acc_fp64,
         num_warps=4,
     )
     return S, C
 
 
 def _scatter(table, *parts) -> torch.Tensor:
-    """Gradient of `table`: each (index, rows) pair index_add_-ed into fp32 zeros, then cast."""
-    grad = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    """Gradient of `table`: each (index, rows) pair index_add_-ed into zeros of the rows' dtype, then cast."""
+    grad = torch.zeros(table.shape, dtype=parts[0][1].dtype, device=table.device)
     for index, rows in parts:
         grad.index_add_(0, index, rows)  # repeated indices accumulate
     return grad.to(table.dtype)
@@ -209,9 +223,9 @@ class _WeightedGram(torch.autograd.Function):
     """Triton forward, torch backward (see the module docstring for the gradient formulas)."""
 
     @staticmethod
-    def forward(ctx, src, tgt, weight, src_index, tgt_index):
+    def forward(ctx, src, tgt, weight, src_index, tgt_index, out_dtype):
         # Only reached through weighted_gram, which has checked the inputs already.
-        S, C = _launch_weighted_gram(src, tgt, weight, src_index, tgt_index, False)
+        S, C = _launch_weighted_gram(src, tgt, weight, src_index, tgt_index, out_dtype, check=False)
         ctx.save_for_backward(src, tgt, weight, src_index, tgt_index)
         ctx.same_table = src is tgt  # saved tensors come back as distinct objects, so note it now
         return S, C
@@ -220,12 +234,14 @@ class _WeightedGram(torch.autograd.Function):
     def backward(ctx, dS, dC):
         src, tgt, weight, src_index, tgt_index = ctx.saved_tensors
         need_src, need_tgt, need_w = ctx.needs_input_grad[:3]
-        # Work in fp32 whatever the table dtypes; cast each gradient to its input's dtype at the end.
-        Sg = src[src_index].float()
-        Tg = tgt[tgt_index].float()
-        w = weight.float()[:, None]
+        # Work in the output's precision (fp32 or fp64) whatever the table dtypes; cast each
+        # gradient to its input's dtype at the end.
+        acc = dS.dtype
+        Sg = src[src_index].to(acc)
+        Tg = tgt[tgt_index].to(acc)
+        w = weight.to(acc)[:, None]
         # autograd materialises the gradient of an output that did not reach the loss as zeros.
-        dS, dC = dS.float(), dC.float()
+        dS, dC = dS.to(acc), dC.to(acc)
 
         d_src = d_tgt = d_w = None
         if need_src or need_tgt:
@@ -241,28 +257,35 @@ class _WeightedGram(torch.autograd.Function):
         if need_w:
             d_w = ((Sg @ dS) * Sg).sum(1) + ((Tg @ dC) * Sg).sum(1)
             d_w = d_w.to(weight.dtype)
-        return d_src, d_tgt, d_w, None, None
+        return d_src, d_tgt, d_w, None, None, None
 
 
-def weighted_gram_reference(src, tgt, weight, src_index, tgt_index) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch (S, C): gather, upcast to fp32, two matmuls. Differentiable by torch autograd."""
-    Sg = src[src_index].float()
-    Tg = tgt[tgt_index].float()
-    w = weight.float()[:, None]
+def weighted_gram_reference(
+    src, tgt, weight, src_index, tgt_index, out_dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch (S, C): gather, upcast to out_dtype, two matmuls. Differentiable by torch autograd."""
+    Sg = src[src_index].to(out_dtype)
+    Tg = tgt[tgt_index].to(out_dtype)
+    w = weight.to(out_dtype)[:, None]
     S = (Sg * w).T @ Sg
     C = (Tg * w).T @ Sg
     return S, C
 
 
-def weighted_gram(src, tgt, weight, src_index, tgt_index, *, backend="auto") -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_gram(
+    src, tgt, weight, src_index, tgt_index, *, out_dtype=torch.float32, backend="auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """S = Sg^T diag(w) Sg and C = Tg^T diag(w) Sg, with Sg = src[src_index], Tg = tgt[tgt_index].
 
     src (Ns, D), tgt (Nt, D) (may be the same tensor), weight (N,), src_index / tgt_index (N,)
-    int64. Returns (S, C), both (D, D) float32. Differentiable wrt src, tgt and weight.
-    backend: "auto" (Triton where it can run, else torch), "triton" or "torch".
+    int64. Returns (S, C), both (D, D) in out_dtype: torch.float32 (fp32 tl.dot, fast) or
+    torch.float64 (fp64 products and sums, for ill-conditioned solves). Differentiable wrt src,
+    tgt and weight. backend: "auto" (Triton where it can run, else torch), "triton" or "torch".
     """
     # Checked before dispatch, so both backends raise the same ValueErrors.
     _check_inputs(src, tgt, weight, src_index, tgt_index)
+    if out_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"weighted_gram: out_dtype must be torch.float32 or torch.float64, got {out_dtype}")
     if use_triton(backend, src, tgt, weight, src_index, tgt_index):
-        return _WeightedGram.apply(src, tgt, weight, src_index, tgt_index)
-    return weighted_gram_reference(src, tgt, weight, src_index, tgt_index)
+        return _WeightedGram.apply(src, tgt, weight, src_index, tgt_index, out_dtype)
+    return weighted_gram_reference(src, tgt, weight, src_index, tgt_index, out_dtype)

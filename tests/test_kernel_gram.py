@@ -258,3 +258,47 @@ def test_backend_triton_errors_when_triton_cannot_run(monkeypatch):
         weighted_gram(*args, backend="triton")
     S, _ = weighted_gram(*args, backend="auto")  # "auto" falls back to the reference
     torch.testing.assert_close(S, weighted_gram_reference(*args)[0], atol=0, rtol=0)
+
+
+# fp64 accumulation: (D, N, Ns, Nt, table dtype, atol, rtol); exact fp64 products and sums.
+FP64_CASES = [
+    (37, 53, 90, 70, torch.float32, 1e-12, 1e-11),
+    (70, 1, 5, 3, torch.float32, 1e-12, 1e-11),
+    (33, 40, 50, 50, torch.float16, 1e-12, 1e-11),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("D, N, Ns, Nt, dtype, atol, rtol", FP64_CASES)
+def test_fp64_accumulation_forward_and_gradients(D, N, Ns, Nt, dtype, atol, rtol):
+    inputs = make_inputs(D, N, Ns, Nt, dtype, seed=6)
+    got = outputs_and_grads(lambda *a: weighted_gram(*a, out_dtype=torch.float64, backend="triton"), *inputs)
+    want = outputs_and_grads(lambda *a: weighted_gram_reference(*a, out_dtype=torch.float64), *inputs)
+    assert got[0].dtype == got[1].dtype == torch.float64
+    for name, a, e in zip(("S", "C"), got[:2], want[:2]):
+        assert_close(a, e, atol, rtol)
+    for name, a, e in zip(("d_src", "d_tgt", "d_weight"), got[2:], want[2:]):
+        assert a.dtype == dtype, name
+        assert_close(a, e, 1e-6 if dtype == torch.float32 else 2e-3, 1e-5 if dtype == torch.float32 else 4e-3)
+
+
+@needs_triton
+def test_fp64_accumulation_is_exact_where_fp32_rounds():
+    """Rows with a large common component: fp32 sums lose the small parts, fp64 keeps them."""
+    g = torch.Generator().manual_seed(8)
+    D, N = 24, 64
+    src = (1e3 + torch.randn(N, D, generator=g)).float()
+    idx = torch.arange(N)
+    w = torch.rand(N, generator=g).float() + 0.5
+    exact = (src.double() * w.double()[:, None]).T @ src.double()
+    S64, _ = weighted_gram(src, src, w, idx, idx, out_dtype=torch.float64, backend="triton")
+    S32, _ = weighted_gram(src, src, w, idx, idx, backend="triton")
+    err64 = float((S64 - exact).abs().max() / exact.abs().max())
+    err32 = float((S32.double() - exact).abs().max() / exact.abs().max())
+    assert err64 < 1e-13 < 1e-9 < err32
+
+
+def test_out_dtype_is_checked():
+    src, tgt, weight, si, ti = make_inputs(8, 5, 6, 6, torch.float32)
+    with pytest.raises(ValueError, match="out_dtype"):
+        weighted_gram(src, tgt, weight, si, ti, out_dtype=torch.float16)
