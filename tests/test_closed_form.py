@@ -135,8 +135,10 @@ def test_caption_gram_is_cached_and_keyed_by_the_encoder(tiny_sd_dir, tmp_path, 
     gram, rows = caption_gram(pipe, captions, cfg)
     emb, ids = encode_prompts(pipe, captions)
     eot = pipe.tokenizer.eos_token_id
-    expected = sum(emb[i, : ids[i].tolist().index(eot) + 1].T @ emb[i, : ids[i].tolist().index(eot) + 1] for i in range(3))
-    assert torch.allclose(gram, expected, rtol=1e-4, atol=1e-3)
+    token_rows = [emb[i, : ids[i].tolist().index(eot) + 1].double() for i in range(3)]
+    expected = sum(r.T @ r for r in token_rows)
+    assert gram.dtype == torch.float64  # the default accumulation
+    assert torch.allclose(gram, expected, rtol=1e-10, atol=1e-10)
     assert rows == sum(ids[i].tolist().index(eot) + 1 for i in range(3))
     assert len(list(tmp_path.glob("caption-gram-*.safetensors"))) == 1
 
