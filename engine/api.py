@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from engine.closed_form import METHODS, ClosedFormConfig, ClosedFormEdit, closed_form_edit, cross_attention_kv
 from engine.concepts import ConceptSet, concepts_from_names, load_concepts
@@ -63,8 +64,6 @@ class Result:
             save_delta(tmp / DELTA_NAME, self.delta, self.original)
             if export_lora:
                 state, info = lora_from_delta(self.delta, self.original, lora_rank)
-                from safetensors.torch import save_file
-
                 (tmp / LORA_DIR).mkdir()
                 save_file(state, str(tmp / LORA_DIR / LORA_NAME))
                 manifest["lora"] = info

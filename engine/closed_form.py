@@ -127,7 +127,7 @@ class ClosedFormEdit:
     concept_residual_before: dict[str, float]  # ||W e - W e'|| / ||W e'||: how far the concept started
     preserve_drift: float  # ||W (T - I) p|| / ||W p|| over all preservation rows, all layers
     solver: str  # "cholesky" or "eigen-clamped"
-    condition: float  # condition-number estimate of the solved system
+    condition: float  # estimate from the Cholesky diagonal (a lower bound), or exact after a fallback
     rows: dict[str, int]  # how many edit / preservation / caption rows entered the sums
     preserve_weight: float  # the lam actually used
     timings: dict[str, float]  # seconds per phase
@@ -203,18 +203,15 @@ class _RowPlan:
 
     def encode(self, pipe, batch_size: int, progress: bool, desc: str) -> torch.Tensor:
         """The selected rows' embeddings, (n_rows, D) float32, in row order."""
-        by_prompt: dict[int, list[tuple[int, int]]] = {}
-        for (p, pos), r in self.rows.items():
-            by_prompt.setdefault(p, []).append((pos, r))
+        keys = torch.tensor(list(self.rows), dtype=torch.int64).reshape(-1, 2)  # (n_rows, [prompt, position])
         texts = list(self.prompts)
         table = None
         for lo in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
-            emb, _ = encode_prompts(pipe, texts[lo : lo + batch_size], batch_size=batch_size)
+            emb, _ = encode_prompts(pipe, texts[lo : lo + batch_size], batch_size=batch_size)  # (B, 77, D)
             if table is None:
                 table = torch.empty(len(self.rows), emb.shape[-1], dtype=torch.float32, device=emb.device)
-            for k in range(emb.shape[0]):
-                for pos, r in by_prompt.get(lo + k, ()):
-                    table[r] = emb[k, pos]
+            mine = ((keys[:, 0] >= lo) & (keys[:, 0] < lo + emb.shape[0])).nonzero().squeeze(1)  # rows of this batch
+            table[mine.to(emb.device)] = emb[(keys[mine, 0] - lo).to(emb.device), keys[mine, 1].to(emb.device)]
         return table
 
 
@@ -269,11 +266,9 @@ def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[t
         for pos in range(ids.index(eot_id) + 1):
             plan.row(p, pos)
     table = plan.encode(pipe, config.batch_size, config.progress, "encode captions")
-    index = torch.arange(table.shape[0])
-    gram, _ = weighted_gram(
-        table, table, torch.ones(table.shape[0], device=table.device), index.to(table.device), index.to(table.device),
-        out_dtype=GRAM_DTYPES[config.gram_dtype], backend=config.backend,
-    )
+    index = torch.arange(table.shape[0], device=table.device)
+    ones = torch.ones(table.shape[0], device=table.device)
+    gram, _ = weighted_gram(table, table, ones, index, index, out_dtype=GRAM_DTYPES[config.gram_dtype], backend=config.backend)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"gram": gram.contiguous(), "rows": torch.tensor([table.shape[0]])}, str(tmp))
@@ -290,7 +285,7 @@ def solve_transform(S: torch.Tensor, C: torch.Tensor, ridge: float, max_conditio
     D = S.shape[0]
     eye = torch.eye(D, dtype=torch.float64)
     A = S.detach().double().cpu() + ridge * eye  # a D x D solve: the CPU in fp64 is exact and cheap
-    A = 0.5 * (A + A.T)  # fp32 accumulation leaves tiny asymmetries
+    A = 0.5 * (A + A.T)  # the kernel's accumulation order can leave last-bit asymmetries
     B = C.detach().double().cpu() + ridge * eye
     L, info = torch.linalg.cholesky_ex(A)
     diag = L.diagonal()

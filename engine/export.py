@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 DELTA_NAME = "delta.safetensors"
 LORA_DIR = "lora"
@@ -34,18 +36,23 @@ MANIFEST_NAME = "manifest.json"
 DELTA_FORMAT = "erasure-engine/delta-v1"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22, bar=None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+            if bar is not None:
+                bar.update(len(block))
     return digest.hexdigest()
 
 
 def sha256_tree(root: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file under `root`, keyed by its relative path."""
+    """sha256 of every file under `root`, keyed by its relative path (a progress bar past 256 MB)."""
     root = Path(root)
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"sha256 {root.name}", disable=total < 1 << 28) as bar:
+        return {str(p.relative_to(root)): sha256_file(p, bar=bar) for p in files}
 
 
 def package_versions() -> dict[str, str]:
@@ -106,8 +113,6 @@ def apply_delta(pipe, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     check_finite(delta, str(path))
     original = {k: params[k].detach().clone() for k in delta}
     if tensors_fingerprint(original) != meta.get("base_fingerprint"):
-        import warnings
-
         warnings.warn(f"{path} was made from different base weights; applying it anyway", RuntimeWarning, stacklevel=2)
     with torch.no_grad():
         for key, value in delta.items():
