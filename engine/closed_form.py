@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
 from engine.models import encode_prompts, text_encoder_fingerprint
-from kernels import stacked_transform, weighted_gram
+from kernels import transform_each, weighted_gram
 
 TOKEN_MODES = ("eot", "concept", "all")
 # The solve multiplies the Gram's relative rounding error by its condition number (1e5-1e7 for
@@ -420,21 +420,21 @@ def accumulate(rows: EditRows, backend: str = "auto", gram_dtype: str = "float64
 
 
 def apply_transform(kv: list[tuple[str, torch.nn.Linear]], T: torch.Tensor, backend: str = "auto") -> dict[str, torch.Tensor]:
-    """W_l <- W_l T for every K/V matrix in one stacked product. Returns key -> new weight.
+    """W_l <- W_l T for every K/V matrix (one stacked kernel on GPU). Returns key -> new weight.
 
     Nothing is written unless every edited value is finite.
     """
-    stacked = torch.cat([m.weight.detach().float() for _, m in kv])  # (R, D)
-    edited = stacked_transform(stacked, T.to(stacked.device), backend=backend)
-    # One reduction instead of a full boolean mask: any NaN/inf makes the sum non-finite, and
-    # finite weights cannot sum past fp32's range.
-    if not torch.isfinite(edited.sum()):
+    weights = [m.weight.detach() for _, m in kv]
+    edited = transform_each(weights, T.to(weights[0].device), backend=backend)
+    # One reduction per matrix instead of a boolean mask: any NaN/inf makes the sum non-finite,
+    # and finite weights cannot sum past fp32's range.
+    if not all(torch.isfinite(e.float().sum()) for e in edited):
         raise FloatingPointError("edited weights contain NaN or inf; the model was not changed")
     changed = {}
     with torch.no_grad():
-        for (key, module), new in zip(kv, edited.split([m.out_features for _, m in kv])):
-            module.weight.copy_(new.to(module.weight.dtype))
-            changed[key] = module.weight.detach().clone()
+        for (key, module), new in zip(kv, edited):
+            module.weight.copy_(new)
+            changed[key] = new
     return changed
 
 

@@ -87,7 +87,8 @@ def save_delta(path: str | os.PathLike, changed: dict[str, torch.Tensor], origin
     """Write the edited tensors with the fingerprint of the weights they replace."""
     check_finite(changed, "delta")
     meta = {"format": DELTA_FORMAT, "component": "unet", "base_fingerprint": tensors_fingerprint(original)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in changed.items()}, str(path), metadata=meta)
+    # copy=True: the edited matrices may be views of one stacked buffer, which safetensors refuses.
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in changed.items()}, str(path), metadata=meta)
 
 
 def apply_delta(pipe, path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -7,11 +7,12 @@ The entry points pick Triton where it can run (CUDA tensors, or CPU tensors unde
 """
 
 from kernels.gram import weighted_gram, weighted_gram_reference
-from kernels.kv_update import stacked_transform, stacked_transform_reference
+from kernels.kv_update import stacked_transform, stacked_transform_reference, transform_each
 
 __all__ = [
     "weighted_gram",
     "weighted_gram_reference",
     "stacked_transform",
     "stacked_transform_reference",
+    "transform_each",
 ]

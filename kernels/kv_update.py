@@ -184,3 +184,17 @@ def stacked_transform(weights, transform, *, backend="auto") -> torch.Tensor:
         # The fp64 -> fp32 cast stays outside the Function, so autograd returns dT in fp64.
         return _StackedTransform.apply(weights, transform.to(torch.float32))
     return stacked_transform_reference(weights, transform)
+
+
+def transform_each(weights: list[torch.Tensor], transform, *, backend="auto") -> list[torch.Tensor]:
+    """[W_l @ T for every W_l]: ONE stacked kernel launch where Triton runs, per matrix otherwise.
+
+    Stacking pays on a GPU (one launch instead of dozens of small ones); on the CPU it would only
+    add a copy of every matrix, and CPU BLAS runs a huge-M product slower than the pieces.
+    """
+    if not weights:
+        return []
+    if use_triton(backend, *weights, transform):
+        stacked = stacked_transform(torch.cat(weights), transform, backend="triton")
+        return list(stacked.split([w.shape[0] for w in weights]))
+    return [stacked_transform(w, transform, backend="torch") for w in weights]

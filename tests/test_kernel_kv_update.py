@@ -160,3 +160,29 @@ def test_backend_triton_errors_when_triton_cannot_run(monkeypatch):
         stacked_transform(weights, transform, backend="triton")
     out = stacked_transform(weights, transform, backend="auto")  # "auto" falls back to the reference
     torch.testing.assert_close(out, stacked_transform_reference(weights, transform), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_transform_each_matches_per_matrix_products(backend, dtype):
+    """Every matrix of a list of K/V-like shapes gets W @ T, in one launch or one product each."""
+    g = torch.Generator().manual_seed(9)
+    D = 37
+    weights = [torch.randn(rows, D, generator=g).to(DEVICE, dtype) for rows in (5, 23, 16, 1)]
+    transform = (torch.eye(D) + torch.randn(D, D, generator=g) / D**0.5).to(DEVICE)
+    out = kv_update.transform_each(weights, transform, backend=backend)
+    assert [o.shape for o in out] == [w.shape for w in weights]
+    for w, o in zip(weights, out):
+        assert o.dtype == dtype
+        torch.testing.assert_close(o, stacked_transform_reference(w, transform), atol=2e-3, rtol=2e-3)
+
+
+@needs_triton
+def test_transform_each_launches_once_on_triton(monkeypatch):
+    calls = []
+    real = kv_update._launch_stacked_transform
+    monkeypatch.setattr(kv_update, "_launch_stacked_transform", lambda *a, **k: calls.append(1) or real(*a, **k))
+    weights = [torch.randn(r, 20, device=DEVICE) for r in (3, 7, 11)]
+    kv_update.transform_each(weights, torch.eye(20, device=DEVICE), backend="triton")
+    assert calls == [1]
+    assert kv_update.transform_each([], torch.eye(20, device=DEVICE)) == []
