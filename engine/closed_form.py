@@ -46,14 +46,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
-from engine.models import encode_prompts, text_encoder_fingerprint
+from engine.models import encode_prompts, text_encoder_fingerprint, tokenize_prompts
+from engine.tokenizer import MAX_LENGTH
 from kernels import transform_each, weighted_gram
 
 TOKEN_MODES = ("eot", "concept", "all")
 # The solve multiplies the Gram's relative rounding error by its condition number (1e5-1e7 for
 # real text embeddings), so fp32 sums move the edited weights by ~1e-3; fp64 sums by ~1e-9.
 GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-MAX_LENGTH = 77
 
 
 @dataclass(frozen=True)
@@ -216,11 +216,7 @@ class _RowPlan:
 
 
 def _tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
-    out = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=False).input_ids
-    for text, ids in zip(prompts, out):
-        if len(ids) > MAX_LENGTH:
-            raise ValueError(f"prompt longer than {MAX_LENGTH} tokens: {text!r}")
-    return out
+    return tokenize_prompts(tokenizer, prompts).tolist()
 
 
 def _positions(mode: str, tokenizer, template: str, fill: str, ids: list[int], eot_id: int, where: str) -> list[int]:

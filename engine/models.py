@@ -211,8 +211,8 @@ def encode_prompts(
 
     The embeddings are exactly the pipeline's encoder_hidden_states for each prompt (SD1/SD2: the
     text encoder's last hidden state; SDXL: both encoders' penultimate hidden states concatenated),
-    computed by the pipeline's own encode_prompt without classifier-free guidance. input_ids are
-    `pipe.tokenizer`'s, padded to 77.
+    computed by the pipeline's own encode_prompt without classifier-free guidance, on the text
+    encoder's device. input_ids (CPU) are `pipe.tokenizer`'s, padded to 77.
     """
     from tqdm.auto import tqdm
 
@@ -237,7 +237,7 @@ def encode_prompts(
                 emb = pipe.encode_prompt(batch, device=device, do_classifier_free_guidance=False)[0]
             else:
                 emb = pipe.encode_prompt(batch, device, 1, False)[0]  # (prompt, device, per prompt, cfg)
-            chunks.append(emb.float().cpu())
+            chunks.append(emb.float())  # stays on the encoder's device: the editor's kernels run there
     return torch.cat(chunks), ids
 
 
