@@ -12,7 +12,7 @@ whose solution is W'_l = W_l T with ONE D x D matrix shared by every layer:
 
 Rows e_i are source token embeddings (a concept's prompt), e'_i the aligned target rows
 (the same template with the anchor), p_j preservation rows (retained concepts, captions).
-Which token positions carry the edit is `tokens`:
+Which token positions carry the edit is `tokens` (the config's, or a concept's own):
 
 * ``eot``: the first end-of-text position of the source prompt -> that of the target.
 * ``concept``: the concept's own tokens and every later token up to the first end-of-text
@@ -45,12 +45,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from engine.concepts import ConceptSet
+from engine.concepts import TOKEN_MODES, ConceptSet
 from engine.models import encode_prompts, text_encoder_fingerprint, tokenize_prompts
 from engine.tokenizer import MAX_LENGTH
 from kernels import transform_each, weighted_gram
 
-TOKEN_MODES = ("eot", "concept", "all")
 # The solve multiplies the Gram's relative rounding error by its condition number (1e5-1e7 for
 # real text embeddings), so fp32 sums move the edited weights by ~1e-3; fp64 sums by ~1e-9.
 GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -345,15 +344,16 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
         for k, (template, src, tgt) in enumerate(pairs):
             ids_s, ids_t = ids_all[k], ids_all[len(pairs) + k]
             where = f"concept {concept.name!r}, template {template!r}"
-            src_pos = _positions(config.tokens, tokenizer, template, concept.name, ids_s, eot_id, where)
-            if config.tokens == "concept":
+            mode = concept.tokens or config.tokens
+            src_pos = _positions(mode, tokenizer, template, concept.name, ids_s, eot_id, where)
+            if mode == "concept":
                 tgt_lo = (
                     _span_start(tokenizer, template, concept.anchor, ids_t, where)
                     if concept.anchor.strip()
                     else _prefix_end(tokenizer, template)
                 )
                 tgt_pos = _aligned_targets(src_pos, ids_s.index(eot_id), ids_t.index(eot_id), tgt_lo)
-            elif config.tokens == "eot":
+            elif mode == "eot":
                 tgt_pos = [ids_t.index(eot_id)]
             else:
                 tgt_pos = src_pos

@@ -25,7 +25,9 @@ Four file forms, chosen by suffix (case-insensitive). Text is read as UTF-8.
     preserve: {concepts: [Tom Hanks], captions: captions.txt}
 
   ``defaults`` keys: ``anchor``, ``templates``, ``weight``. A concept is a bare name or a mapping
-  with the keys ``name`` (required), ``anchor``, ``templates``, ``weight`` and ``prompts``:
+  with the keys ``name`` (required), ``anchor``, ``templates``, ``weight``, ``tokens`` (which
+  token positions carry its closed-form edit: ``eot``, ``concept`` or ``all``; default: the
+  method's) and ``prompts``:
   literal prompts that contain the name exactly once (case-sensitive); each is turned into a
   template (the name replaced by ``{}``, any braces kept literally) and added to the concept's
   templates, its own or the defaults. ``preserve`` keys: ``concepts``, a list of names (they use the default templates),
@@ -73,7 +75,9 @@ DEFAULT_TEMPLATES = ("{}",)
 
 FILE_KEYS = ("defaults", "concepts", "preserve")
 DEFAULTS_KEYS = ("anchor", "templates", "weight")
-ENTRY_KEYS = ("name", "anchor", "templates", "prompts", "weight")
+ENTRY_KEYS = ("name", "anchor", "templates", "prompts", "weight", "tokens")
+# Which token positions carry a concept's edit in the closed-form methods (engine.closed_form).
+TOKEN_MODES = ("eot", "concept", "all")
 PRESERVE_KEYS = ("concepts", "captions")
 PRESERVE_ENTRY_KEYS = ("name", "templates")  # what to_dict writes when preserved templates differ
 CSV_COLUMNS = ("name", "anchor", "weight", "templates")
@@ -146,6 +150,7 @@ class Concept:
     anchor: str = ""
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     weight: float = 1.0
+    tokens: str | None = None  # eot | concept | all; None: the method's setting
 
     def __post_init__(self):
         def fail(field, problem):
@@ -167,6 +172,8 @@ class Concept:
         if problem:
             fail("weight", problem)
         object.__setattr__(self, "weight", float(self.weight))
+        if self.tokens is not None and self.tokens not in TOKEN_MODES:
+            fail("tokens", f"must be one of {', '.join(TOKEN_MODES)}, got {_show(self.tokens)}")
 
     def prompt_pairs(self) -> list[tuple[str, str, str]]:
         """(template, source_prompt, target_prompt) per template: the template filled with name and anchor."""
@@ -233,7 +240,9 @@ class ConceptSet:
         """A JSON-able dict in the YAML/JSON file form (captions inline); from_dict reads it back."""
         out = {
             "concepts": [
-                {"name": c.name, "anchor": c.anchor, "templates": list(c.templates), "weight": c.weight} for c in self.concepts
+                {"name": c.name, "anchor": c.anchor, "templates": list(c.templates), "weight": c.weight}
+                | ({"tokens": c.tokens} if c.tokens else {})
+                for c in self.concepts
             ]
         }
         preserve = {}
@@ -365,6 +374,7 @@ def _entry_concept(entry, label: str, source: str, anchor: str, templates: tuple
             anchor=entry.get("anchor", anchor),
             templates=tuple(dict.fromkeys([*own, *extra])),
             weight=entry.get("weight", weight),
+            tokens=entry.get("tokens"),
         )
     except ConceptFileError as err:
         raise ConceptFileError(source, label, err.field, err.problem) from None

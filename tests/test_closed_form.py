@@ -213,3 +213,17 @@ def test_sdxl_edit_uses_both_text_encoders(tiny_sdxl_dir):
         rel = (e @ after[key].T - e_t @ before[key].T).norm() / (e_t @ before[key].T).norm()
         assert rel < 0.02, (key, float(rel))
     assert edit.rows["edit"] == 1
+
+
+def test_a_concept_can_choose_its_own_token_rows(pipe):
+    concepts = ConceptSet(
+        concepts=(
+            Concept("Arlen Corrance", anchor="a person", templates=("a photo of {}",), tokens="eot"),
+            Concept("Bexley Holloway", anchor="a person", templates=("a photo of {}",)),
+        )
+    )
+    edit = closed_form_edit(pipe, concepts, METHODS["uce"].replace(progress=False))
+    tok = pipe.tokenizer
+    ids = tok("a photo of Bexley Holloway").input_ids
+    concept_rows = _positions("concept", tok, "a photo of {}", "Bexley Holloway", ids, tok.eos_token_id, "t")
+    assert edit.rows["edit"] == 1 + len(concept_rows)  # one [EoT] row, then the name and what follows

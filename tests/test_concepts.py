@@ -453,3 +453,15 @@ def test_errors_are_value_errors_with_their_parts(tmp_path):
 def test_in_memory_construction_is_validated(make, parts):
     with pytest.raises(ConceptFileError, match=where(*parts)):
         make()
+
+
+def test_per_concept_tokens_are_validated_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("concepts:\n  - {name: Arlen Corrance, anchor: a person, tokens: eot}\n  - Bexley Holloway\n")
+    cs = load_concepts(path)
+    assert [c.tokens for c in cs.concepts] == ["eot", None]
+    again = ConceptSet.from_dict(cs.to_dict())
+    assert again.concepts == cs.concepts
+    path.write_text("concepts:\n  - {name: Arlen Corrance, tokens: words}\n")
+    with pytest.raises(ConceptFileError, match=r"c\.yaml.*concepts\[0\].*'tokens'.*eot, concept, all"):
+        load_concepts(path)
