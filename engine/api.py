@@ -70,7 +70,7 @@ class Result:
             if save_pipeline:
                 self.pipeline.save_pretrained(tmp, safe_serialization=True)
             manifest["timings"] = dict(manifest.get("timings", {}), save=time.perf_counter() - start)
-            manifest["outputs"] = sha256_tree(tmp)
+            manifest["outputs"] = sha256_tree(tmp, "sha256 outputs", progress=manifest["config"].get("progress", True))
             write_json(tmp / MANIFEST_NAME, manifest)
         self.manifest = manifest
         return Path(out_dir)
@@ -144,7 +144,11 @@ def erase(
         "kv_fingerprint": tensors_fingerprint(original),
     }
     if model_path and Path(model_path).exists():
-        inputs["model_files"] = sha256_tree(model_path) if Path(model_path).is_dir() else {Path(model_path).name: sha256_file(model_path)}
+        inputs["model_files"] = (
+            sha256_tree(model_path, "sha256 model", progress=cfg.progress)
+            if Path(model_path).is_dir()
+            else {Path(model_path).name: sha256_file(model_path)}
+        )
     if concept_path:
         inputs["concepts_file"] = {"path": concept_path, "sha256": sha256_file(concept_path)}
     manifest = {

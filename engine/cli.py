@@ -67,8 +67,8 @@ def cmd_erase(args) -> int:
     residuals = list(solve["concept_residual"].values())
     print(
         f"erased {len(residuals)} concept(s) with {args.method}: {solve['layers_changed']} K/V matrices, "
-        f"solver {solve['solver']}, max concept residual {max(residuals):.3g}, "
-        f"preservation drift {solve['preserve_drift']:.3g}"
+        f"solver {solve['solver']}, max concept residual {max(residuals):.3g}"
+        + (f", preservation drift {solve['preserve_drift']:.3g}" if solve["rows"]["preserve"] else "")
     )
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.manifest["timings"].items()))
     print(f"wrote {out}")

@@ -46,12 +46,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22, bar=None) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(root: str | os.PathLike) -> dict[str, str]:
+def sha256_tree(root: str | os.PathLike, desc: str = "sha256", progress: bool = True) -> dict[str, str]:
     """sha256 of every file under `root`, keyed by its relative path (a progress bar past 256 MB)."""
     root = Path(root)
     files = [p for p in sorted(root.rglob("*")) if p.is_file()]
     total = sum(p.stat().st_size for p in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"sha256 {root.name}", disable=total < 1 << 28) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress or total < 1 << 28) as bar:
         return {str(p.relative_to(root)): sha256_file(p, bar=bar) for p in files}
 
 
