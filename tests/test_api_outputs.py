@@ -124,3 +124,21 @@ def test_api_rejects_unknown_method_and_fields(tiny_sd_dir):
         engine.erase(str(tiny_sd_dir), NAMES, method="esd2")
     with pytest.raises(ValueError, match="unknown config field"):
         engine.erase(str(tiny_sd_dir), NAMES, anchor="a person", learning_rate=1.0)
+
+
+def test_sdxl_output_delta_and_lora_reproduce_the_edit(tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    result = engine.erase(str(tiny_sdxl_dir), NAMES[:2], method="trce-stage1", anchor="a person", progress=False)
+    out = result.save(tmp_path / "xl", export_lora=True)
+    loaded = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    with_lora = load_pipeline(tiny_sdxl_dir)
+    with_lora.load_lora_weights(out / LORA_DIR)
+    with_lora.fuse_lora()
+    from_delta = engine.apply_delta(str(tiny_sdxl_dir), out / DELTA_NAME)
+    loaded, with_lora, from_delta = kv(loaded), kv(with_lora), kv(from_delta)
+    assert set(loaded) == set(result.delta)
+    for key, value in result.delta.items():
+        assert torch.equal(loaded[key], value)
+        assert torch.equal(from_delta[key], value)
+        assert torch.allclose(with_lora[key], value, rtol=1e-4, atol=1e-5), key
