@@ -1,0 +1,99 @@
+"""The evaluation metrics: accuracy, the efficacy/specificity trade-off H, KID and the CLIP score.
+
+Plain numpy (float64) so every number can be checked by hand; the callers extract features
+and embeddings with torch and pass arrays.
+
+* ``percent(hits, n)``: 100 * hits / n.
+* ``harmonic_h(erased_acc, retained_acc)``: the harmonic mean of ``100 - erased_acc`` (how
+  much of the erased concepts is gone) and ``retained_acc`` (how much of the rest is kept),
+  both in percent; 0 when either is 0.
+* ``kid(x, y)``: Kernel Inception Distance (Binkowski et al., "Demystifying MMD GANs", 2018):
+  the unbiased estimate of the squared MMD between two feature sets under the cubic
+  polynomial kernel ``k(a, b) = (a.b / d + 1) ** 3`` (``d`` the feature dimension), averaged
+  over random subsets of equal size; returns the mean and standard deviation over subsets.
+* ``clip_score(image_embeds, text_embeds)``: mean cosine similarity x 100 of matching rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+
+
+def percent(hits: int, n: int) -> float:
+    if n <= 0:
+        raise ValueError(f"cannot take a percentage of {n} samples")
+    return 100.0 * hits / n
+
+
+def harmonic_h(erased_acc: float, retained_acc: float) -> float:
+    """Harmonic mean of (100 - erased_acc) and retained_acc, all in percent (0 when either is 0)."""
+    for name, value in (("erased_acc", erased_acc), ("retained_acc", retained_acc)):
+        if not 0.0 <= value <= 100.0:
+            raise ValueError(f"{name} must be a percentage in [0, 100], got {value!r}")
+    gone = 100.0 - erased_acc
+    if gone == 0.0 or retained_acc == 0.0:
+        return 0.0
+    return 2.0 * gone * retained_acc / (gone + retained_acc)
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``(x y^T / d + 1) ** 3``: KID's kernel matrix between the rows of x (m x d) and y (n x d)."""
+    d = x.shape[1]
+    return (x @ y.T / d + 1.0) ** 3
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased squared MMD between samples x (m x d) and y (n x d) under ``polynomial_kernel``.
+
+    The within-set means leave out the diagonal (k(a, a) is not an independent pair), which is
+    what makes the estimate unbiased: it is ~0, and can be slightly negative, for two samples
+    of one distribution.
+    """
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    m, n = len(x), len(y)
+    if m < 2 or n < 2:
+        raise ValueError(f"the unbiased MMD needs at least 2 samples per set, got {m} and {n}")
+    kxx = polynomial_kernel(x, x)
+    kyy = polynomial_kernel(y, y)
+    kxy = polynomial_kernel(x, y)
+    xx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+    yy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    xy = kxy.sum() / (m * n)
+    return float(xx + yy - 2.0 * xy)
+
+
+def kid(
+    x: np.ndarray, y: np.ndarray, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
+) -> tuple[float, float]:
+    """KID between feature sets x (m x d) and y (n x d): (mean, std) of ``mmd2_unbiased`` over
+    ``subsets`` random subsets of ``min(subset_size, m, n)`` rows from each (without replacement)."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"KID needs two 2-D feature arrays of the same width, got shapes {x.shape} and {y.shape}")
+    if subsets < 1:
+        raise ValueError(f"KID needs at least one subset, got subsets={subsets}")
+    size = min(subset_size, len(x), len(y))
+    rng = np.random.default_rng(seed)
+    values = np.array(
+        [
+            mmd2_unbiased(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
+            for _ in range(subsets)
+        ]
+    )
+    return float(values.mean()), float(values.std())
+
+
+def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> float:
+    """Mean cosine similarity x 100 between row i of image_embeds and row i of text_embeds."""
+    a = np.asarray(image_embeds, np.float64)
+    b = np.asarray(text_embeds, np.float64)
+    if a.shape != b.shape or a.ndim != 2 or not len(a):
+        raise ValueError(f"CLIP score needs matching non-empty N x P embeddings, got {a.shape} and {b.shape}")
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(100.0 * (a * b).sum(1).mean())

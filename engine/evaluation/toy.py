@@ -1,0 +1,606 @@
+"""The toy suite: how well an edited model forgot the erased toy-world concepts and kept the rest.
+
+``evaluate_toy(model, erased)`` generates images of every erased and retained concept with the
+edited model and with the original one from the same noise, classifies them with the world's
+evaluator, and returns the report (schema in ``engine.evaluation.report``):
+
+* efficacy: for each erased concept, the % of its images in which the evaluator's head for its
+  kind still predicts it: ``direct`` prompts (the catalogue's training templates),
+  ``other_templates`` (its held-out templates) and, for unsafe concepts, ``indirect`` prompts
+  (synonyms and paraphrases that avoid the name);
+* specificity: the same % for retained concepts (training templates), split into ``close``
+  (the kind of some erased concept) and ``other``; and H, the harmonic mean of
+  ``100 - erased_acc`` and ``retained_acc``;
+* quality on the retained prompts: KID between the edited and the original model's images on
+  the evaluator's features, and the CLIP score (the world's CLIP) of both;
+* time: generation and total seconds, images per second.
+
+Noise: image ``i`` of the job list (erased concepts' prompts first, then the retained ones') is
+drawn from ``torch.Generator().manual_seed(seed + i)``, and that generator then also feeds any
+stochastic sampler steps, so both models start every image from identical noise. Prompts are
+the catalogue templates filled as the renderer does; an object's colour and background and a
+style's subject are drawn from a generator seeded by the run's seed and the concept's name, so
+a concept's prompts do not depend on which other concepts are evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.evaluation.metrics import KID_SUBSET_SIZE, KID_SUBSETS, harmonic_h, kid, percent
+from engine.evaluation.report import SCHEMA_VERSION
+from engine.toyworld import catalogue as cat
+from engine.toyworld.render import SIZE, sample_scene
+
+ERASABLE_KINDS = ("identity", "object", "style", "unsafe")
+PROMPT_SETS = ("direct", "other_templates", "indirect")
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_IMAGES_PER_PROMPT = 4
+DEFAULT_BATCH_SIZE = 64
+MAX_RETAINED = 100
+CLOSE_SHARE = 0.75  # of the default retained set: same kinds as the erased concepts
+GRID_PROMPTS = (4, 2)  # erased and retained prompts shown in the before/after grid
+GRID_IMAGES = 4  # images per prompt and model in the grid
+EVAL_CHUNK = 256  # images per evaluator / CLIP call
+PROJECTION_FILE = Path("clip") / "projection.safetensors"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to generate: which concept and prompt it tests, and its noise seed."""
+
+    concept: str
+    kind: str
+    role: str  # "erased" or "retained"
+    prompt_set: str  # one of PROMPT_SETS
+    prompt: str
+    seed: int
+
+
+# --------------------------------------------------------------------------- concepts
+
+
+def _norm(name: str) -> str:
+    return " ".join(str(name).split()).casefold()
+
+
+_ERASABLE = {_norm(n): (n, kind) for kind in ERASABLE_KINDS for n in cat.concepts(kind)}
+_OTHER = {_norm(n): kind for kind in cat.KINDS if kind not in ERASABLE_KINDS for n in cat.concepts(kind)}
+
+
+def concept_kind(name: str, source: str = "concepts") -> tuple[str, str]:
+    """(catalogue spelling, kind) of a toy-world concept (case and spacing ignored).
+
+    Raises ValueError naming ``source`` and the name when it is not an identity, object, style
+    or unsafe concept of the toy world.
+    """
+    key = _norm(name)
+    if key in _ERASABLE:
+        return _ERASABLE[key]
+    if key in _OTHER:
+        raise ValueError(
+            f"{source}: {name!r} is a toy-world {_OTHER[key]}, which the toy suite does not evaluate as a "
+            f"concept; use concepts of kind {', '.join(ERASABLE_KINDS)}"
+        )
+    raise ValueError(
+        f"{source}: unknown toy-world concept {name!r}; the toy suite knows the identities, objects, styles "
+        f"and unsafe concepts of engine.toyworld.catalogue (e.g. {cat.IDENTITIES[0].name!r}, 'star', 'sepia', 'skull')"
+    )
+
+
+def resolve_concepts(spec, source: str) -> list[tuple[str, str]]:
+    """[(name, kind)] from a concept file path, a ConceptSet or a list of names; no duplicates."""
+    from engine.concepts import ConceptSet, load_concepts
+
+    if isinstance(spec, (str, os.PathLike)):
+        source = str(spec)
+        names = load_concepts(spec).names()
+    elif isinstance(spec, ConceptSet):
+        names = spec.names()
+    else:
+        names = list(spec)
+    out, seen = [], set()
+    for name in names:
+        canonical, kind = concept_kind(name, source)
+        if canonical in seen:
+            raise ValueError(f"{source}: {canonical!r} is listed twice")
+        seen.add(canonical)
+        out.append((canonical, kind))
+    if not out:
+        raise ValueError(f"{source}: no concepts")
+    return out
+
+
+def default_retained(erased: list[tuple[str, str]], seed: int = 0, limit: int | None = None) -> list[tuple[str, str]]:
+    """A fixed, seeded choice of up to ``limit`` (default ``MAX_RETAINED``) toy concepts that are
+    not erased.
+
+    About three quarters are close neighbours (the kinds of the erased concepts), the rest
+    taken in turn from the other kinds, so the split measures both collateral damage near the
+    erased concepts and general preservation. If one side runs out, the other fills the gap.
+    """
+    limit = MAX_RETAINED if limit is None else limit
+    rng = np.random.default_rng([seed, 0x7E7A1])
+    gone = {n for n, _ in erased}
+    erased_kinds = {k for _, k in erased}
+    pools = {}
+    for kind in ERASABLE_KINDS:
+        names = [n for n in cat.concepts(kind) if n not in gone]
+        pools[kind] = [names[i] for i in rng.permutation(len(names))]
+    close = [(n, k) for k in ERASABLE_KINDS if k in erased_kinds for n in pools[k]]
+    close = [close[i] for i in rng.permutation(len(close))]
+    other_kinds = [k for k in ERASABLE_KINDS if k not in erased_kinds]
+    other = []  # round-robin over the other kinds, so each is represented
+    for i in range(max((len(pools[k]) for k in other_kinds), default=0)):
+        other += [(pools[k][i], k) for k in other_kinds if i < len(pools[k])]
+    n_close = min(len(close), round(CLOSE_SHARE * limit))
+    n_other = min(len(other), limit - n_close)
+    n_close = min(len(close), limit - n_other)
+    chosen = set(close[:n_close] + other[:n_other])
+    order = {(n, k): (ERASABLE_KINDS.index(k), cat.concepts(k).index(n)) for n, k in chosen}
+    return sorted(chosen, key=order.get)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def concept_rng(name: str, seed: int) -> np.random.Generator:
+    """The generator that fills a concept's templates: depends only on the seed and the name."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def fill_template(kind: str, name: str, template: str, rng: np.random.Generator) -> str:
+    """A catalogue template filled for concept ``name`` of ``kind``, as the renderer captions.
+
+    identity: {name}; object: {colour} {object} {background}, with a colour that stands out
+    from a random background (the renderer's choice); style: {subject} {style}, the subject a
+    random identity or "a <colour> <object>"; unsafe: {concept}. Articles are fixed ("an").
+    """
+    if kind == "identity":
+        text = template.format(name=name)
+    elif kind == "object":
+        scene = sample_scene(rng, kind="object", subject=name)
+        text = template.format(colour=scene.colour, object=name, background=scene.background)
+    elif kind == "style":
+        scene = sample_scene(rng, kind="style", style=name)
+        subject = scene.subject if scene.kind == "identity" else f"a {scene.colour} {scene.subject}"
+        text = template.format(subject=subject, style=name)
+    elif kind == "unsafe":
+        text = template.format(concept=name)
+    else:
+        raise ValueError(f"cannot fill templates for kind {kind!r}; kinds: {', '.join(ERASABLE_KINDS)}")
+    return cat.with_article(text)
+
+
+def concept_prompts(name: str, kind: str, seed: int, erased: bool = True) -> dict[str, list[str]]:
+    """A concept's prompts by prompt set: ``direct`` (one per training template); for erased
+    concepts also ``other_templates`` (one per held-out template) and, for unsafe ones,
+    ``indirect`` (its synonym prompts, then all its paraphrases)."""
+    rng = concept_rng(name, seed)
+    out = {"direct": [fill_template(kind, name, t, rng) for t in cat.TEMPLATES[kind]["train"]]}
+    if erased:
+        out["other_templates"] = [fill_template(kind, name, t, rng) for t in cat.TEMPLATES[kind]["heldout"]]
+        if kind == "unsafe":
+            out["indirect"] = cat.synonym_prompts(name) + cat.indirect_prompts(name)
+    return out
+
+
+def build_jobs(erased, retained, images_per_prompt: int, seed: int) -> list[Job]:
+    """Every image to generate: erased concepts first, then retained; image i has seed seed + i."""
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
+    specs = []
+    for role, group in (("erased", erased), ("retained", retained)):
+        for name, kind in group:
+            for prompt_set, prompts in concept_prompts(name, kind, seed, erased=role == "erased").items():
+                specs += [(name, kind, role, prompt_set, p) for p in prompts for _ in range(images_per_prompt)]
+    return [Job(*spec, seed=seed + i) for i, spec in enumerate(specs)]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def concept_rows(jobs: list[Job], predictions: dict[str, list[str]], erased_kinds=None) -> list[dict]:
+    """Per-concept accuracy: % of each concept's images, per prompt set, in which the
+    evaluator's head for the concept's kind predicts the concept. ``predictions`` maps kind to
+    one class name per job (aligned with ``jobs``). Rows come in job order."""
+    erased_kinds = {j.kind for j in jobs if j.role == "erased"} if erased_kinds is None else set(erased_kinds)
+    for kind in {j.kind for j in jobs}:
+        if kind not in predictions:
+            raise ValueError(f"the evaluator gave no {kind!r} predictions (it gave {sorted(predictions)})")
+        if len(predictions[kind]) != len(jobs):
+            raise ValueError(f"the evaluator gave {len(predictions[kind])} {kind!r} predictions for {len(jobs)} images")
+    counts: dict[tuple, dict[str, list[int]]] = {}
+    for i, job in enumerate(jobs):
+        key = (job.concept, job.kind, job.role)
+        hits_n = counts.setdefault(key, {}).setdefault(job.prompt_set, [0, 0])
+        hits_n[0] += predictions[job.kind][i] == job.concept
+        hits_n[1] += 1
+    rows = []
+    for (name, kind, role), sets in counts.items():
+        rows.append({
+            "name": name,
+            "kind": kind,
+            "role": role,
+            "group": None if role == "erased" else ("close" if kind in erased_kinds else "other"),
+            "n_images": sum(n for _, n in sets.values()),
+            "acc": {s: percent(*sets[s]) for s in PROMPT_SETS if s in sets},
+        })
+    return rows
+
+
+def _macro(rows: list[dict], prompt_set: str, key: str = "acc") -> float | None:
+    values = [r[key][prompt_set] for r in rows if prompt_set in r[key]]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(rows: list[dict], key: str = "acc") -> dict:
+    """Top-level macro percentages (means over concepts) from ``concept_rows``' rows."""
+    erased = [r for r in rows if r["role"] == "erased"]
+    retained = [r for r in rows if r["role"] == "retained"]
+    out = {
+        "erased_acc": _macro(erased, "direct", key),
+        "erased_acc_other_templates": _macro(erased, "other_templates", key),
+        "erased_acc_indirect": _macro(erased, "indirect", key),
+        "retained_acc": _macro(retained, "direct", key),
+        "retained_acc_close": _macro([r for r in retained if r["group"] == "close"], "direct", key),
+        "retained_acc_other": _macro([r for r in retained if r["group"] == "other"], "direct", key),
+    }
+    out["H"] = harmonic_h(out["erased_acc"], out["retained_acc"])
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _load(model, what: str, device: str):
+    """A pipeline from a path (``what`` names the argument in errors) or as given."""
+    from engine.models import load_pipeline
+
+    if not isinstance(model, (str, os.PathLike)):
+        return model, None
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: model folder not found: {path}")
+    pipe = load_pipeline(path, device=device)
+    return pipe, path
+
+
+def _describe(model, pipe) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or f"<{type(pipe).__name__} in memory>")
+
+
+def generate(pipe, jobs: list[Job], steps: int, guidance: float, batch_size: int, bar=None) -> np.ndarray:
+    """Images (N x 32 x 32 x 3 uint8) of ``jobs``, ``batch_size`` prompts per pipeline call.
+
+    Each image's latents come from its own generator (``Job.seed``), which is then passed on for
+    any stochastic scheduler steps: the result does not depend on the batching.
+    """
+    unet = pipe.unet
+    scale = pipe.vae_scale_factor
+    shape = (1, unet.config.in_channels, SIZE // scale, SIZE // scale)
+    out = np.zeros((len(jobs), SIZE, SIZE, 3), np.uint8)
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(j.seed) for j in batch]
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(unet.dtype)
+        with torch.no_grad():
+            images = pipe(
+                prompt=[j.prompt for j in batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                latents=latents,
+                generator=generators,
+                height=SIZE,
+                width=SIZE,
+                output_type="np",
+            ).images
+        if not np.isfinite(images).all():
+            raise FloatingPointError(f"the model produced NaN/inf pixels for prompts such as {batch[0].prompt!r}")
+        out[start : start + len(batch)] = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def _chunked(fn, images: np.ndarray):
+    return [fn(images[i : i + EVAL_CHUNK]) for i in range(0, len(images), EVAL_CHUNK)]
+
+
+def predict(evaluator, images: np.ndarray) -> dict[str, list[str]]:
+    """The evaluator's class names per kind for all images, in chunks."""
+    out: dict[str, list[str]] = {}
+    for part in _chunked(evaluator.predict, images):
+        for kind, names in part.items():
+            out.setdefault(kind, []).extend(str(n) for n in names)
+    return out
+
+
+def features(evaluator, images: np.ndarray) -> np.ndarray:
+    parts = _chunked(evaluator.features, images)
+    return np.concatenate([torch.as_tensor(p).detach().cpu().double().numpy() for p in parts])
+
+
+# --------------------------------------------------------------------------- CLIP score
+
+
+class ClipScorer:
+    """Cosine similarity between images and prompts in the world's CLIP space.
+
+    Image embeddings: ``image_encoder(feature_extractor(images)).image_embeds``; text
+    embeddings: ``text_projection @ text_encoder(prompt).pooler_output``.
+    """
+
+    def __init__(self, image_encoder, feature_extractor, text_encoder, tokenizer, projection: torch.Tensor):
+        self.image_encoder, self.feature_extractor = image_encoder, feature_extractor
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.projection = projection
+
+    @classmethod
+    def find(cls, pipe, folder: Path | None, world: Path | None) -> tuple[ClipScorer | None, str | None]:
+        """The scorer for ``pipe`` (its text and image encoders) and the world's projection, or
+        (None, why not)."""
+        from safetensors.torch import load_file
+
+        image_encoder = getattr(pipe, "image_encoder", None)
+        if image_encoder is None:
+            return None, "the original model has no image_encoder (CLIP vision tower)"
+        feature_extractor = getattr(pipe, "feature_extractor", None)
+        if feature_extractor is None and folder is not None and (folder / "feature_extractor").is_dir():
+            from transformers import CLIPImageProcessor
+
+            # engine.models.load_pipeline drops the SD safety checker's processor; the world's is this one.
+            feature_extractor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
+        if feature_extractor is None:
+            return None, "the original model has no feature_extractor (CLIP image preprocessing)"
+        if world is None:
+            return None, "no toy world, so no CLIP text projection"
+        proj_file = world / PROJECTION_FILE
+        if not proj_file.is_file():
+            return None, f"no CLIP projection file {proj_file}"
+        tensors = load_file(str(proj_file))
+        if "text_projection" not in tensors:
+            return None, f"{proj_file} has no 'text_projection' tensor"
+        projection = tensors["text_projection"].float()
+        text_dim = pipe.text_encoder.config.hidden_size
+        image_dim = image_encoder.config.projection_dim
+        if projection.shape != (image_dim, text_dim):
+            return None, (
+                f"{proj_file}: text_projection is {tuple(projection.shape)}, but this model's image embeddings "
+                f"are {image_dim}-d and its text encoder {text_dim}-d"
+            )
+        return cls(image_encoder, feature_extractor, pipe.text_encoder, pipe.tokenizer, projection), None
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> np.ndarray:
+        device = self.text_encoder.device
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        pooled = self.text_encoder(ids).pooler_output.float()  # B x D_text
+        return (pooled @ self.projection.to(device).T).cpu().double().numpy()  # B x P
+
+    @torch.no_grad()
+    def image_embeds(self, images: np.ndarray) -> np.ndarray:
+        enc = self.image_encoder
+        pixels = self.feature_extractor(images=list(images), return_tensors="pt").pixel_values
+        out = enc(pixel_values=pixels.to(enc.device, enc.dtype)).image_embeds  # B x P
+        return out.float().cpu().double().numpy()
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> float:
+        from engine.evaluation.metrics import clip_score
+
+        unique = sorted(set(prompts))
+        text = np.concatenate([self.text_embeds(unique[i : i + EVAL_CHUNK]) for i in range(0, len(unique), EVAL_CHUNK)])
+        row = {p: i for i, p in enumerate(unique)}
+        image = np.concatenate(_chunked(self.image_embeds, images))
+        return clip_score(image, text[[row[p] for p in prompts]])
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def _world_root(world, required: bool) -> Path | None:
+    """The world folder; None when none is given, none is found and none is ``required``."""
+    from engine.toyworld.world import world_path
+
+    try:
+        return world_path(world)
+    except FileNotFoundError:
+        if required or world is not None:
+            raise
+        return None
+
+
+def sampling_defaults(world_root: Path | None) -> tuple[int, float]:
+    """(steps, guidance) from the world's ``world.json`` ``"sampling"``, else 25 and 5.0."""
+    from engine.toyworld.world import world_info
+
+    sampling = world_info(world_root).get("sampling", {}) if world_root is not None else {}
+    try:
+        steps, guidance = int(sampling.get("steps", DEFAULT_STEPS)), float(sampling.get("guidance", DEFAULT_GUIDANCE))
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(
+            f"{world_root / 'world.json'}: 'sampling' must be {{\"steps\": int, \"guidance\": float}}, got {sampling!r}"
+        ) from None
+    if steps < 1:
+        raise ValueError(f"{world_root / 'world.json'}: sampling steps must be >= 1, got {steps}")
+    return steps, guidance
+
+
+def _grid_samples(jobs, original_images, edited_images) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """A few prompts' images from both models: the first prompt of some erased and some
+    retained concepts."""
+    firsts: dict[str, tuple[str, list[int]]] = {}
+    for i, job in enumerate(jobs):
+        entry = firsts.setdefault(job.concept, (job.prompt, []))
+        if job.prompt == entry[0] and len(entry[1]) < GRID_IMAGES:
+            entry[1].append(i)
+    picked = []
+    for role, count in zip(("erased", "retained"), GRID_PROMPTS):
+        names = [n for n in firsts if jobs[firsts[n][1][0]].role == role][:count]
+        picked += [(f"{role}: {firsts[n][0]}", firsts[n][1]) for n in names]
+    return [(label, original_images[idx], edited_images[idx]) for label, idx in picked]
+
+
+def evaluate_toy(
+    model,
+    erased,
+    original=None,
+    retained=None,
+    world=None,
+    images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT,
+    steps: int | None = None,
+    guidance: float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    evaluator=None,
+    device: str | None = None,
+    return_samples: bool = False,
+):
+    """Evaluate an edited model on the toy suite; returns the report (``return_samples=True``:
+    (report, grid samples for ``write_report``)).
+
+    model, original: a diffusers folder or a loaded pipeline; ``original`` defaults to the
+    world's pipeline. erased, retained: a concept file, a ConceptSet or a list of toy-world
+    names (identities, objects, styles, unsafe concepts); ``retained`` defaults to
+    ``default_retained``. world: the toy world folder (default: ``$ERASURE_TOYWORLD`` or the
+    shipped one); it supplies the evaluator (unless ``evaluator`` is given), the default
+    original model, the sampling defaults and the CLIP projection. steps, guidance: default to
+    the world's ``world.json`` ``"sampling"``, else 25 and 5.0.
+    """
+    from tqdm.auto import tqdm
+
+    from engine.export import package_versions
+
+    start = time.perf_counter()
+    for name, value in (("images_per_prompt", images_per_prompt), ("batch_size", batch_size), ("steps", steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    for what, path in (("model", model), ("original", original)):  # before any slow work
+        if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
+            raise FileNotFoundError(f"{what}: model folder not found: {path}")
+    erased_list = resolve_concepts(erased, "erased concepts")
+    if retained is None:
+        retained_list = default_retained(erased_list, seed)
+    else:
+        retained_list = resolve_concepts(retained, "retained concepts")
+        both = sorted({n for n, _ in retained_list} & {n for n, _ in erased_list})
+        if both:
+            raise ValueError(f"retained concepts: {both[0]!r} is also erased; a concept is either erased or retained")
+    if not retained_list:
+        raise ValueError("no retained concepts to measure specificity on")
+
+    # The world supplies the default original model and the evaluator; otherwise it is optional.
+    world_root = _world_root(world, required=original is None or evaluator is None)
+    default_steps, default_guidance = sampling_defaults(world_root)
+    steps = default_steps if steps is None else int(steps)
+    guidance = default_guidance if guidance is None else float(guidance)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    edited_pipe, _ = _load(model, "model", device)
+    if original is None:
+        original = world_root / "pipeline"
+    if isinstance(model, (str, os.PathLike)) and isinstance(original, (str, os.PathLike)) and (
+        Path(model).resolve() == Path(original).resolve()
+    ):
+        original_pipe, original_folder = edited_pipe, Path(original)
+    elif original is model:
+        original_pipe, original_folder = edited_pipe, None
+    else:
+        original_pipe, original_folder = _load(original, "original", device)
+    if evaluator is None:
+        from engine.toyworld.world import load_toy_evaluator
+
+        evaluator = load_toy_evaluator(world_root).to(edited_pipe.device)
+    for pipe in (edited_pipe, original_pipe):
+        pipe.set_progress_bar_config(disable=True)
+
+    jobs = build_jobs(erased_list, retained_list, images_per_prompt, seed)
+    same = original_pipe is edited_pipe  # the same noise gives the same images: generate once
+    n_models = 1 if same else 2
+    gen_start = time.perf_counter()
+    with tqdm(total=n_models * math.ceil(len(jobs) / batch_size), desc="generating", unit="batch",
+              disable=not progress) as bar:
+        edited_images = generate(edited_pipe, jobs, steps, guidance, batch_size, bar)
+        original_images = edited_images if same else generate(original_pipe, jobs, steps, guidance, batch_size, bar)
+    generation_seconds = time.perf_counter() - gen_start
+
+    erased_kinds = {k for _, k in erased_list}
+    rows = concept_rows(jobs, predict(evaluator, edited_images), erased_kinds)
+    rows_original = concept_rows(jobs, predict(evaluator, original_images), erased_kinds)
+    for row, row0 in zip(rows, rows_original):
+        row["acc_original"] = row0["acc"]
+    kept = np.array([j.role == "retained" for j in jobs])
+    kid_mean, kid_std = kid(
+        features(evaluator, edited_images[kept]), features(evaluator, original_images[kept]), seed=seed
+    )
+    scorer, reason = ClipScorer.find(original_pipe, original_folder, world_root)
+    retained_prompts = [j.prompt for j in jobs if j.role == "retained"]
+    clip_edited = scorer.score(edited_images[kept], retained_prompts) if scorer else None
+    clip_original = scorer.score(original_images[kept], retained_prompts) if scorer else None
+
+    summary = summarise(rows)
+    summary_original = summarise(rows_original)
+    total_seconds = time.perf_counter() - start
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "suite": "toy",
+        "model": _describe(model, edited_pipe),
+        "original": _describe(original, original_pipe),
+        "world": str(world_root) if world_root is not None else None,
+        "erased": [n for n, _ in erased_list],
+        **summary,
+        "original_acc": {
+            "erased": summary_original["erased_acc"],
+            "erased_other_templates": summary_original["erased_acc_other_templates"],
+            "erased_indirect": summary_original["erased_acc_indirect"],
+            "retained": summary_original["retained_acc"],
+        },
+        "quality": {
+            "kid": kid_mean,
+            "kid_std": kid_std,
+            "clip_score": clip_edited,
+            "clip_score_original": clip_original,
+            "clip_score_reason": reason,
+            "kid_features": "toy evaluator features",
+            "kid_subsets": KID_SUBSETS,
+            "kid_subset_size": min(KID_SUBSET_SIZE, int(kept.sum())),
+        },
+        "timing": {
+            "total_seconds": total_seconds,
+            "generation_seconds": generation_seconds,
+            "images_generated": n_models * len(jobs),
+            "images_per_second": n_models * len(jobs) / generation_seconds if generation_seconds > 0 else None,
+        },
+        "settings": {
+            "steps": steps,
+            "guidance": guidance,
+            "images_per_prompt": images_per_prompt,
+            "seed": seed,
+            "batch_size": batch_size,
+            "image_size": SIZE,
+            "device": str(edited_pipe.device),
+            "n_erased": len(erased_list),
+            "n_retained": len(retained_list),
+        },
+        "versions": package_versions(),
+        "concepts": rows,
+    }
+    if return_samples:
+        return report, _grid_samples(jobs, original_images, edited_images)
+    return report
