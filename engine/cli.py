@@ -5,6 +5,7 @@
     erasure tiny-model --arch tiny --out DIR
     erasure methods
     erasure demo --out build/demo
+    erasure eval --model DIR --suite toy --erased FILE --out report.json
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """Erase 110 made-up identities from a random-weight tiny SD pipeline, keep 10, and report."""
+def _demo_random_weights(args) -> int:
+    """Without a toy world: erase 110 made-up names from a random-weight tiny SD pipeline, keep 10,
+    and report the fit of the edit at the cross-attention projections."""
     from engine.api import erase
     from engine.concepts import concepts_from_names, load_concepts
     from engine.tiny import write_tiny_model
@@ -113,7 +115,8 @@ def cmd_demo(args) -> int:
     if not (model / "model_index.json").exists():
         write_tiny_model("tiny", model, seed=0)
     print(
-        "demo: the shipped toy world is not available yet, so this runs on a RANDOM-WEIGHT tiny "
+        "demo: no toy world is shipped with this installation (pass --world DIR from `erasure toyworld "
+        "build`), so this runs on a RANDOM-WEIGHT tiny "
         f"Stable Diffusion pipeline ({model}); the numbers show the edit's fit at the cross-attention "
         "projections, not image-level erasure."
     )
@@ -147,6 +150,117 @@ def cmd_demo(args) -> int:
     )
     print(f"solver {solve['solver']} (condition {solve['condition']:.3g}); {seconds:.1f} s in all")
     print(f"wrote {erased} (pipeline, delta.safetensors, lora/, manifest.json)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Erase identities from the toy world with the closed-form method, then measure it."""
+    from engine.toyworld.world import SHIPPED, WORLD_FILE
+
+    if args.world is None and not (SHIPPED / WORLD_FILE).is_file():
+        return _demo_random_weights(args)
+    from engine.api import erase
+    from engine.concepts import concepts_from_names
+    from engine.evaluation.report import write_report
+    from engine.evaluation.toy import evaluate_toy
+    from engine.toyworld import TEMPLATES, concepts, make_dataset
+    from engine.toyworld.world import pipeline_path, verify_world
+
+    world = verify_world(args.world)
+    model = pipeline_path(world)
+    identities = concepts("identity")
+    erased_names = identities[: args.erase]
+    kept = identities[args.erase :]
+    # Preserve the identities that stay and general captions of the world (MACE/UCE style).
+    captions = sorted(set(make_dataset(300, seed=12345)["captions"]))
+    concept_set = concepts_from_names(
+        erased_names, anchor="a person", templates=[t.replace("{name}", "{}") for t in TEMPLATES["identity"]["train"]],
+        preserve=kept, captions=captions,
+    )
+    out = Path(args.out)
+    print(f"demo: erasing {len(erased_names)} identities from the toy world ({model}) with uce; "
+          f"preserving {len(kept)} identities and {len(captions)} captions")
+    start = time.perf_counter()
+    result = erase(str(model), concept_set, method="uce", progress=not args.quiet)
+    erased_dir = out / "erased"
+    result.save(erased_dir, overwrite=True)
+    erase_seconds = time.perf_counter() - start
+    print(f"erased in {erase_seconds:.1f} s; evaluating the edited model against the original")
+    report, samples = evaluate_toy(
+        erased_dir, erased_names, original=model, world=world, images_per_prompt=args.images_per_prompt,
+        seed=0, progress=not args.quiet, return_samples=True,
+    )
+    written = write_report(report, out / "report.json", samples)
+    pct = lambda v: "n/a" if v is None else f"{v:5.1f}%"  # noqa: E731
+    before = report["original_acc"]
+    print(f"\n{'':<44} {'original':>9} {'erased':>9}")
+    print(f"{'erased identities recognised (train templates)':<44} {pct(before['erased']):>9} {pct(report['erased_acc']):>9}")
+    print(f"{'erased identities recognised (held-out)':<44} {pct(before['erased_other_templates']):>9} "
+          f"{pct(report['erased_acc_other_templates']):>9}")
+    print(f"{'retained concepts recognised':<44} {pct(before['retained']):>9} {pct(report['retained_acc']):>9}")
+    print(f"{'  close (other identities)':<44} {'':>9} {pct(report['retained_acc_close']):>9}")
+    print(f"{'  other kinds':<44} {'':>9} {pct(report['retained_acc_other']):>9}")
+    q = report["quality"]
+    print(f"H {report['H']:.1f}; KID to the original {q['kid']:.4f} +- {q['kid_std']:.4f}")
+    print(f"{report['timing']['images_generated']} images in {report['timing']['generation_seconds']:.0f} s")
+    print("wrote " + ", ".join(str(p) for p in written.values()) + f", and the erased pipeline in {erased_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Evaluate an edited model; write report.json, report.md and grid.png."""
+    from engine.evaluation.report import write_report
+
+    out = Path(args.out)
+    if out.is_dir():  # fail before generating anything
+        raise FileExistsError(f"--out {out} is a folder; give a file name such as {out / 'report.json'}")
+    if args.suite == "toy":
+        from engine.evaluation.toy import DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_PROMPT, evaluate_toy
+
+        if not args.erased:
+            raise ValueError("--erased is required for the toy suite: the concept file of the erased concepts")
+        if getattr(args, "dtype", None) not in (None, "auto", "float32"):
+            raise ValueError(f"--dtype {args.dtype} applies to the real-model suites; the toy suite runs in float32")
+        report, samples = evaluate_toy(
+            args.model,
+            args.erased,
+            original=args.original,
+            retained=args.retained,
+            world=args.world,
+            images_per_prompt=DEFAULT_IMAGES_PER_PROMPT if args.images_per_prompt is None else args.images_per_prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
+            seed=args.seed,
+            progress=not args.quiet,
+            device=getattr(args, "device", None),
+            return_samples=True,
+        )
+    else:
+        try:
+            from engine.evaluation.real import run_suite
+        except ModuleNotFoundError as err:
+            if err.name != "engine.evaluation.real":
+                raise
+            raise ValueError(f"unknown suite {args.suite!r}: this installation has only the 'toy' suite") from err
+        report, samples = run_suite(args, return_samples=True)
+    written = write_report(report, out, samples)
+    q, timing = report["quality"], report["timing"]
+    num = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731  (a suite may leave any None)
+    print(
+        f"erased {len(report['erased'])} concept(s): still recognised {num(report['erased_acc'], '.1f')}% (direct), "
+        f"{num(report['erased_acc_other_templates'], '.1f')}% (held-out templates), "
+        f"{num(report['erased_acc_indirect'], '.1f')}% (indirect); retained {num(report['retained_acc'], '.1f')}%; "
+        f"H {num(report['H'], '.1f')}"
+    )
+    print(
+        f"KID {num(q['kid'], '.4g')} +- {num(q['kid_std'], '.2g')}; CLIP score {num(q['clip_score'], '.2f')} "
+        f"(original {num(q['clip_score_original'], '.2f')})"
+    )
+    print(
+        f"generation {num(timing.get('generation_seconds'), '.1f')} s, {num(timing.get('total_seconds'), '.1f')} s in all"
+    )
+    print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
@@ -191,10 +305,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list methods and their default hyper-parameters")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("demo", help="erase 110 identities from a tiny model, keep 10, and report")
+    p = sub.add_parser("demo", help="erase toy-world identities with uce and measure the erasure")
     p.add_argument("--out", default="build/demo")
+    p.add_argument("--erase", type=int, default=10, help="how many identities to erase (default 10)")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--world", help="toy world folder (default: the shipped one)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="measure an erased model: efficacy, specificity, quality, time")
+    p.add_argument("--model", required=True, help="the edited model (diffusers folder)")
+    p.add_argument("--suite", default="toy", help="toy (the toy world), or a real-model suite")
+    p.add_argument("--erased", help="concept file of the erased concepts (.yaml/.json/.txt/.csv); required by toy")
+    p.add_argument("--original", help="the unedited model (default: the toy world's pipeline)")
+    p.add_argument("--retained", help="concept file of concepts that must be kept (default: up to 100, seeded)")
+    p.add_argument("--world", help="toy world folder (default: $ERASURE_TOYWORLD or the shipped one)")
+    p.add_argument("--images-per-prompt", type=int, help="images per prompt and model (default 4)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the world's, else 25)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the world's, else 5.0)")
+    p.add_argument("--batch-size", type=int, help="prompts per pipeline call (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="report JSON path; report.md and grid.png are written beside it")
+    try:  # the real-model suites' own options, where that module is installed
+        from engine.evaluation.real import add_real_suite_args
+    except ModuleNotFoundError as err:
+        if err.name != "engine.evaluation.real":
+            raise
+    else:
+        add_real_suite_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    from engine.toyworld.cli import add_toyworld_parser
+
+    add_toyworld_parser(sub)
     return parser
 
 

@@ -1,0 +1,611 @@
+"""Train the toy world from a seed: ``erasure toyworld build --out DIR``.
+
+Stages, in order; each writes its result under ``DIR/.stages/<stage>/`` when it finishes, so a
+rerun of the same command skips finished stages (an interrupted build loses only the stage it was
+in), and the world folder itself is assembled atomically at the end:
+
+1. ``data``: render the training set (``make_dataset``), kept in memory as uint8 images and captions.
+2. ``clip``: a small CLIP (text tower with the genuine CLIP BPE tokenizer, 32x32 vision tower)
+   trained contrastively on render/caption pairs. Pairs showing the same concepts count as
+   positives (a batch often holds two images of one identity).
+3. ``vae``: an ``AutoencoderKL`` with 4x downsampling (32x32x3 -> 8x8x4 latents), trained for
+   reconstruction with SD's tiny KL weight; ``scaling_factor`` set to 1 / std of the latents.
+4. ``unet``: a ``UNet2DConditionModel`` on the 8x8 latents, conditioned on the frozen text
+   encoder's 77 hidden states, epsilon prediction, SD's scaled-linear schedule, 10% empty
+   captions for classifier-free guidance, EMA weights.
+5. ``ip_adapter``: a standard IP-Adapter (``ImageProjection`` to 4 tokens, decoupled
+   ``to_k_ip``/``to_v_ip``) trained with the UNet frozen, in the file format
+   ``pipe.load_ip_adapter`` reads.
+6. ``evaluator``: the render-trained classifier (``engine.toyworld.evaluator``).
+
+Then ``world.json`` (settings, versions, the sha256 of every file) and the model card are written.
+The quality gates are measured afterwards by ``engine.toyworld.gates`` with the evaluation harness.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.toyworld import render as rnd
+
+# ----------------------------------------------------------------------------- configurations
+
+TOY_TEXT = {  # CLIP text tower: genuine 49,408-token vocabulary, 77 positions
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 4,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 128,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "layer_norm_eps": 1e-5,
+}
+TOY_VISION = {  # CLIP vision tower for 32x32 images: 4x4 patches of 8x8 pixels
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 4,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 128,
+    "layer_norm_eps": 1e-5,
+}
+TOY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+}
+TOY_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [64, 128, 128],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 128,
+    "attention_head_dim": 4,  # diffusers reads this as the number of heads for these blocks
+    "norm_num_groups": 32,
+}
+# SD1's noise schedule; DDIM for sampling (what ESD and the evaluation use).
+TOY_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IP_TOKENS = 4  # the standard IP-Adapter's number of image tokens
+
+
+@dataclass
+class BuildConfig:
+    """Sizes and step counts of a build. The defaults fit in 90 minutes on 2 CPU cores."""
+
+    seed: int = 0
+    n_images: int = 80_000
+    evaluator_train: int = 60_000
+    clip_steps: int = 400
+    clip_batch: int = 128
+    clip_lr: float = 5e-4
+    vae_steps: int = 1500
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 3e-4
+    unet_ema: float = 0.999
+    uncond_prob: float = 0.1
+    ip_steps: int = 400
+    ip_batch: int = 64
+    ip_lr: float = 1e-3
+    sampling_steps: int = 25
+    guidance: float = 5.0
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if name in ("seed",):
+                continue
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"BuildConfig.{name} must be a non-negative number, got {value!r}")
+        if not 0 <= self.uncond_prob < 1 or not 0 < self.unet_ema < 1:
+            raise ValueError("BuildConfig: uncond_prob must be in [0, 1) and unet_ema in (0, 1)")
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "BuildConfig":
+        """A build of a few steps per stage, to test the machinery (the models learn little)."""
+        return cls(seed=seed, n_images=512, evaluator_train=512, clip_steps=3, clip_batch=32,
+                   vae_steps=3, vae_batch=16, unet_steps=3, unet_batch=16, ip_steps=3, ip_batch=16,
+                   sampling_steps=4)
+
+
+def _bar(total, desc, progress):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
+
+
+def _lr_at(step, total, peak, warmup=100):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x 32 x 32 x 3 -> float N x 3 x 32 x 32 in [-1, 1] (the VAE's range)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def clip_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """What the world's ``CLIPImageProcessor`` gives for 32x32 uint8 images (no resize, no crop):
+    N x 3 x 32 x 32, scaled to [0, 1] and normalised with CLIP's mean and std."""
+    x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _tokenize(tokenizer, captions, pad_to_max: bool):
+    out = tokenizer(
+        list(captions), padding="max_length" if pad_to_max else True,
+        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
+    )
+    return out.input_ids
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_data(cfg: BuildConfig, progress: bool) -> dict:
+    """Render the shared training set."""
+    data = rnd.make_dataset(cfg.n_images, seed=cfg.seed)
+    label_keys = [json.dumps(lbl, sort_keys=True) for lbl in data["labels"]]
+    return {"images": data["images"], "captions": data["captions"], "label_keys": label_keys}
+
+
+def stage_evaluator(cfg: BuildConfig, out: Path, progress: bool) -> dict:
+    from engine.toyworld.evaluator import train_evaluator
+
+    kwargs = {"n_train": cfg.evaluator_train, "seed": cfg.seed, "progress": progress}
+    if cfg.evaluator_train < 5000:  # the quick build: a token run
+        kwargs.update(n_heldout=256, epochs=1)
+    model, metrics = train_evaluator(**kwargs)
+    model.save(out)
+    return metrics
+
+
+def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
+    """Contrastive CLIP; saves the full ``CLIPModel`` (split into pipeline parts at assembly)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from engine.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(cfg.seed + 1)
+    tokenizer = build_clip_tokenizer()
+    model = CLIPModel(CLIPConfig(text_config=TOY_TEXT, vision_config=TOY_VISION, projection_dim=128))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
+    rng = np.random.default_rng(cfg.seed + 2)
+    n = len(data["captions"])
+    keys = np.array(data["label_keys"])
+    model.train()
+    losses = []
+    with _bar(cfg.clip_steps, "clip", progress) as bar:
+        for step in range(cfg.clip_steps):
+            idx = rng.choice(n, size=min(cfg.clip_batch, n), replace=False)
+            ids = _tokenize(tokenizer, [data["captions"][i] for i in idx], pad_to_max=False)
+            pixels = clip_pixels(data["images"][idx])
+            same = torch.from_numpy(keys[idx][:, None] == keys[idx][None, :]).float()  # B x B positives
+            target = same / same.sum(1, keepdim=True)
+            _set_lr(opt, _lr_at(step, cfg.clip_steps, cfg.clip_lr))
+            outputs = model(input_ids=ids, pixel_values=pixels)
+            logits = outputs.logits_per_image  # B x B, scaled by the learned temperature
+            loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
+                          - (target * logits.t().log_softmax(1)).sum(1).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            bar.update()
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    return {"final_loss": float(np.mean(losses[-100:]))}
+
+
+def stage_vae(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(cfg.seed + 3)
+    vae = AutoencoderKL(**TOY_VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed + 4)
+    n = len(data["images"])
+    vae.train()
+    losses = []
+    with _bar(cfg.vae_steps, "vae", progress) as bar:
+        for step in range(cfg.vae_steps):
+            x = images_to_tensor(data["images"][rng.choice(n, size=min(cfg.vae_batch, n), replace=False)])
+            _set_lr(opt, _lr_at(step, cfg.vae_steps, cfg.vae_lr))
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            # L1 keeps small, sharp features (eyes, stripes); SD's KL weight keeps latents tame.
+            rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+            loss = rec + 1e-6 * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(rec.item())
+            bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
+            bar.update()
+    vae.eval()
+    # scaling_factor: unit variance latents, as SD's 0.18215 does for its VAE.
+    with torch.no_grad():
+        sample = images_to_tensor(data["images"][: min(2048, n)])
+        std = torch.cat([vae.encode(b).latent_dist.mean for b in sample.split(256)]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out, safe_serialization=True)
+    return {"final_reconstruction_loss": float(np.mean(losses[-100:])), "scaling_factor": 1.0 / std}
+
+
+def _encode_latents(vae, images: np.ndarray, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (sampled anew each step, as SD training does)."""
+    means, stds = [], []
+    with torch.no_grad(), _bar(len(images), "encode latents", progress) as bar:
+        for start in range(0, len(images), 512):
+            dist = vae.encode(images_to_tensor(images[start : start + 512])).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+            bar.update(min(512, len(images) - start))
+    return torch.cat(means), torch.cat(stds)
+
+
+class _TextCache:
+    """The frozen text encoder's 77 hidden states per caption, computed once per caption."""
+
+    def __init__(self, text_encoder, tokenizer):
+        self.text_encoder, self.tokenizer, self.cache = text_encoder, tokenizer, {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = sorted({c for c in captions if c not in self.cache})
+        if missing:
+            ids = _tokenize(self.tokenizer, missing, pad_to_max=True)
+            states = self.text_encoder(ids)[0]  # M x 77 x D
+            for c, s in zip(missing, states.to(torch.float16)):  # fp16 halves the cache
+                self.cache[c] = s
+        return torch.stack([self.cache[c] for c in captions]).float()
+
+
+def _text_encoder_from_clip(clip_dir: Path):
+    from transformers import CLIPModel, CLIPTextModel
+
+    clip = CLIPModel.from_pretrained(clip_dir)
+    text = CLIPTextModel(clip.config.text_config)
+    # transformers 5 flattens CLIPTextModel (no .text_model); its keys are CLIPModel.text_model's.
+    text.load_state_dict(clip.text_model.state_dict())
+    return text.eval(), clip
+
+
+def _noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**{k: v for k, v in TOY_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")})
+
+
+def _diffusion_batch(latent_mean, latent_std, scaling, idx, scheduler, gen):
+    """Noisy latents, noise and timesteps for one batch of training images."""
+    z = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+    return scheduler.add_noise(z, noise, t), noise, t
+
+
+def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out: Path, progress: bool) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from engine.tokenizer import build_clip_tokenizer
+
+    text_encoder, _ = _text_encoder_from_clip(clip_dir)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    latent_mean, latent_std = _encode_latents(vae, data["images"], progress)
+    scaling = vae.config.scaling_factor
+    texts = _TextCache(text_encoder, build_clip_tokenizer())
+    scheduler = _noise_scheduler()
+    torch.manual_seed(cfg.seed + 5)
+    unet = UNet2DConditionModel(**TOY_UNET)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    rng = np.random.default_rng(cfg.seed + 6)
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    n = len(data["captions"])
+    unet.train()
+    losses = []
+    with _bar(cfg.unet_steps, "unet", progress) as bar:
+        for step in range(cfg.unet_steps):
+            idx = torch.from_numpy(rng.choice(n, size=min(cfg.unet_batch, n), replace=False))
+            captions = [data["captions"][i] if rng.random() >= cfg.uncond_prob else "" for i in idx.tolist()]
+            noisy, noise, t = _diffusion_batch(latent_mean, latent_std, scaling, idx, scheduler, gen)
+            cond = texts(captions)  # B x 77 x D
+            _set_lr(opt, _lr_at(step, cfg.unet_steps, cfg.unet_lr, warmup=200))
+            loss = F.mse_loss(unet(noisy, t, cond).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            # EMA warms up (short runs would otherwise keep mostly the random init).
+            decay = min(cfg.unet_ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            bar.update()
+    ema.save_pretrained(out, safe_serialization=True)
+    return {"final_loss": float(np.mean(losses[-200:])), "text_cache_captions": len(texts.cache)}
+
+
+def _vision_encoder_from_clip(clip):
+    from transformers import CLIPVisionModelWithProjection
+
+    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return vision.eval()
+
+
+def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
+    """A UNet's loaded IP-Adapter in ``load_ip_adapter``'s file layout: ``image_proj.*`` and
+    ``ip_adapter.<k>.to_{k,v}_ip.weight``, k = 1, 3, 5, ... over cross-attention processors in
+    ``unet.attn_processors`` order (the numbering diffusers' loader expects)."""
+    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    out = {
+        "image_proj.proj.weight": proj.image_embeds.weight,
+        "image_proj.proj.bias": proj.image_embeds.bias,
+        "image_proj.norm.weight": proj.norm.weight,
+        "image_proj.norm.bias": proj.norm.bias,
+    }
+    key_id = 1
+    for name, processor in unet.attn_processors.items():
+        if name.endswith("attn1.processor"):
+            continue
+        out[f"ip_adapter.{key_id}.to_k_ip.weight"] = processor.to_k_ip[0].weight
+        out[f"ip_adapter.{key_id}.to_v_ip.weight"] = processor.to_v_ip[0].weight
+        key_id += 2
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _initial_ip_adapter(unet, image_dim: int, seed: int) -> dict:
+    """IP-Adapter start: a random image projection; to_k_ip/to_v_ip copied from to_k/to_v (as
+    IP-Adapter's training initialises them)."""
+    gen = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": torch.randn(IP_TOKENS * cross, image_dim, generator=gen) / math.sqrt(image_dim),
+        "proj.bias": torch.zeros(IP_TOKENS * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    ip = {}
+    key_id = 1
+    for name, module in unet.attn_processors.items():
+        if name.endswith("attn1.processor"):
+            continue
+        attn = unet.get_submodule(name[: -len(".processor")])
+        ip[f"{key_id}.to_k_ip.weight"] = attn.to_k.weight.detach().clone()
+        ip[f"{key_id}.to_v_ip.weight"] = attn.to_v.weight.detach().clone()
+        key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": ip}
+
+
+def stage_ip_adapter(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, unet_dir: Path, out: Path,
+                     progress: bool) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from engine.tokenizer import build_clip_tokenizer
+
+    text_encoder, clip = _text_encoder_from_clip(clip_dir)
+    vision = _vision_encoder_from_clip(clip)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    unet.requires_grad_(False)
+    unet._load_ip_adapter_weights([_initial_ip_adapter(unet, vision.config.projection_dim, cfg.seed + 8)],
+                                  low_cpu_mem_usage=False)
+    trainable = [p for n, p in unet.named_parameters() if "encoder_hid_proj" in n or "_ip." in n]
+    for p in trainable:
+        p.requires_grad_(True)
+    n_images = min(len(data["images"]), 40_000)
+    images = data["images"][:n_images]
+    latent_mean, latent_std = _encode_latents(vae, images, progress)
+    with torch.no_grad():
+        image_embeds = torch.cat([vision(pixel_values=clip_pixels(images[s : s + 512])).image_embeds
+                                  for s in range(0, n_images, 512)])  # N x P
+    scaling = vae.config.scaling_factor
+    texts = _TextCache(text_encoder, build_clip_tokenizer())
+    scheduler = _noise_scheduler()
+    opt = torch.optim.AdamW(trainable, lr=cfg.ip_lr, weight_decay=0.01)
+    rng = np.random.default_rng(cfg.seed + 9)
+    gen = torch.Generator().manual_seed(cfg.seed + 10)
+    losses = []
+    with _bar(cfg.ip_steps, "ip-adapter", progress) as bar:
+        for step in range(cfg.ip_steps):
+            idx = torch.from_numpy(rng.choice(n_images, size=min(cfg.ip_batch, n_images), replace=False))
+            # As IP-Adapter trains: drop the text, the image, or both, 5% each... and the text half
+            # the time more, so the image alone can carry the concept (Co-Erasing's image branch).
+            drop = rng.random(len(idx))
+            captions = [data["captions"][i] if d >= 0.55 or 0.05 <= d < 0.1 else "" for i, d in zip(idx.tolist(), drop)]
+            embeds = image_embeds[idx] * torch.from_numpy(~((drop >= 0.05) & (drop < 0.1))).float()[:, None]
+            noisy, noise, t = _diffusion_batch(latent_mean, latent_std, scaling, idx, scheduler, gen)
+            _set_lr(opt, _lr_at(step, cfg.ip_steps, cfg.ip_lr))
+            pred = unet(noisy, t, texts(captions), added_cond_kwargs={"image_embeds": [embeds[:, None, :]]}).sample
+            loss = F.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            bar.update()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(ip_adapter_state_dict(unet), str(out / "ip_adapter.safetensors"))
+    return {"final_loss": float(np.mean(losses[-200:])), "train_images": n_images}
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def assemble_pipeline(clip_dir: Path, vae_dir: Path, unet_dir: Path):
+    """The world's ``StableDiffusionPipeline`` from the trained parts (with its image encoder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor
+
+    from engine.tokenizer import build_clip_tokenizer
+
+    text_encoder, clip = _text_encoder_from_clip(clip_dir)
+    size = TOY_VISION["image_size"]
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir).eval(),
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=UNet2DConditionModel.from_pretrained(unet_dir).eval(),
+        scheduler=DDIMScheduler(**TOY_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=feature_extractor,
+        image_encoder=_vision_encoder_from_clip(clip),
+        requires_safety_checker=False,
+    )
+    projection = {"text_projection": clip.text_projection.weight.detach().clone(),
+                  "logit_scale": clip.logit_scale.detach().clone().reshape(1)}
+    return pipe, projection
+
+
+def _stage_dir(out: Path, name: str) -> Path:
+    return out / ".stages" / name
+
+
+def _run_stage(out: Path, name: str, fn, progress: bool) -> dict:
+    """Run ``fn(tmp_dir) -> metrics`` unless the stage already finished; atomic per stage."""
+    done = _stage_dir(out, name)
+    if (done / "stage.json").is_file():
+        if progress:
+            print(f"toyworld build: stage {name} already done, reusing {done}")
+        return json.loads((done / "stage.json").read_text())["metrics"]
+    tmp = done.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    metrics = fn(tmp)
+    seconds = time.perf_counter() - start
+    (tmp / "stage.json").write_text(json.dumps({"metrics": metrics, "seconds": seconds}, indent=2))
+    shutil.rmtree(done, ignore_errors=True)
+    os.replace(tmp, done)
+    if progress:
+        print(f"toyworld build: stage {name} done in {seconds:.0f} s: {json.dumps(metrics)}")
+    return metrics
+
+
+def build_world(out_dir: str | os.PathLike, config: BuildConfig | None = None, progress: bool = True) -> Path:
+    """Train every part of the toy world and write it to ``out_dir`` (see the module docstring).
+
+    Rerunning with the same ``out_dir`` and config resumes after the last finished stage; a
+    different config is refused (remove ``out_dir/.stages`` to start over).
+    """
+    from engine.export import package_versions, sha256_tree, write_json
+
+    cfg = config or BuildConfig()
+    out = Path(out_dir)
+    if (out / "world.json").exists():
+        raise FileExistsError(f"{out} already holds a toy world; choose another folder or remove it")
+    stages = out / ".stages"
+    stages.mkdir(parents=True, exist_ok=True)
+    cfg_file = stages / "config.json"
+    if cfg_file.is_file() and json.loads(cfg_file.read_text()) != asdict(cfg):
+        raise ValueError(f"{stages} was started with another configuration ({cfg_file}); remove it to start over")
+    cfg_file.write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+
+    if progress:
+        print(f"toyworld build: rendering {cfg.n_images} training images")
+    data = stage_data(cfg, progress)
+    metrics = {"data": {"n_images": cfg.n_images, "distinct_captions": len(set(data["captions"]))}}
+    metrics["clip"] = _run_stage(out, "clip", lambda d: stage_clip(cfg, data, d, progress), progress)
+    metrics["vae"] = _run_stage(out, "vae", lambda d: stage_vae(cfg, data, d, progress), progress)
+    clip_dir, vae_dir = _stage_dir(out, "clip"), _stage_dir(out, "vae")
+    metrics["unet"] = _run_stage(out, "unet", lambda d: stage_unet(cfg, data, clip_dir, vae_dir, d, progress), progress)
+    unet_dir = _stage_dir(out, "unet")
+    metrics["ip_adapter"] = _run_stage(
+        out, "ip_adapter", lambda d: stage_ip_adapter(cfg, data, clip_dir, vae_dir, unet_dir, d, progress), progress
+    )
+    metrics["evaluator"] = _run_stage(out, "evaluator", lambda d: stage_evaluator(cfg, d, progress), progress)
+
+    from safetensors.torch import save_file
+
+    pipe, projection = assemble_pipeline(clip_dir, vae_dir, unet_dir)
+    seconds = {name: json.loads((_stage_dir(out, name) / "stage.json").read_text())["seconds"]
+               for name in ("evaluator", "clip", "vae", "unet", "ip_adapter")}
+    tmp = out / ".world.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
+    (tmp / "clip").mkdir()
+    save_file(projection, str(tmp / "clip" / "projection.safetensors"))
+    shutil.copytree(_stage_dir(out, "ip_adapter"), tmp / "ip_adapter", ignore=shutil.ignore_patterns("stage.json"))
+    shutil.copytree(_stage_dir(out, "evaluator"), tmp / "evaluator", ignore=shutil.ignore_patterns("stage.json"))
+    files = sha256_tree(tmp, desc="hashing the world", progress=progress)
+    info = {
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "sampling": {"steps": cfg.sampling_steps, "guidance": cfg.guidance},
+        "metrics": metrics,
+        "seconds": {**seconds, "total_this_run": time.perf_counter() - started},
+        "versions": package_versions(),
+        "gates": None,
+        "files": files,
+    }
+    write_json(tmp / "world.json", info)
+    # world.json last: a folder holding it is complete.
+    for child in sorted(tmp.iterdir(), key=lambda c: c.name == "world.json"):
+        target = out / child.name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(child, target)
+    tmp.rmdir()
+    return out

@@ -1,0 +1,74 @@
+"""``erasure toyworld ...``: build the toy world, say where it is, check it, measure its gates."""
+
+from __future__ import annotations
+
+import json
+
+
+def cmd_build(args) -> int:
+    from engine.toyworld.build import BuildConfig, build_world
+
+    config = BuildConfig.quick(seed=args.seed) if args.quick else BuildConfig(seed=args.seed)
+    out = build_world(args.out, config, progress=not args.quiet)
+    if not args.skip_gates:
+        from engine.toyworld.gates import measure_gates
+
+        gates = measure_gates(out, progress=not args.quiet)
+        print(json.dumps(gates["summary"], indent=2))
+    print(f"wrote the toy world to {out}")
+    return 0
+
+
+def cmd_path(args) -> int:
+    from engine.toyworld.world import pipeline_path, world_path
+
+    root = world_path(args.world)
+    print(pipeline_path(root) if args.pipeline else root)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from engine.toyworld.world import verify_world, world_info
+
+    root = verify_world(args.world)
+    print(f"{root}: {len(world_info(root)['files'])} files, all sha256 match")
+    return 0
+
+
+def cmd_gates(args) -> int:
+    from engine.toyworld.gates import measure_gates
+
+    gates = measure_gates(args.world, images_per_prompt=args.images_per_prompt, progress=not args.quiet,
+                          write=not args.no_write)
+    print(json.dumps(gates["summary"], indent=2))
+    return 0 if gates["summary"]["all_pass"] else 1
+
+
+def add_toyworld_parser(sub) -> None:
+    """Add ``toyworld`` and its sub-commands to the ``erasure`` parser's sub-parsers."""
+    p = sub.add_parser("toyworld", help="the embedded toy world: build, path, verify, gates")
+    tsub = p.add_subparsers(dest="toyworld_command", required=True)
+
+    b = tsub.add_parser("build", help="train the toy world from a seed (about 90 minutes on 2 CPU cores)")
+    b.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="a few steps per stage: tests the machinery only")
+    b.add_argument("--skip-gates", action="store_true", help="do not measure the quality gates afterwards")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_build)
+
+    w = tsub.add_parser("path", help="print the toy world's folder (the shipped one by default)")
+    w.add_argument("--world", help="a world folder (default: $ERASURE_TOYWORLD or the shipped world)")
+    w.add_argument("--pipeline", action="store_true", help="print its diffusers pipeline folder instead")
+    w.set_defaults(func=cmd_path)
+
+    v = tsub.add_parser("verify", help="check every file of the world against its sha256")
+    v.add_argument("--world")
+    v.set_defaults(func=cmd_verify)
+
+    g = tsub.add_parser("gates", help="measure the quality gates and write them to world.json and README.md")
+    g.add_argument("--world")
+    g.add_argument("--images-per-prompt", type=int, default=2, help="generated images per held-out prompt (default 2)")
+    g.add_argument("--no-write", action="store_true", help="only print the results")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_gates)

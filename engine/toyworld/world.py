@@ -1,0 +1,94 @@
+"""The shipped toy world: where its files are, checking them, and loading its parts.
+
+A world folder (``erasure toyworld build --out DIR`` writes one; the package ships one under
+``engine/toyworld/assets``) holds:
+
+* ``pipeline/``: a diffusers ``StableDiffusionPipeline`` (VAE, CLIP text encoder with the genuine
+  CLIP BPE tokenizer, UNet, scheduler) plus its ``image_encoder`` (CLIP vision tower) and
+  ``feature_extractor``, for the IP-Adapter;
+* ``ip_adapter/ip_adapter.safetensors``: loadable with ``pipe.load_ip_adapter``;
+* ``clip/projection.safetensors``: the CLIP text projection and logit scale, which with the
+  pipeline's text encoder and image encoder give the CLIP alignment score;
+* ``evaluator/``: the render-trained classifier (``engine.toyworld.evaluator``);
+* ``world.json``: seed, build settings, versions, measured quality gates and the sha256 of
+  every file above; ``README.md``: the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent / "assets"
+WORLD_FILE = "world.json"
+IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"
+
+
+def world_path(path: str | os.PathLike | None = None) -> Path:
+    """The world folder: ``path`` if given, else ``$ERASURE_TOYWORLD``, else the shipped one.
+
+    Raises FileNotFoundError naming the folder when it holds no ``world.json``.
+    """
+    chosen = path if path is not None else os.environ.get("ERASURE_TOYWORLD") or SHIPPED
+    root = Path(chosen)
+    if not (root / WORLD_FILE).is_file():
+        raise FileNotFoundError(
+            f"no toy world at {root} (missing {WORLD_FILE}); rebuild it with "
+            "`erasure toyworld build --out DIR` and pass DIR, or reinstall the package"
+        )
+    return root
+
+
+def world_info(path: str | os.PathLike | None = None) -> dict:
+    """The world's ``world.json`` (settings, gates, file hashes)."""
+    return json.loads((world_path(path) / WORLD_FILE).read_text())
+
+
+def verify_world(path: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """Check every file listed in ``world.json`` against its sha256; raise ValueError naming the
+    first missing or corrupted file. Returns the world folder."""
+    from engine.export import sha256_file
+
+    root = world_path(path)
+    expected = world_info(root)["files"]
+    for rel, digest in expected.items():
+        f = root / rel
+        if not f.is_file():
+            raise ValueError(f"toy world {root} is missing {rel}; rebuild it with `erasure toyworld build`")
+        if sha256_file(f) != digest:
+            raise ValueError(f"toy world file {f} is corrupted (sha256 mismatch); rebuild or reinstall")
+    return root
+
+
+def pipeline_path(path: str | os.PathLike | None = None) -> Path:
+    """The world's diffusers pipeline folder (``StableDiffusionPipeline.from_pretrained`` loads it)."""
+    return world_path(path) / "pipeline"
+
+
+def load_toy_pipeline(path: str | os.PathLike | None = None, ip_adapter: bool = False, device: str = "cpu"):
+    """The world's ``StableDiffusionPipeline`` (fp32, safety checker off, progress bar off);
+    with ``ip_adapter=True`` the IP-Adapter is loaded too (``pipe(..., ip_adapter_image=...)``)."""
+    from diffusers import StableDiffusionPipeline
+
+    root = world_path(path)
+    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", torch_dtype=None).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if ip_adapter:
+        load_toy_ip_adapter(pipe, root)
+    return pipe
+
+
+def load_toy_ip_adapter(pipe, path: str | os.PathLike | None = None, scale: float = 1.0):
+    """Load the world's IP-Adapter into ``pipe`` (any pipeline with the world's UNet)."""
+    root = world_path(path)
+    pipe.load_ip_adapter(str(root / "ip_adapter"), subfolder="", weight_name=IP_ADAPTER_WEIGHTS)
+    pipe.set_ip_adapter_scale(scale)
+    return pipe
+
+
+def load_toy_evaluator(path: str | os.PathLike | None = None):
+    """The world's render-trained classifier (``engine.toyworld.evaluator.ToyEvaluator``)."""
+    from engine.toyworld.evaluator import ToyEvaluator
+
+    return ToyEvaluator.load(world_path(path) / "evaluator")

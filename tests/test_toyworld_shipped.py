@@ -1,0 +1,68 @@
+"""The toy world shipped with the package: present, intact, loadable, and as good as its card says."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.toyworld import make_dataset
+from engine.toyworld.world import SHIPPED, load_toy_evaluator, load_toy_pipeline, verify_world, world_info
+
+# The world is not shipped yet: the first build from seed 0 missed its gates and its 60 MB budget
+# (benchmarks/results/toyworld_build_seed0.json). Set True in the change that commits
+# engine/toyworld/assets; from then on these tests fail if a shipped file is missing or corrupted.
+WORLD_SHIPPED = False
+pytestmark = pytest.mark.skipif(not WORLD_SHIPPED, reason="the toy world is not shipped yet")
+
+
+def test_shipped_world_is_present_and_intact():
+    # Fails when a shipped file is missing or its bytes differ from the sha256 in world.json.
+    assert verify_world(SHIPPED) == SHIPPED
+    info = world_info(SHIPPED)
+    total = sum((SHIPPED / rel).stat().st_size for rel in info["files"])
+    assert total <= 60 * 2**20, f"the shipped world is {total / 2**20:.1f} MB"
+
+
+def test_shipped_gates_are_recorded_in_the_card():
+    info = world_info(SHIPPED)
+    assert info["gates"] is not None, "run `erasure toyworld gates` on the shipped world"
+    card = (SHIPPED / "README.md").read_text()
+    assert "## Quality gates" in card
+    for kind, value in info["gates"]["summary"]["generated_heldout"].items():
+        assert f"{value:.1f}%" in card, kind
+
+
+def test_shipped_evaluator_recognises_fresh_renders():
+    evaluator = load_toy_evaluator()
+    data = make_dataset(300, seed=424242, split="heldout")
+    pred = evaluator.predict(data["images"])
+    for kind in ("identity", "object", "style", "unsafe"):
+        shown = [i for i, lbl in enumerate(data["labels"]) if kind in lbl]
+        acc = np.mean([pred[kind][i] == data["labels"][i][kind] for i in shown])
+        assert acc >= 0.95, (kind, acc)
+
+
+def test_shipped_pipeline_and_ip_adapter_generate():
+    from PIL import Image
+
+    pipe = load_toy_pipeline(ip_adapter=True)
+    assert len(pipe.tokenizer) == 49408
+    image = Image.fromarray(make_dataset(1, seed=3)["images"][0])
+    out = pipe("a photo of Aldric Corrance", ip_adapter_image=image, num_inference_steps=3, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("kind", ["identity", "unsafe"])
+def test_shipped_pipeline_draws_what_it_is_asked(kind):
+    """A small, fixed sample of the gate measurement: the generated concept is recognised."""
+    from engine.evaluation.toy import build_jobs, concept_rows, generate, predict
+    from engine.toyworld import concepts
+
+    pipe = load_toy_pipeline()
+    names = concepts(kind)[:4]
+    jobs = [j for j in build_jobs([(n, kind) for n in names], [], 1, seed=0) if j.prompt_set == "direct"]
+    sampling = world_info()["sampling"]
+    images = generate(pipe, jobs, sampling["steps"], sampling["guidance"], batch_size=64)
+    rows = concept_rows(jobs, predict(load_toy_evaluator(), images))
+    acc = np.mean([r["acc"]["direct"] for r in rows])
+    assert acc >= 50, rows
