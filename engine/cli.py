@@ -201,7 +201,8 @@ def cmd_demo(args) -> int:
     print(f"{'  close (other identities)':<44} {'':>9} {pct(report['retained_acc_close']):>9}")
     print(f"{'  other kinds':<44} {'':>9} {pct(report['retained_acc_other']):>9}")
     q = report["quality"]
-    print(f"H {report['H']:.1f}; KID to the original {q['kid']:.4f} +- {q['kid_std']:.4f}")
+    spread = "" if q["kid_std"] is None else f" +- {q['kid_std']:.4f}"
+    print(f"H {report['H']:.1f}; KID to the original {q['kid']:.4f}{spread}")
     print(f"{report['timing']['images_generated']} images in {report['timing']['generation_seconds']:.0f} s")
     print("wrote " + ", ".join(str(p) for p in written.values()) + f", and the erased pipeline in {erased_dir}")
     return 0

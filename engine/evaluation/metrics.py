@@ -68,9 +68,12 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 def kid(
     x: np.ndarray, y: np.ndarray, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
-) -> tuple[float, float]:
+) -> tuple[float, float | None]:
     """KID between feature sets x (m x d) and y (n x d): (mean, std) of ``mmd2_unbiased`` over
-    ``subsets`` random subsets of ``min(subset_size, m, n)`` rows from each (without replacement)."""
+    ``subsets`` random subsets of ``min(subset_size, m, n)`` rows from each (without replacement).
+
+    The std is None when both sets are no bigger than ``subset_size``: every subset is then the
+    whole set, so the spread over subsets says nothing."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
@@ -85,7 +88,8 @@ def kid(
             for _ in range(subsets)
         ]
     )
-    return float(values.mean()), float(values.std())
+    whole_sets = size == len(x) and size == len(y)
+    return float(values.mean()), None if whole_sets else float(values.std())
 
 
 def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> float:

@@ -23,7 +23,8 @@ A value that cannot be measured is ``null`` (JSON) / ``None``, never a made-up n
     original_acc                {"erased", "erased_other_templates", "erased_indirect",
                                 "retained"}: the same macro percentages for the original model
                                 (null when a suite has no original)
-    quality                     {"kid": float, "kid_std": float,
+    quality                     {"kid": float, "kid_std": float | null (null when every
+                                 subset was the whole image set),
                                  "clip_score": float | null, "clip_score_original": float | null,
                                  "clip_score_reason": str | null (why the score is null),
                                  "kid_features": str, "kid_subsets": int, "kid_subset_size": int}

@@ -294,7 +294,8 @@ def generate(pipe, jobs: list[Job], steps: int, guidance: float, batch_size: int
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         generators = [torch.Generator().manual_seed(j.seed) for j in batch]
-        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(unet.dtype)
+        # Drawn on the CPU (the same noise on every device), then moved to the model.
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(unet.device, unet.dtype)
         with torch.no_grad():
             images = pipe(
                 prompt=[j.prompt for j in batch],
