@@ -35,6 +35,7 @@ from engine.export import (
     write_json,
 )
 from engine.export import apply_delta as _apply_delta_to_pipe
+from engine.finetune import FINETUNE_METHODS, FinetuneConfig, finetune
 from engine.models import load_pipeline, text_encoder_fingerprint
 
 
@@ -63,6 +64,10 @@ class Result:
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             save_delta(tmp / DELTA_NAME, self.delta, self.original)
             if export_lora:
+                not_matrices = [k for k, v in self.delta.items() if v.dim() != 2]
+                if not_matrices:
+                    raise ValueError(f"export_lora: the edit changed tensors that are not linear weights (e.g. "
+                                     f"{not_matrices[0]}); a LoRA cannot express it (use the delta or the pipeline)")
                 state, info = lora_from_delta(self.delta, self.original, lora_rank)
                 (tmp / LORA_DIR).mkdir()
                 save_file(state, str(tmp / LORA_DIR / LORA_NAME))
@@ -94,18 +99,37 @@ def _resolve_concepts(concepts, anchor, templates) -> tuple[ConceptSet, str | No
     raise TypeError("concepts must be a ConceptSet, a concept file path or a list of names")
 
 
-def method_config(method: str, config: ClosedFormConfig | dict | None = None, **overrides) -> ClosedFormConfig:
-    """The named method's published defaults, then `config` (a dict or config), then overrides."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
-    base = METHODS[method]
-    if isinstance(config, ClosedFormConfig):
+def method_config(method: str, config=None, **overrides):
+    """The named method's published defaults, then `config` (a dict or config), then overrides:
+    a ClosedFormConfig for closed-form methods, a FinetuneConfig for fine-tuning ones."""
+    defaults = {**METHODS, **FINETUNE_METHODS}
+    if method not in defaults:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(defaults))}")
+    base = defaults[method]
+    if isinstance(config, type(base)):
         base = config
     elif isinstance(config, dict):
         base = base.replace(**config)
     elif config is not None:
-        raise TypeError("config must be a ClosedFormConfig, a dict or None")
+        raise TypeError(f"config must be a {type(base).__name__}, a dict or None")
     return base.replace(**overrides)
+
+
+def _inputs(pipe, model_path, concept_path, original, progress, fingerprint_key) -> dict:
+    inputs = {
+        "model": model_path,
+        "text_encoder_fingerprint": text_encoder_fingerprint(pipe),
+        fingerprint_key: tensors_fingerprint(original),  # the changed tensors before the run
+    }
+    if model_path and Path(model_path).exists():
+        inputs["model_files"] = (
+            sha256_tree(model_path, "sha256 model", progress=progress)
+            if Path(model_path).is_dir()
+            else {Path(model_path).name: sha256_file(model_path)}
+        )
+    if concept_path:
+        inputs["concepts_file"] = {"path": concept_path, "sha256": sha256_file(concept_path)}
+    return inputs
 
 
 def erase(
@@ -113,54 +137,62 @@ def erase(
     concepts,
     method: str = "uce",
     *,
-    config: ClosedFormConfig | dict | None = None,
+    config=None,
     anchor: str | None = None,
     templates: list[str] | None = None,
     model_config: str | None = None,
     allow_pickle: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
     **overrides,
 ) -> Result:
-    """Erase `concepts` from `model` with a closed-form method, in one solve.
+    """Erase `concepts` from `model`: closed-form ("uce", "trce-stage1"; one solve) or by
+    fine-tuning ("esd").
 
     model: a loaded StableDiffusion(XL)Pipeline (edited in place) or a local path (folder,
     single-file .safetensors with `model_config`). concepts: a ConceptSet, a concept file path
-    or a list of names. method: "uce" or "trce-stage1". Hyper-parameters: `config` and keyword
-    overrides of ClosedFormConfig fields (e.g. ridge=0.5, tokens="eot").
+    or a list of names. Hyper-parameters: `config` and keyword overrides of the method's config
+    fields (ClosedFormConfig, e.g. ridge=0.5; FinetuneConfig, e.g. iterations=200).
+    Fine-tuning runs checkpoint into `checkpoint_dir` and continue from it with resume=True.
     """
     cfg = method_config(method, config, **overrides)
     start = time.perf_counter()
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
     load_seconds = time.perf_counter() - start
     concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
-    kv_keys = [key for key, _ in cross_attention_kv(pipe.unet)]
-    params = dict(pipe.unet.named_parameters())
-    original = {k: params[k].detach().clone() for k in kv_keys}
-
-    edit = closed_form_edit(pipe, concept_set, cfg)
-
-    inputs = {
-        "model": model_path,
-        "text_encoder_fingerprint": text_encoder_fingerprint(pipe),
-        "kv_fingerprint": tensors_fingerprint(original),
-    }
-    if model_path and Path(model_path).exists():
-        inputs["model_files"] = (
-            sha256_tree(model_path, "sha256 model", progress=cfg.progress)
-            if Path(model_path).is_dir()
-            else {Path(model_path).name: sha256_file(model_path)}
-        )
-    if concept_path:
-        inputs["concepts_file"] = {"path": concept_path, "sha256": sha256_file(concept_path)}
     manifest = {
         "engine": "erasure-engine",
         "method": method,
         "config": cfg.to_dict(),
         "concepts": concept_set.to_dict(),
-        "seed": None,  # the closed-form solve is deterministic
         "versions": package_versions(),
         "device": str(pipe.unet.device),
-        "inputs": inputs,
-        "solve": {
+    }
+    params = dict(pipe.unet.named_parameters())
+    if isinstance(cfg, FinetuneConfig):
+        from engine.finetune import trainable_parameters
+
+        original = {k: p.detach().clone() for k, p in trainable_parameters(pipe.unet, cfg.params).items()}
+        manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, "trained_fingerprint")
+        run = finetune(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume)
+        tail = run.losses[-max(1, len(run.losses) // 10):]
+        manifest.update(
+            seed=cfg.seed,
+            training={"steps_run": run.steps_run, "resumed_from": run.resumed_from,
+                      "first_loss": run.losses[0] if run.losses else None,
+                      "final_loss": sum(tail) / len(tail) if tail else None,
+                      "parameters_trained": sum(v.numel() for v in run.changed.values())},
+            timings={"load": load_seconds, **run.timings},
+        )
+        return Result(pipeline=pipe, delta=run.changed, original=original, manifest=manifest)
+
+    kv_keys = [key for key, _ in cross_attention_kv(pipe.unet)]
+    original = {k: params[k].detach().clone() for k in kv_keys}
+    manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, "kv_fingerprint")
+    edit = closed_form_edit(pipe, concept_set, cfg)
+    manifest.update(
+        seed=None,  # the closed-form solve is deterministic
+        solve={
             "solver": edit.solver,
             "condition": edit.condition,
             "rows": edit.rows,
@@ -169,8 +201,8 @@ def erase(
             "concept_residual": edit.concept_residual,
             "layers_changed": len(edit.changed),
         },
-        "timings": {"load": load_seconds, **edit.timings},
-    }
+        timings={"load": load_seconds, **edit.timings},
+    )
     return Result(pipeline=pipe, delta=edit.changed, original=original, manifest=manifest, edit=edit)
 
 

@@ -1,6 +1,7 @@
 """Command line: `erasure <command>` (also `python -m engine <command>`).
 
     erasure erase --model DIR --concepts FILE --method uce --out OUT [--export-lora]
+    erasure erase --model DIR --concepts FILE --method esd --set iterations=200 --out OUT [--resume]
     erasure apply --model DIR --delta OUT/delta.safetensors --out DIR2
     erasure tiny-model --arch tiny --out DIR
     erasure methods
@@ -28,7 +29,13 @@ def _parse_sets(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        if isinstance(parsed, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string; a number is meant
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
     return out
 
 
@@ -49,6 +56,7 @@ def _load_config_file(path: str | None) -> dict:
 
 def cmd_erase(args) -> int:
     from engine.api import erase
+    from engine.finetune import FINETUNE_METHODS
 
     config = {**_load_config_file(args.config), **_parse_sets(args.set)}
     if args.quiet:
@@ -62,15 +70,24 @@ def cmd_erase(args) -> int:
         templates=args.template or None,
         model_config=args.model_config,
         allow_pickle=args.allow_pickle,
+        **({"checkpoint_dir": args.checkpoint_dir or f"{args.out}.checkpoints", "resume": args.resume}
+           if args.method in FINETUNE_METHODS else {}),
     )
     out = result.save(args.out, export_lora=args.export_lora, lora_rank=args.lora_rank, save_pipeline=not args.no_pipeline)
-    solve = result.manifest["solve"]
-    residuals = list(solve["concept_residual"].values())
-    print(
-        f"erased {len(residuals)} concept(s) with {args.method}: {solve['layers_changed']} K/V matrices, "
-        f"solver {solve['solver']}, max concept residual {max(residuals):.3g}"
-        + (f", preservation drift {solve['preserve_drift']:.3g}" if solve["rows"]["preserve"] else "")
-    )
+    n = len(result.manifest["concepts"]["concepts"])
+    if "solve" in result.manifest:
+        solve = result.manifest["solve"]
+        residuals = list(solve["concept_residual"].values())
+        print(
+            f"erased {n} concept(s) with {args.method}: {solve['layers_changed']} K/V matrices, "
+            f"solver {solve['solver']}, max concept residual {max(residuals):.3g}"
+            + (f", preservation drift {solve['preserve_drift']:.3g}" if solve["rows"]["preserve"] else "")
+        )
+    else:
+        tr = result.manifest["training"]
+        losses = f", loss {tr['first_loss']:.4g} -> {tr['final_loss']:.4g}" if tr["steps_run"] else ""
+        print(f"erased {n} concept(s) with {args.method}: {tr['steps_run']} steps (resumed from step "
+              f"{tr['resumed_from']}), {tr['parameters_trained']:,} parameters{losses}")
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.manifest["timings"].items()))
     print(f"wrote {out}")
     return 0
@@ -97,8 +114,9 @@ def cmd_tiny_model(args) -> int:
 
 def cmd_methods(args) -> int:
     from engine.closed_form import METHODS
+    from engine.finetune import FINETUNE_METHODS
 
-    for name, cfg in METHODS.items():
+    for name, cfg in {**METHODS, **FINETUNE_METHODS}.items():
         print(f"{name}: {json.dumps(cfg.to_dict())}")
     return 0
 
@@ -274,10 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model-config", help="diffusers folder with the configs for a single-file checkpoint")
         p.add_argument("--allow-pickle", action="store_true", help="accept pickled .ckpt/.bin checkpoints (loaded weights-only)")
 
-    p = sub.add_parser("erase", help="erase concepts with a closed-form method")
+    p = sub.add_parser("erase", help="erase concepts (closed-form or fine-tuning)")
     model_args(p)
     p.add_argument("--concepts", required=True, help="concept file: .yaml/.yml/.json, or .txt/.csv list of names")
-    p.add_argument("--method", default="uce", help="uce | trce-stage1 (see `erasure methods`)")
+    p.add_argument("--method", default="uce", help="uce | trce-stage1 | esd (see `erasure methods`)")
+    p.add_argument("--checkpoint-dir", help="fine-tuning checkpoints (default: OUT.checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue a killed fine-tuning run from its checkpoint")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--config", help="YAML/JSON file of hyper-parameters")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one hyper-parameter")

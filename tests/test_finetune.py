@@ -1,0 +1,193 @@
+"""engine.finetune (ESD): the loss against its equation, the trajectory cache, resume after a
+kill, parameter sets, the 8-bit optimizer and bad input, on the tiny SD pipeline."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.finetune as ft
+from engine.concepts import concepts_from_names
+from engine.finetune import FinetuneConfig, build_trajectory_cache, finetune, trainable_parameters
+from engine.models import load_pipeline
+
+CONCEPTS = concepts_from_names(["Van Gogh", "a red car"], templates=["{}", "a painting of {}"])
+
+
+def _cfg(**kw):
+    base = dict(iterations=4, lr=1e-3, batch_size=2, sample_steps=4, trajectories=1, progress=False,
+                checkpoint_every=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def pipe(tiny_sd_dir):
+    return load_pipeline(tiny_sd_dir)
+
+
+def test_cache_holds_the_frozen_models_predictions(pipe):
+    cfg = _cfg(trajectories=2)
+    prompts = ft._Prompts(pipe, CONCEPTS, progress=False)
+    cache = build_trajectory_cache(pipe, prompts, cfg)
+    assert cache["x"].shape[:2] == (len(prompts.items) * 2, 4)
+    # Recompute one cached step directly with the UNet: the stored predictions are the frozen model's.
+    row, s = 3, 2
+    x = cache["x"][row, s : s + 1]
+    t = cache["timesteps"][s : s + 1]
+    cond = prompts.cond[cache["prompt"][row : row + 1]]
+    with torch.no_grad():
+        eps_c = pipe.unet(x, t, cond).sample
+        eps_u = pipe.unet(x, t, prompts.uncond).sample
+    torch.testing.assert_close(cache["eps_cond"][row, s : s + 1], eps_c, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cache["eps_uncond"][row, s : s + 1], eps_u, atol=1e-5, rtol=1e-4)
+    # Consecutive steps follow DDIM with guidance 3 from the stored predictions.
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(4)
+    guided = eps_u + 3.0 * (eps_c - eps_u)
+    nxt = sched.step(guided, cache["timesteps"][s], x).prev_sample
+    torch.testing.assert_close(cache["x"][row, s + 1 : s + 2], nxt, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("xt_source", ["cached", "on-policy"])
+def test_first_loss_is_the_esd_equation(pipe, tiny_sd_dir, xt_source, monkeypatch):
+    """The first step's loss equals ||eps_theta - (u - eta (e_c - u))||^2 computed directly from
+    the inputs the trainer fed the kernel (captured), with an untouched copy of the model."""
+    reference = load_pipeline(tiny_sd_dir).unet
+    seen = {}
+    real_loss = ft.guidance_loss
+
+    def spy(pred, frozen, coeffs, mask=None, backend="auto"):
+        seen.setdefault("frozen", frozen.detach().clone())
+        seen.setdefault("coeffs", coeffs.detach().clone())
+        return real_loss(pred, frozen, coeffs, mask, backend=backend)
+
+    real_unet_forward = type(pipe.unet).forward
+
+    def record(self, x, t, cond, *a, **k):
+        out = real_unet_forward(self, x, t, cond, *a, **k)
+        if self.training and "x" not in seen:
+            seen.update(x=x.detach().clone(), t=t.detach().clone(), cond=cond.detach().clone())
+        return out
+
+    monkeypatch.setattr(ft, "guidance_loss", spy)
+    monkeypatch.setattr(type(pipe.unet), "forward", record)
+    run = finetune(pipe, CONCEPTS, _cfg(iterations=1, eta=1.5, xt_source=xt_source))
+    monkeypatch.undo()
+    with torch.no_grad():
+        x, t, cond = seen["x"], seen["t"], seen["cond"]
+        uncond = ft._Prompts(load_pipeline(tiny_sd_dir), CONCEPTS, progress=False).uncond
+        e_c = reference(x, t, cond).sample
+        u = reference(x, t, uncond.expand(len(x), -1, -1)).sample
+        # the frozen predictions the trainer used are the original model's
+        torch.testing.assert_close(seen["frozen"][:, 0].reshape(u.shape), u, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(seen["frozen"][:, 1].reshape(e_c.shape), e_c, atol=1e-5, rtol=1e-4)
+        target = u - 1.5 * (e_c - u)
+        direct = F.mse_loss(reference(x, t, cond).sample, target)
+    assert run.losses[0] == pytest.approx(direct.item(), rel=1e-4)
+
+
+def test_parameter_sets(pipe):
+    xattn, noxattn, full = (trainable_parameters(pipe.unet, p) for p in ("xattn", "noxattn", "full"))
+    assert xattn and all(".attn2." in k for k in xattn)
+    assert noxattn and not any(".attn2." in k for k in noxattn)
+    assert set(xattn) | set(noxattn) == set(full) and not set(xattn) & set(noxattn)
+
+
+@pytest.mark.parametrize("params", ["xattn", "noxattn"])
+def test_only_the_chosen_parameters_change(pipe, params):
+    before = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    run = finetune(pipe, CONCEPTS, _cfg(params=params, iterations=2))
+    after = pipe.unet.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= set(run.changed)
+    assert all((".attn2." in k) == (params == "xattn") for k in changed)
+
+
+@pytest.mark.parametrize("xt_source", ["cached", "on-policy"])
+def test_resume_after_a_kill_gives_the_same_weights(tiny_sd_dir, tmp_path, xt_source, monkeypatch):
+    cfg = _cfg(iterations=6, checkpoint_every=2, xt_source=xt_source)
+    whole = load_pipeline(tiny_sd_dir)
+    finetune(whole, CONCEPTS, cfg, checkpoint_dir=tmp_path / "a")
+
+    killed = load_pipeline(tiny_sd_dir)
+    calls = {"n": 0}
+    real_loss = ft.guidance_loss
+
+    def dies_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(ft, "guidance_loss", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(killed, CONCEPTS, cfg, checkpoint_dir=tmp_path / "b")
+    monkeypatch.undo()
+    resumed = load_pipeline(tiny_sd_dir)  # a fresh process: the original weights, then the checkpoint
+    run = finetune(resumed, CONCEPTS, cfg, checkpoint_dir=tmp_path / "b", resume=True)
+    assert run.resumed_from == 4 and run.steps_run == 2
+    for k, v in whole.unet.state_dict().items():
+        torch.testing.assert_close(resumed.unet.state_dict()[k], v, atol=0, rtol=0)
+
+
+def test_resume_refuses_another_runs_checkpoint(tiny_sd_dir, tmp_path):
+    finetune(load_pipeline(tiny_sd_dir), CONCEPTS, _cfg(iterations=2, checkpoint_every=1), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        finetune(load_pipeline(tiny_sd_dir), CONCEPTS, _cfg(iterations=2, eta=2.0, checkpoint_every=1),
+                 checkpoint_dir=tmp_path, resume=True)
+
+
+def test_adamw8bit_steps_with_8bit_states(pipe):
+    pytest.importorskip("bitsandbytes")
+    before = {k: v.detach().clone() for k, v in pipe.unet.named_parameters()}
+    run = finetune(pipe, CONCEPTS, _cfg(params="full", optimizer="adamw8bit", iterations=2))
+    assert all(torch.isfinite(torch.tensor(run.losses)))
+    moved = [k for k, v in pipe.unet.named_parameters() if not torch.equal(v, before[k])]
+    assert moved
+    opt = ft.make_optimizer("adamw8bit", [torch.nn.Parameter(torch.randn(64, 128))], lr=1e-3)
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["state1"].dtype == torch.uint8  # 8-bit moments, not fp32
+
+
+def test_bad_input(pipe, tiny_sd_dir):
+    with pytest.raises(ValueError, match="params"):
+        FinetuneConfig(params="everything")
+    with pytest.raises(ValueError, match="iterations"):
+        FinetuneConfig(iterations=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        FinetuneConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        finetune(pipe, CONCEPTS, _cfg(), resume=True)
+    with pytest.raises(ValueError, match="unknown fine-tuning option"):
+        _cfg().replace(learning_rate=1.0)
+
+
+def test_cli_erase_with_esd_writes_outputs_and_resumes(tiny_sd_dir, tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+    from engine.export import apply_delta
+
+    concepts = tmp_path / "c.txt"
+    concepts.write_text("Van Gogh\n")
+    args = ["erase", "--model", str(tiny_sd_dir), "--concepts", str(concepts), "--method", "esd", "--quiet",
+            "--set", "iterations=3", "--set", "sample_steps=3", "--set", "trajectories=1", "--set", "lr=1e-3",
+            "--set", "checkpoint_every=1"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    assert "3 steps (resumed from step 0)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["method"] == "esd" and manifest["config"]["iterations"] == 3 and manifest["seed"] == 0
+    assert manifest["training"]["steps_run"] == 3 and "trained_fingerprint" in manifest["inputs"]
+    # The saved delta turns the original model into the trained one.
+    trained = load_pipeline(tmp_path / "out")
+    patched = load_pipeline(tiny_sd_dir)
+    apply_delta(patched, tmp_path / "out" / "delta.safetensors")
+    for k, v in trained.unet.state_dict().items():
+        torch.testing.assert_close(patched.unet.state_dict()[k], v)
+    # A finished run resumed: nothing left to train, same outputs.
+    assert main(args + ["--out", str(tmp_path / "again"), "--checkpoint-dir", str(tmp_path / "out.checkpoints"),
+                        "--resume"]) == 0
+    assert "0 steps (resumed from step 3)" in capsys.readouterr().out
