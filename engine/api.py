@@ -147,7 +147,7 @@ def erase(
     **overrides,
 ) -> Result:
     """Erase `concepts` from `model`: closed-form ("uce", "trce-stage1"; one solve) or by
-    fine-tuning ("esd").
+    fine-tuning ("esd"; "trce": the stage-1 solve, then stage-2 fine-tuning).
 
     model: a loaded StableDiffusion(XL)Pipeline (edited in place) or a local path (folder,
     single-file .safetensors with `model_config`). concepts: a ConceptSet, a concept file path
@@ -172,9 +172,12 @@ def erase(
     if isinstance(cfg, FinetuneConfig):
         from engine.finetune import trainable_parameters
 
-        original = {k: p.detach().clone() for k, p in trainable_parameters(pipe.unet, cfg.params).items()}
+        touched = set(trainable_parameters(pipe.unet, cfg.params))
+        if method == "trce":  # stage 1 edits the cross-attention K/V first
+            touched |= {key for key, _ in cross_attention_kv(pipe.unet)}
+        original = {k: p.detach().clone() for k, p in params.items() if k in touched}
         manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, "trained_fingerprint")
-        run = finetune(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume)
+        run = finetune(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume, method=method)
         tail = run.losses[-max(1, len(run.losses) // 10):]
         manifest.update(
             seed=cfg.seed,

@@ -11,6 +11,7 @@ from engine.finetune import FinetuneConfig, build_trajectory_cache, finetune, tr
 from engine.models import load_pipeline
 
 CONCEPTS = concepts_from_names(["Van Gogh", "a red car"], templates=["{}", "a painting of {}"])
+ANCHORED = concepts_from_names(["nudity", "a skull"], anchor="a flower", templates=["{}", "a picture of {}"])
 
 
 def _cfg(**kw):
@@ -104,11 +105,13 @@ def test_only_the_chosen_parameters_change(pipe, params):
     assert all((".attn2." in k) == (params == "xattn") for k in changed)
 
 
-@pytest.mark.parametrize("xt_source", ["cached", "on-policy"])
-def test_resume_after_a_kill_gives_the_same_weights(tiny_sd_dir, tmp_path, xt_source, monkeypatch):
-    cfg = _cfg(iterations=6, checkpoint_every=2, xt_source=xt_source)
+@pytest.mark.parametrize("method, xt_source", [("esd", "cached"), ("esd", "on-policy"), ("trce", "cached")])
+def test_resume_after_a_kill_gives_the_same_weights(tiny_sd_dir, tmp_path, method, xt_source, monkeypatch):
+    concepts = ANCHORED if method == "trce" else CONCEPTS
+    cfg = _cfg(iterations=6, checkpoint_every=2, xt_source=xt_source, **({"params": "selfattn-q", "early_steps": 2}
+                                                                         if method == "trce" else {}))
     whole = load_pipeline(tiny_sd_dir)
-    finetune(whole, CONCEPTS, cfg, checkpoint_dir=tmp_path / "a")
+    finetune(whole, concepts, cfg, checkpoint_dir=tmp_path / "a", method=method)
 
     killed = load_pipeline(tiny_sd_dir)
     calls = {"n": 0}
@@ -122,10 +125,10 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_sd_dir, tmp_path, xt_so
 
     monkeypatch.setattr(ft, "guidance_loss", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        finetune(killed, CONCEPTS, cfg, checkpoint_dir=tmp_path / "b")
+        finetune(killed, concepts, cfg, checkpoint_dir=tmp_path / "b", method=method)
     monkeypatch.undo()
     resumed = load_pipeline(tiny_sd_dir)  # a fresh process: the original weights, then the checkpoint
-    run = finetune(resumed, CONCEPTS, cfg, checkpoint_dir=tmp_path / "b", resume=True)
+    run = finetune(resumed, concepts, cfg, checkpoint_dir=tmp_path / "b", resume=True, method=method)
     assert run.resumed_from == 4 and run.steps_run == 2
     for k, v in whole.unet.state_dict().items():
         torch.testing.assert_close(resumed.unet.state_dict()[k], v, atol=0, rtol=0)
@@ -191,3 +194,74 @@ def test_cli_erase_with_esd_writes_outputs_and_resumes(tiny_sd_dir, tmp_path, ca
     assert main(args + ["--out", str(tmp_path / "again"), "--checkpoint-dir", str(tmp_path / "out.checkpoints"),
                         "--resume"]) == 0
     assert "0 steps (resumed from step 3)" in capsys.readouterr().out
+
+
+def _trce_cfg(**kw):
+    return _cfg(params="selfattn-q", early_steps=3, sample_guidance=7.5, steer_guidance=15.0, hinge_beta=2.0,
+                **kw)
+
+
+def test_trce_targets_and_stage1(tiny_sd_dir):
+    """Cached targets are the original model's f_safe / f_unsafe; stage 1 is the closed-form
+    trce-stage1 edit; the regulariser's targets are the stage-1 model's unconditional predictions."""
+    from engine.closed_form import METHODS, closed_form_edit
+
+    pipe = load_pipeline(tiny_sd_dir)
+    objective = ft._TRCEStage2(pipe, ANCHORED, _trce_cfg(), None)
+    original = load_pipeline(tiny_sd_dir)
+    prompts = objective.prompts
+    row, s = 1, 2
+    cache = objective.cache
+    x, t = cache["x"][row, s : s + 1], cache["timesteps"][s : s + 1]
+    item = cache["prompt"][row]
+    with torch.no_grad():
+        e_s = original.unet(x, t, prompts.anchor[item : item + 1]).sample
+        e_m = original.unet(x, t, prompts.cond[item : item + 1]).sample
+        e_u = original.unet(x, t, prompts.uncond).sample
+    torch.testing.assert_close(cache["f_safe"][row, s : s + 1], e_s + 15 * (e_s - e_u), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache["f_unsafe"][row, s : s + 1], e_m + 15 * (e_m - e_u), atol=1e-4, rtol=1e-4)
+    stage1 = load_pipeline(tiny_sd_dir)
+    closed_form_edit(stage1, ANCHORED, METHODS["trce-stage1"].replace(progress=False))
+    for k, v in stage1.unet.state_dict().items():
+        torch.testing.assert_close(pipe.unet.state_dict()[k], v)
+    xu = cache["uncond_x"][0, 1:2]
+    with torch.no_grad():
+        want = stage1.unet(xu, cache["timesteps"][1:2], prompts.uncond).sample
+    torch.testing.assert_close(cache["uncond_eps"][0, 1:2], want, atol=1e-5, rtol=1e-4)
+
+
+def test_trce_loss_is_its_equation(tiny_sd_dir):
+    pipe = load_pipeline(tiny_sd_dir)
+    cfg = _trce_cfg()
+    objective = ft._TRCEStage2(pipe, ANCHORED, cfg, None)
+    loss = objective.loss(pipe.unet, torch.Generator().manual_seed(5)).item()
+    # Replay the same draws and compute the equation with plain torch.
+    gen, b, cache, prompts = torch.Generator().manual_seed(5), cfg.batch_size, objective.cache, objective.prompts
+    rows = torch.randint(0, len(cache["x"]), (b,), generator=gen)
+    steps = torch.randint(0, cfg.early_steps, (b,), generator=gen)
+    urows = torch.randint(0, len(cache["uncond_x"]), (b,), generator=gen)
+    usteps = torch.randint(0, cfg.early_steps, (b,), generator=gen)
+    unet, mse = pipe.unet, F.mse_loss
+    total = 0.0
+    with torch.no_grad():
+        for i in range(b):
+            x, t = cache["x"][rows[i], steps[i]][None], cache["timesteps"][steps[i]][None]
+            f_s, f_u = cache["f_safe"][rows[i], steps[i]][None], cache["f_unsafe"][rows[i], steps[i]][None]
+            for cond in (prompts.cond[cache["prompt"][rows[i]]][None], prompts.uncond):
+                a = unet(x, t, cond).sample
+                total += torch.relu(2.0 * (mse(a, f_s) - mse(a, f_u) + 0.01)).item() / b
+            xu, tu = cache["uncond_x"][urows[i], usteps[i]][None], cache["timesteps"][usteps[i]][None]
+            total += 100 * mse(unet(xu, tu, prompts.uncond).sample, cache["uncond_eps"][urows[i], usteps[i]][None]).item() / b
+    assert loss == pytest.approx(total, rel=1e-4)
+
+
+def test_trce_trains_attention_and_needs_anchors(tiny_sd_dir):
+    pipe = load_pipeline(tiny_sd_dir)
+    before = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    run = finetune(pipe, ANCHORED, _trce_cfg(iterations=2, lr=1e-3), method="trce")
+    changed = {k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])}
+    kv = {k for k in changed if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+    assert kv and changed - kv and changed <= set(run.changed)
+    assert all(".attn1." in k or ".attn2.to_q." in k for k in changed - kv)
+    with pytest.raises(ValueError, match="needs a safe anchor"):
+        finetune(load_pipeline(tiny_sd_dir), CONCEPTS, _trce_cfg(), method="trce")
