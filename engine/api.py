@@ -35,7 +35,7 @@ from engine.export import (
     write_json,
 )
 from engine.export import apply_delta as _apply_delta_to_pipe
-from engine.finetune import FINETUNE_METHODS, FinetuneConfig, finetune
+from engine.finetune import FINETUNE_METHODS, IMAGE_METHODS, FinetuneConfig, finetune
 from engine.models import load_pipeline, text_encoder_fingerprint
 
 
@@ -147,7 +147,9 @@ def erase(
     **overrides,
 ) -> Result:
     """Erase `concepts` from `model`: closed-form ("uce", "trce-stage1"; one solve) or by
-    fine-tuning ("esd"; "trce": the stage-1 solve, then stage-2 fine-tuning).
+    fine-tuning ("esd", "co-erasing", "bi-erasing"; "trce": the stage-1 solve, then stage-2
+    fine-tuning). The image-branch methods need an IP-Adapter (ip_adapter=PATH; a toy world's is
+    found beside its pipeline).
 
     model: a loaded StableDiffusion(XL)Pipeline (edited in place) or a local path (folder,
     single-file .safetensors with `model_config`). concepts: a ConceptSet, a concept file path
@@ -158,6 +160,11 @@ def erase(
     cfg = method_config(method, config, **overrides)
     start = time.perf_counter()
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
+    if method in IMAGE_METHODS and cfg.ip_adapter is None and model_path is not None:
+        # A toy world's pipeline: its IP-Adapter lies beside it (world/ip_adapter/).
+        beside = Path(model_path).parent / "ip_adapter" / "ip_adapter.safetensors"
+        if beside.is_file():
+            cfg = cfg.replace(ip_adapter=str(beside))
     load_seconds = time.perf_counter() - start
     concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
     manifest = {

@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("erase", help="erase concepts (closed-form or fine-tuning)")
     model_args(p)
     p.add_argument("--concepts", required=True, help="concept file: .yaml/.yml/.json, or .txt/.csv list of names")
-    p.add_argument("--method", default="uce", help="uce | trce-stage1 | esd | trce (see `erasure methods`)")
+    p.add_argument("--method", default="uce", help="uce | trce-stage1 | esd | co-erasing | bi-erasing | trce (see `erasure methods`)")
     p.add_argument("--checkpoint-dir", help="fine-tuning checkpoints (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue a killed fine-tuning run from its checkpoint")
     p.add_argument("--out", required=True, help="output folder (written atomically)")

@@ -33,3 +33,13 @@ def tiny_sdxl_dir(tmp_path_factory):
     from engine.tiny import write_tiny_model
 
     return write_tiny_model("tiny-sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory):
+    """A toy world from a quick build (a few steps per stage: real formats, untrained weights)."""
+    from engine.toyworld.build import BuildConfig, build_world
+
+    out = tmp_path_factory.mktemp("world") / "w"
+    build_world(out, BuildConfig.quick(seed=3), progress=False)
+    return out

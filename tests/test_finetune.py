@@ -265,3 +265,152 @@ def test_trce_trains_attention_and_needs_anchors(tiny_sd_dir):
     assert all(".attn1." in k or ".attn2.to_q." in k for k in changed - kv)
     with pytest.raises(ValueError, match="needs a safe anchor"):
         finetune(load_pipeline(tiny_sd_dir), CONCEPTS, _trce_cfg(), method="trce")
+
+
+# --- the image branch (Co-Erasing, Bi-Erasing), on the quick toy world (it has an IP-Adapter) ---
+
+IDENTITY = "Aldric Corrance"
+
+
+def _image_cfg(world, **kw):
+    return _cfg(params="noxattn", ip_adapter=str(world / "ip_adapter" / "ip_adapter.safetensors"), concept_images=2,
+                trajectories=1, sample_steps=3, **kw)
+
+
+def _world_concepts(anchor=""):
+    return concepts_from_names([IDENTITY], anchor=anchor, templates=["a photo of {}"])
+
+
+def test_projection_bypass_equals_the_ip_adapter_path(quick_world):
+    """Feeding projected tokens with the projection set to identity is the UNet's own IP path."""
+    from engine.toyworld.world import load_toy_pipeline
+
+    pipe = load_toy_pipeline(quick_world, ip_adapter=True)
+    embeds, _ = pipe.encode_image(make_images(2), "cpu", 1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 20])
+    text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    layers = pipe.unet.encoder_hid_proj.image_projection_layers
+    with torch.no_grad():
+        normal = pipe.unet(x, t, text, added_cond_kwargs={"image_embeds": [embeds[:, None]]}).sample
+        tokens = layers[0](embeds)
+        layers[0] = torch.nn.Identity()
+        bypass = pipe.unet(x, t, text, added_cond_kwargs={"image_embeds": [tokens[:, None]]}).sample
+    torch.testing.assert_close(bypass, normal)
+
+
+def make_images(n):
+    from PIL import Image
+
+    from engine.toyworld import make_dataset
+
+    return [Image.fromarray(im) for im in make_dataset(n, seed=11)["images"]]
+
+
+def test_co_erasing_targets_and_loss_are_its_equations(quick_world):
+    from engine.toyworld.world import load_toy_pipeline
+
+    pipe = load_toy_pipeline(quick_world)
+    cfg = _image_cfg(quick_world, eta=1.5)
+    objective = ft.OBJECTIVES["co-erasing"](pipe, _world_concepts(), cfg, None)
+    cache, prompts = objective.cache, objective.prompts
+    # text-guided refinement: softmax(Q K^T / sqrt(d)) V with K = V = the prompt's text states
+    images = ft._generate_images(load_toy_pipeline(quick_world), [f"a photo of {IDENTITY}"], 2, 7.5, 3, cfg.seed, False)[0]
+    with torch.no_grad():
+        embeds, _ = pipe.encode_image(images, "cpu", 1)
+        q = objective._projection(embeds)
+        text = prompts.cond[0]
+        refined = torch.softmax(q @ text.T / q.shape[-1] ** 0.5, -1) @ text
+    torch.testing.assert_close(cache["neg_tokens"], refined, atol=1e-5, rtol=1e-4)
+    # frozen image-conditioned predictions at one cached x_t
+    r, s = 0, 1
+    tok = cache["neg_tokens"][cache["neg_image"][r, s]][None]
+    x, t = cache["x"][r, s : s + 1], cache["timesteps"][s : s + 1]
+    with torch.no_grad():
+        e = pipe.unet(x, t, text[None], added_cond_kwargs={"image_embeds": [tok[:, None]]}).sample
+        u = pipe.unet(x, t, prompts.uncond, added_cond_kwargs={"image_embeds": [tok[:, None]]}).sample
+    torch.testing.assert_close(cache["neg_eps_cond"][r, s : s + 1], e, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cache["neg_eps_uncond"][r, s : s + 1], u, atol=1e-5, rtol=1e-4)
+    # the loss: ||eps_theta(x,t,[c; c_img']) - (u - eta (e - u))||^2 on the replayed draws
+    loss = objective.loss(pipe.unet, torch.Generator().manual_seed(2)).item()
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randint(0, len(cache["x"]), (cfg.batch_size,), generator=gen)
+    steps = torch.randint(0, cfg.sample_steps, (cfg.batch_size,), generator=gen)
+    total = 0.0
+    with torch.no_grad():
+        for rr, ss in zip(rows.tolist(), steps.tolist()):
+            tok = cache["neg_tokens"][cache["neg_image"][rr, ss]][None]
+            pred = pipe.unet(cache["x"][rr, ss][None], cache["timesteps"][ss][None], text[None],
+                             added_cond_kwargs={"image_embeds": [tok[:, None]]}).sample
+            e, u = cache["neg_eps_cond"][rr, ss][None], cache["neg_eps_uncond"][rr, ss][None]
+            total += F.mse_loss(pred, u - 1.5 * (e - u)).item() / cfg.batch_size
+    assert loss == pytest.approx(total, rel=1e-4)
+
+
+def test_co_erasing_run_leaves_a_plain_pipeline(quick_world, tmp_path):
+    from engine.toyworld.world import load_toy_pipeline
+
+    pipe = load_toy_pipeline(quick_world)
+    before = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    run = finetune(pipe, _world_concepts(), _image_cfg(quick_world, iterations=2), method="co-erasing")
+    assert pipe.unet.encoder_hid_proj is None and pipe.image_encoder is not None  # adapter out, encoder kept
+    after = pipe.unet.state_dict()
+    assert set(after) == set(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= set(run.changed) and not any(".attn2." in k for k in changed)
+    pipe.save_pretrained(tmp_path / "out")
+    assert load_pipeline(tmp_path / "out").image_encoder is not None
+
+
+def test_bi_erasing_branches_and_positive_first(quick_world):
+    from engine.toyworld.world import load_toy_pipeline
+
+    cfg = _image_cfg(quick_world, positive_first=True, iterations=4)
+    objective = ft.OBJECTIVES["bi-erasing"](load_toy_pipeline(quick_world), _world_concepts("a person"), cfg, None)
+    cache, unet = objective.cache, objective.pipe.unet
+    assert "pos_tokens" in cache and "neg_tokens" in cache
+    # positive branch target u_p + eta (e_p - u_p); the first half of the steps trains it alone
+    early = objective.loss(unet, torch.Generator().manual_seed(3), step=0).item()
+    late = objective.loss(unet, torch.Generator().manual_seed(3), step=3).item()
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, len(cache["x"]), (cfg.batch_size,), generator=gen)
+    steps = torch.randint(0, cfg.sample_steps, (cfg.batch_size,), generator=gen)
+    parts = {}
+    with torch.no_grad():
+        for branch, sign in (("pos", -1.0), ("neg", 1.0)):
+            pred, frozen = objective._branch_batch(unet, branch, rows, steps)
+            u, e = frozen[:, 0], frozen[:, 1]
+            parts[branch] = F.mse_loss(pred, u - sign * 1.0 * (e - u)).item()
+    assert early == pytest.approx(0.4 * parts["pos"], rel=1e-4)
+    assert late == pytest.approx(0.6 * parts["neg"] + 0.4 * parts["pos"], rel=1e-4)
+
+
+def test_image_branch_bad_input(quick_world, tiny_sd_dir, tmp_path):
+    from engine.toyworld.world import load_toy_pipeline
+
+    with pytest.raises(ValueError, match="needs an anchor"):
+        finetune(load_toy_pipeline(quick_world), _world_concepts(), _image_cfg(quick_world), method="bi-erasing")
+    with pytest.raises(FileNotFoundError, match="images folder not found"):
+        finetune(load_toy_pipeline(quick_world), _world_concepts(), _image_cfg(quick_world, images=str(tmp_path / "nope")),
+                 method="co-erasing")
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images of 'Aldric Corrance'"):
+        finetune(load_toy_pipeline(quick_world), _world_concepts(), _image_cfg(quick_world, images=str(tmp_path / "imgs")),
+                 method="co-erasing")
+    with pytest.raises(ValueError, match="needs an IP-Adapter"):
+        finetune(load_toy_pipeline(quick_world), _world_concepts(), _image_cfg(quick_world).replace(ip_adapter=None),
+                 method="co-erasing")
+    # The toy world's IP-Adapter on the tiny SD pipeline (no image encoder, other widths).
+    with pytest.raises(ValueError, match="image_encoder|does not fit"):
+        finetune(load_pipeline(tiny_sd_dir), CONCEPTS, _image_cfg(quick_world), method="co-erasing")
+
+
+def test_user_images_are_read_per_concept(quick_world, tmp_path):
+    from engine.toyworld.world import load_toy_pipeline
+
+    folder = tmp_path / "imgs" / IDENTITY
+    folder.mkdir(parents=True)
+    for i, im in enumerate(make_images(3)):
+        im.save(folder / f"{i}.png")
+    objective = ft.OBJECTIVES["co-erasing"](load_toy_pipeline(quick_world), _world_concepts(),
+                                            _image_cfg(quick_world, images=str(tmp_path / "imgs")), None)
+    assert len(objective.cache["neg_tokens"]) == 3

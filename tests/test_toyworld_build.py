@@ -12,18 +12,11 @@ from engine.toyworld import build as b
 from engine.toyworld import make_dataset
 
 
-@pytest.fixture(scope="module")
-def quick_world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world") / "w"
-    b.build_world(out, b.BuildConfig.quick(seed=3), progress=False)
-    return out
-
-
 def test_build_writes_every_part_and_hashes(quick_world):
     from engine.toyworld.world import verify_world, world_info
 
     info = world_info(quick_world)
-    assert info["seed"] == 3 and info["config"]["unet_steps"] == 3
+    assert info["seed"] == 3 and info["config"]["unet_steps"] == 3  # the conftest fixture's quick build
     for part in ("pipeline/model_index.json", "pipeline/unet/diffusion_pytorch_model.safetensors",
                  "pipeline/image_encoder/model.safetensors", "ip_adapter/ip_adapter.safetensors",
                  "clip/projection.safetensors", "evaluator/model.safetensors"):
