@@ -419,8 +419,11 @@ class _TRCEStage2:
         return hinge.view(2, b).mean(1).sum() + cfg.reg_weight * reg.mean()  # L_cm + L_uncond + reg
 
 
-def _read_images(folder: Path, name: str) -> list:
-    """The images of concept ``name`` in ``folder/<name>/`` (png, jpg, jpeg, webp), sorted by file name."""
+def _read_images(folder: Path, name: str) -> tuple[list, list | None]:
+    """The images of concept ``name`` in ``folder/<name>/`` (png, jpg, jpeg, webp), sorted by file
+    name, and their masks from ``folder/<name>/masks/<same stem>.png`` (white = the concept) when
+    that folder exists (None otherwise)."""
+    import numpy as np
     from PIL import Image
 
     if not folder.is_dir():
@@ -429,7 +432,19 @@ def _read_images(folder: Path, name: str) -> list:
     files = sorted(f for f in sub.glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")) if sub.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no images of {name!r} in {sub} (expected {folder}/<concept name>/*.png)")
-    return [Image.open(f).convert("RGB") for f in files]
+    images = [Image.open(f).convert("RGB") for f in files]
+    if not (sub / "masks").is_dir():
+        return images, None
+    masks = []
+    for f, im in zip(files, images):
+        m = sub / "masks" / f"{f.stem}.png"
+        if not m.is_file():
+            raise FileNotFoundError(f"{sub / 'masks'} has no mask {m.name} for {f.name}")
+        mask = Image.open(m).convert("L")
+        if mask.size != im.size:
+            raise ValueError(f"mask {m} is {mask.size}, its image {f.name} is {im.size}")
+        masks.append((np.asarray(mask) > 127).astype(np.float32))  # H x W, 1 = the concept
+    return images, masks
 
 
 def _generate_images(pipe, prompts: list[str], n: int, guidance: float, steps: int, seed: int, progress: bool) -> list:
@@ -489,13 +504,14 @@ class _ImageBranch:
         self.cache = cache
 
     def _images(self, pipe) -> dict[str, list]:
-        """Branch name -> one list of images per prompt item."""
+        """Branch name -> one (images, masks or None) per prompt item."""
         cfg, items = self.cfg, self.prompts.items
         if cfg.images is not None:
             by_concept = {c.name: _read_images(Path(cfg.images), c.name) for c in self.concepts.concepts}
             return {"neg": [by_concept[self.concepts.concepts[i].name] for i, _, _ in items]}
-        return {"neg": _generate_images(pipe, [src for _, src, _ in items], cfg.concept_images, cfg.image_guidance,
-                                        cfg.sample_steps, cfg.seed, cfg.progress)}
+        generated = _generate_images(pipe, [src for _, src, _ in items], cfg.concept_images, cfg.image_guidance,
+                                     cfg.sample_steps, cfg.seed, cfg.progress)
+        return {"neg": [(ims, None) for ims in generated]}
 
     @torch.no_grad()
     def _refined_tokens(self, pipe, images: list, text: torch.Tensor, masks=None) -> torch.Tensor:
@@ -521,7 +537,7 @@ class _ImageBranch:
         gen = torch.Generator().manual_seed(cfg.seed + 17)
         for branch, per_item in images.items():
             text = prompts.cond if branch == "neg" else prompts.anchor
-            tokens = [self._refined_tokens(pipe, ims, text[i]).cpu() for i, ims in enumerate(per_item)]
+            tokens = [self._refined_tokens(pipe, ims, text[i], masks).cpu() for i, (ims, masks) in enumerate(per_item)]
             counts = torch.tensor([len(t) for t in tokens])
             offsets = torch.cumsum(counts, 0) - counts
             item = cache["prompt"]  # per trajectory
@@ -600,8 +616,9 @@ class _BiErasing(_ImageBranch):
     def _images(self, pipe) -> dict[str, list]:
         cfg, items = self.cfg, self.prompts.items
         out = super()._images(pipe)
-        out["pos"] = _generate_images(pipe, [tgt for _, _, tgt in items], cfg.concept_images, cfg.image_guidance,
-                                      cfg.sample_steps, cfg.seed + 1, cfg.progress)
+        generated = _generate_images(pipe, [tgt for _, _, tgt in items], cfg.concept_images, cfg.image_guidance,
+                                     cfg.sample_steps, cfg.seed + 1, cfg.progress)
+        out["pos"] = [(ims, None) for ims in generated]
         return out
 
     def loss(self, unet, gen, step: int = 0) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""engine.finetune (ESD): the loss against its equation, the trajectory cache, resume after a
-kill, parameter sets, the 8-bit optimizer and bad input, on the tiny SD pipeline."""
+"""engine.finetune: each method's loss against its equation (ESD, TRCE on the tiny SD pipeline;
+Co-Erasing, Bi-Erasing on the quick toy world, which has an IP-Adapter), the cached targets,
+resume after a kill, parameter sets, the 8-bit optimizer, masks and bad input."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -414,3 +416,30 @@ def test_user_images_are_read_per_concept(quick_world, tmp_path):
     objective = ft.OBJECTIVES["co-erasing"](load_toy_pipeline(quick_world), _world_concepts(),
                                             _image_cfg(quick_world, images=str(tmp_path / "imgs")), None)
     assert len(objective.cache["neg_tokens"]) == 3
+
+
+def test_masks_keep_only_the_concept_region(quick_world, tmp_path):
+    """x' = m x + (1 - m) mean(x) before the image encoder: a white mask changes nothing, a
+    black one leaves the image's mean colour."""
+    from PIL import Image
+
+    from engine.toyworld.world import load_toy_pipeline
+
+    folder = tmp_path / "imgs" / IDENTITY
+    (folder / "masks").mkdir(parents=True)
+    images = make_images(2)
+    for i, (im, value) in enumerate(zip(images, (255, 0))):
+        im.save(folder / f"{i}.png")
+        Image.new("L", im.size, value).save(folder / "masks" / f"{i}.png")
+    read, masks = ft._read_images(tmp_path / "imgs", IDENTITY)
+    assert [m.mean() for m in masks] == [1.0, 0.0]
+    objective = ft.OBJECTIVES["co-erasing"](load_toy_pipeline(quick_world), _world_concepts(),
+                                            _image_cfg(quick_world, images=str(tmp_path / "imgs")), None)
+    text = objective.prompts.cond[0]
+    x1 = np.asarray(images[1], np.float32)
+    flat = Image.fromarray(np.broadcast_to(x1.mean((0, 1)), x1.shape).round().astype(np.uint8))
+    want = objective._refined_tokens(objective.pipe, [images[0], flat], text)
+    torch.testing.assert_close(objective.cache["neg_tokens"], want.cpu())
+    (folder / "masks" / "1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no mask 1.png"):
+        ft._read_images(tmp_path / "imgs", IDENTITY)
