@@ -27,8 +27,10 @@ Where ``x_t`` comes from (``xt_source``):
 
 Parameter sets (``params``): ``xattn`` (cross-attention ``attn2``: ESD-x, for styles and
 objects), ``noxattn`` (everything but ``attn2``: ESD-u, for global concepts such as nudity),
-``full``, ``selfattn-q`` (TRCE's: self-attention and ``attn2.to_q``). An IP-Adapter's own
-weights are never trained.
+``full``, ``selfattn-q`` (TRCE's: self-attention and ``attn2.to_q``), ``lora`` (rank
+``lora_rank`` adapters on the cross-attention projections, merged into them at the end: the
+delta is then exactly rank r per layer and ``export_lora`` writes it losslessly). An
+IP-Adapter's own weights are never trained.
 
 Checkpoints: every ``checkpoint_every`` steps the trained tensors, the optimizer state, the RNG
 states and the step are written atomically to ``checkpoint_dir``; ``resume=True`` continues from
@@ -51,7 +53,8 @@ from tqdm.auto import tqdm
 from engine.concepts import ConceptSet
 from kernels import contrastive_hinge, guidance_loss
 
-PARAM_SETS = ("xattn", "noxattn", "full", "selfattn-q")
+PARAM_SETS = ("xattn", "noxattn", "full", "selfattn-q", "lora")
+LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # ESD-x's layers
 XT_SOURCES = ("cached", "on-policy")
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -62,7 +65,8 @@ CACHE_NAME = "trajectories.pt"
 class FinetuneConfig:
     """Hyper-parameters of a negative-guidance fine-tuning run; ESD's published defaults."""
 
-    params: str = "xattn"  # xattn (ESD-x) | noxattn (ESD-u) | full
+    params: str = "xattn"  # xattn (ESD-x) | noxattn (ESD-u) | full | selfattn-q | lora
+    lora_rank: int = 4  # params=lora: rank of the adapters on the cross-attention projections
     iterations: int = 1000
     lr: float = 1e-5
     batch_size: int = 1
@@ -76,6 +80,7 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = 100  # steps between checkpoints (0: none)
     gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 autocast on GPUs that support it) | fp32 | bf16
     loss_backend: str = "auto"  # the fused losses: auto | triton | torch
     # Co-Erasing / Bi-Erasing: the image branch
     ip_adapter: str | None = None  # IP-Adapter weights file (.safetensors), loaded with pipe.load_ip_adapter
@@ -95,11 +100,12 @@ class FinetuneConfig:
 
     def __post_init__(self):
         choices = {"params": PARAM_SETS, "xt_source": XT_SOURCES, "optimizer": OPTIMIZERS,
-                   "loss_backend": ("auto", "triton", "torch")}
+                   "loss_backend": ("auto", "triton", "torch"), "precision": ("auto", "fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name!r} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("iterations", "batch_size", "sample_steps", "trajectories", "early_steps", "concept_images"):
+        for name in ("iterations", "batch_size", "sample_steps", "trajectories", "early_steps", "concept_images",
+                     "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
@@ -145,6 +151,11 @@ def trainable_parameters(unet, params: str) -> dict[str, torch.nn.Parameter]:
     named = {k: p for k, p in unet.named_parameters() if ".processor." not in k and not k.startswith("encoder_hid_proj")}
     if params == "full":
         return named
+    if params == "lora":  # the weights the merged adapters change
+        chosen = {k: p for k, p in named.items() if k.endswith(tuple(f"{t}.weight" for t in LORA_TARGETS))}
+        if not chosen:
+            raise ValueError("the UNet has no cross-attention projections for LoRA")
+        return chosen
     if params == "selfattn-q":  # TRCE stage 2: self-attention and the cross-attention queries
         chosen = {k: p for k, p in named.items() if ".attn1." in k or ".attn2.to_q." in k}
         if not chosen:
@@ -154,6 +165,48 @@ def trainable_parameters(unet, params: str) -> dict[str, torch.nn.Parameter]:
     if not any(in_xattn.values()):
         raise ValueError("the UNet has no cross-attention (attn2) layers")
     return {k: p for k, p in named.items() if in_xattn[k] == (params == "xattn")}
+
+
+class LoRALinear(torch.nn.Module):
+    """``base(x) + x A^T B^T``: a rank-r adapter beside a frozen linear layer. B starts at zero,
+    so training starts from the original model."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        a = torch.randn(rank, base.in_features, generator=generator) / rank
+        self.lora_A = torch.nn.Parameter(a.to(base.weight.device, base.weight.dtype))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device,
+                                                     dtype=base.weight.dtype))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t()
+
+
+def add_lora(unet, rank: int, seed: int) -> dict[str, LoRALinear]:
+    """Wrap every cross-attention projection (``LORA_TARGETS``) in a ``LoRALinear``; by module name."""
+    gen = torch.Generator().manual_seed(seed + 99)
+    names = [k.removesuffix(".weight") for k in trainable_parameters(unet, "lora")]
+    wrapped = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name)
+        wrapped[name] = LoRALinear(getattr(parent, child), rank, gen)
+        setattr(parent, child, wrapped[name])
+    return wrapped
+
+
+@torch.no_grad()
+def merge_lora(unet, wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """Fold each adapter into its layer (W + B A), put the plain layers back; returns the new weights."""
+    out = {}
+    for name, module in wrapped.items():
+        base = module.base
+        base.weight += module.lora_B @ module.lora_A
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, base)
+        out[f"{name}.weight"] = base.weight.detach()
+    return out
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
@@ -670,6 +723,18 @@ def _save_cache(folder: Path, cache: dict) -> None:
 # ----------------------------------------------------------------------------- the trainer
 
 
+def _autocast(precision: str, device: torch.device):
+    """bf16 autocast for the trainee's forward where it pays (weights and optimizer stay fp32)."""
+    import contextlib
+
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("precision='bf16' needs a CUDA device; use 'auto' or 'fp32' on the CPU")
+    if precision == "bf16" or (precision == "auto" and cuda_bf16):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @dataclass
 class FinetuneRun:
     """What a run changed and how it went."""
@@ -707,6 +772,8 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
     if state is not None and (folder / CACHE_NAME).is_file():
         cache = torch.load(folder / CACHE_NAME, map_location="cpu", weights_only=True)
 
+    if method != "esd" and cfg.xt_source != "cached":
+        raise ValueError(f"{method} takes x_t from cached trajectories; xt_source='{cfg.xt_source}' is ESD's option")
     start = time.perf_counter()
     objective = OBJECTIVES[method](pipe, concepts, cfg, cache)
     timings = {"targets": time.perf_counter() - start}
@@ -715,7 +782,11 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
 
     unet = pipe.unet
     unet.requires_grad_(False)
-    trained = trainable_parameters(unet, cfg.params)
+    lora = add_lora(unet, cfg.lora_rank, cfg.seed) if cfg.params == "lora" else None
+    if lora is not None:
+        trained = {f"{n}.{p}": getattr(m, p) for n, m in lora.items() for p in ("lora_A", "lora_B")}
+    else:
+        trained = trainable_parameters(unet, cfg.params)
     for p in trained.values():
         p.requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -732,11 +803,13 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
         gen.set_state(state["rng"]["generator"])
         first = state["step"]
 
+    autocast = _autocast(cfg.precision, unet.device)
     losses = []
     start = time.perf_counter()
     with tqdm(total=cfg.iterations, initial=first, desc=objective.name, disable=not cfg.progress) as bar:
         for step in range(first, cfg.iterations):
-            loss = objective.loss(unet, gen, step)
+            with autocast:
+                loss = objective.loss(unet, gen, step)
             opt.zero_grad(set_to_none=True)  # every step (TRCE's released code never zeroes them)
             loss.backward()
             opt.step()
@@ -755,6 +828,7 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
     unet.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
-    changed = {**getattr(objective, "extra_changed", {}), **{k: p.detach() for k, p in trained.items()}}
+    tuned = merge_lora(unet, lora) if lora is not None else {k: p.detach() for k, p in trained.items()}
+    changed = {**getattr(objective, "extra_changed", {}), **tuned}
     return FinetuneRun(changed=changed, losses=losses, timings=timings, steps_run=cfg.iterations - first,
                        resumed_from=first)

@@ -168,6 +168,11 @@ def test_bad_input(pipe, tiny_sd_dir):
         finetune(pipe, CONCEPTS, _cfg(), resume=True)
     with pytest.raises(ValueError, match="unknown fine-tuning option"):
         _cfg().replace(learning_rate=1.0)
+    with pytest.raises(ValueError, match="ESD's option"):
+        finetune(pipe, ANCHORED, _cfg(xt_source="on-policy", early_steps=2), method="trce")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            finetune(pipe, CONCEPTS, _cfg(precision="bf16"))
 
 
 def test_cli_erase_with_esd_writes_outputs_and_resumes(tiny_sd_dir, tmp_path, capsys):
@@ -443,3 +448,22 @@ def test_masks_keep_only_the_concept_region(quick_world, tmp_path):
     (folder / "masks" / "1.png").unlink()
     with pytest.raises(FileNotFoundError, match="no mask 1.png"):
         ft._read_images(tmp_path / "imgs", IDENTITY)
+
+
+def test_lora_training_merges_into_a_low_rank_delta(pipe, tiny_sd_dir, tmp_path):
+    from engine.api import erase
+    from engine.export import LORA_DIR
+
+    result = erase(pipe, CONCEPTS, method="esd", **{**_cfg(params="lora", lora_rank=2, iterations=3).to_dict()})
+    assert set(result.delta) == {k for k in trainable_parameters(pipe.unet, "lora")}
+    assert not any("lora_" in k for k in pipe.unet.state_dict())  # plain layers again
+    for key, new in result.delta.items():
+        d = (new - result.original[key]).double()
+        assert 0 < torch.linalg.matrix_rank(d, rtol=1e-3).item() <= 2, key  # fp32 rounding aside
+    result.save(tmp_path / "out", export_lora=True)
+    with_lora = load_pipeline(tiny_sd_dir)
+    with_lora.load_lora_weights(tmp_path / "out" / LORA_DIR)
+    with_lora.fuse_lora()
+    for key, new in result.delta.items():
+        fused = with_lora.unet.get_submodule(key.removesuffix(".weight")).weight  # peft layers expose the base weight
+        torch.testing.assert_close(fused, new, rtol=1e-4, atol=1e-5)

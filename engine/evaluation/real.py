@@ -58,6 +58,8 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from engine.evaluation.sampling import generate_batch
 import torch
 
 from engine.evaluation.metrics import KID_SUBSET_SIZE, KID_SUBSETS, clip_score, harmonic_h, kid, percent
@@ -302,29 +304,13 @@ def iter_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = image_size(pipe)
-    shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar:
         for start, stop in _batches(jobs, batch_size):
             chunk = jobs[start:stop]
-            generators = [torch.Generator().manual_seed(int(j.seed)) for j in chunk]
-            latents = torch.cat([torch.randn(shape, generator=g) for g in generators])
-            with torch.no_grad():
-                images = pipe(
-                    prompt=[j.prompt for j in chunk],
-                    height=size,
-                    width=size,
-                    num_inference_steps=steps,
-                    guidance_scale=chunk[0].guidance,
-                    latents=latents.to(pipe.device, pipe.unet.dtype),
-                    generator=generators,
-                    output_type="np",
-                ).images
-            images = np.asarray(images, dtype=np.float32)
-            if not np.isfinite(images).all():
-                raise FloatingPointError(f"the model produced NaN/inf pixels for prompts such as {chunk[0].prompt!r}")
+            images = generate_batch(pipe, [j.prompt for j in chunk], [j.seed for j in chunk], steps=steps,
+                                    guidance=chunk[0].guidance, size=size)
             bar.update(len(chunk))
-            # Rounded as diffusers' numpy_to_pil does.
-            yield start, (images.clip(0, 1) * 255).round().astype(np.uint8)
+            yield start, images
 
 
 def generate_images(pipe, jobs: list[ImageJob], *, steps: int, batch_size: int, progress: bool = True) -> np.ndarray:

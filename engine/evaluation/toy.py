@@ -37,6 +37,7 @@ import torch
 
 from engine.evaluation.metrics import KID_SUBSET_SIZE, KID_SUBSETS, harmonic_h, kid, percent
 from engine.evaluation.report import SCHEMA_VERSION
+from engine.evaluation.sampling import generate_batch
 from engine.toyworld import catalogue as cat
 from engine.toyworld.render import SIZE, sample_scene
 
@@ -282,34 +283,13 @@ def _describe(model, pipe) -> str:
 
 
 def generate(pipe, jobs: list[Job], steps: int, guidance: float, batch_size: int, bar=None) -> np.ndarray:
-    """Images (N x 32 x 32 x 3 uint8) of ``jobs``, ``batch_size`` prompts per pipeline call.
-
-    Each image's latents come from its own generator (``Job.seed``), which is then passed on for
-    any stochastic scheduler steps: the result does not depend on the batching.
-    """
-    unet = pipe.unet
-    scale = pipe.vae_scale_factor
-    shape = (1, unet.config.in_channels, SIZE // scale, SIZE // scale)
+    """Images (N x 32 x 32 x 3 uint8) of ``jobs``, ``batch_size`` prompts per pipeline call;
+    image i from noise seeded by ``jobs[i].seed``, so the result does not depend on the batching."""
     out = np.zeros((len(jobs), SIZE, SIZE, 3), np.uint8)
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(j.seed) for j in batch]
-        # Drawn on the CPU (the same noise on every device), then moved to the model.
-        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(unet.device, unet.dtype)
-        with torch.no_grad():
-            images = pipe(
-                prompt=[j.prompt for j in batch],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                latents=latents,
-                generator=generators,
-                height=SIZE,
-                width=SIZE,
-                output_type="np",
-            ).images
-        if not np.isfinite(images).all():
-            raise FloatingPointError(f"the model produced NaN/inf pixels for prompts such as {batch[0].prompt!r}")
-        out[start : start + len(batch)] = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+        out[start : start + len(batch)] = generate_batch(pipe, [j.prompt for j in batch], [j.seed for j in batch],
+                                                         steps=steps, guidance=guidance, size=SIZE)
         if bar is not None:
             bar.update(1)
     return out
