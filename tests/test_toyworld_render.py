@@ -252,6 +252,14 @@ def test_styles_that_paint_over_the_background_drop_its_label():
         assert ("background" in r.labels) == (not style.replaces_background)
 
 
+def test_styles_that_hide_colour_drop_the_colour_label():
+    for style in cat.STYLES:
+        r = render(Scene("object", "star", "red", "grass", style.name, 0))
+        assert r.labels["object"] == "star"
+        assert ("colour" in r.labels) == style.keeps_colour
+    assert {s.name for s in cat.STYLES if not s.keeps_colour} == {"sepia", "pencil sketch"}
+
+
 # --- captions and templates -------------------------------------------------------------------
 
 _FIELDS = {

@@ -7,12 +7,13 @@ in), and the world folder itself is assembled atomically at the end:
 1. ``data``: render the training set (``make_dataset``), kept in memory as uint8 images and captions.
 2. ``clip``: a small CLIP (text tower with the genuine CLIP BPE tokenizer, 32x32 vision tower)
    trained contrastively on render/caption pairs. Pairs showing the same concepts count as
-   positives (a batch often holds two images of one identity).
+   positives (a batch often holds two images of one identity); each image is also classified
+   against the text embeddings of every concept of each kind it shows, zero-shot style.
 3. ``vae``: an ``AutoencoderKL`` with 4x downsampling (32x32x3 -> 8x8x4 latents), trained for
    reconstruction with SD's tiny KL weight; ``scaling_factor`` set to 1 / std of the latents.
 4. ``unet``: a ``UNet2DConditionModel`` on the 8x8 latents, conditioned on the frozen text
-   encoder's 77 hidden states, epsilon prediction, SD's scaled-linear schedule, 10% empty
-   captions for classifier-free guidance, EMA weights.
+   encoder's 77 hidden states, epsilon prediction, SD's scaled-linear schedule, min-SNR-5 loss
+   weights, 10% empty captions for classifier-free guidance, EMA weights.
 5. ``ip_adapter``: a standard IP-Adapter (``ImageProjection`` to 4 tokens, decoupled
    ``to_k_ip``/``to_v_ip``) trained with the UNet frozen, in the file format
    ``pipe.load_ip_adapter`` reads.
@@ -41,11 +42,11 @@ from engine.toyworld import render as rnd
 
 # ----------------------------------------------------------------------------- configurations
 
-TOY_TEXT = {  # CLIP text tower: genuine 49,408-token vocabulary, 77 positions
+TOY_TEXT = {  # CLIP text tower: genuine 49,408-token vocabulary (19 MB of the world at width 96)
     "vocab_size": 49408,
     "max_position_embeddings": 77,
-    "hidden_size": 128,
-    "intermediate_size": 512,
+    "hidden_size": 96,
+    "intermediate_size": 384,
     "num_attention_heads": 4,
     "num_hidden_layers": 4,
     "hidden_act": "quick_gelu",
@@ -85,7 +86,7 @@ TOY_UNET = {
     "layers_per_block": 1,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 128,
+    "cross_attention_dim": TOY_TEXT["hidden_size"],
     "attention_head_dim": 4,  # diffusers reads this as the number of heads for these blocks
     "norm_num_groups": 32,
 }
@@ -112,16 +113,18 @@ class BuildConfig:
     seed: int = 0
     n_images: int = 80_000
     evaluator_train: int = 60_000
-    clip_steps: int = 400
+    clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 5e-4
-    vae_steps: int = 1500
-    vae_batch: int = 64
+    vae_steps: int = 3000
+    vae_batch: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 3000
+    unet_steps: int = 5000
     unet_batch: int = 64
-    unet_lr: float = 3e-4
+    unet_lr: float = 1e-3
     unet_ema: float = 0.999
+    text_layers: int = 2  # last text-tower layers trained with the UNet
+    text_lr_scale: float = 0.3  # their learning rate, relative to the UNet's
     uncond_prob: float = 0.1
     ip_steps: int = 400
     ip_batch: int = 64
@@ -194,7 +197,8 @@ def stage_data(cfg: BuildConfig, progress: bool) -> dict:
     """Render the shared training set."""
     data = rnd.make_dataset(cfg.n_images, seed=cfg.seed)
     label_keys = [json.dumps(lbl, sort_keys=True) for lbl in data["labels"]]
-    return {"images": data["images"], "captions": data["captions"], "label_keys": label_keys}
+    return {"images": data["images"], "captions": data["captions"], "labels": data["labels"],
+            "label_keys": label_keys}
 
 
 def stage_evaluator(cfg: BuildConfig, out: Path, progress: bool) -> dict:
@@ -208,8 +212,33 @@ def stage_evaluator(cfg: BuildConfig, out: Path, progress: bool) -> dict:
     return metrics
 
 
+def concept_phrase(kind: str, name: str) -> str:
+    """How captions name a concept on its own ("a star", "sepia style", ...)."""
+    return {"identity": "{}", "object": "a {}", "colour": "{}", "background": "a {} background",
+            "style": "{} style", "unsafe": "a {}"}[kind].format(name)
+
+
+def _concept_targets(labels: list[dict]) -> dict[str, torch.Tensor]:
+    """Per kind, each image's concept index in ``catalogue.concepts(kind)`` (-100: not shown)."""
+    from engine.toyworld import catalogue as cat
+
+    out = {}
+    for kind in cat.KINDS:
+        index = {name: i for i, name in enumerate(cat.concepts(kind))}
+        out[kind] = torch.tensor([index.get(lbl.get(kind), -100) for lbl in labels])
+    return out
+
+
 def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
-    """Contrastive CLIP; saves the full ``CLIPModel`` (split into pipeline parts at assembly)."""
+    """Contrastive CLIP; saves the full ``CLIPModel`` (split into pipeline parts at assembly).
+
+    Besides the caption/image contrastive loss, each image is classified against the text
+    embeddings of every concept of each kind it shows ("a star", "a moon", ...; cross-entropy,
+    as zero-shot CLIP classifies). Captions alone rarely need the object's shape to tell a batch
+    apart (colour and background usually suffice), so without this term the text tower learns
+    colours and names but not shapes, and the UNet conditioned on it cannot draw them.
+    """
+    from engine.toyworld import catalogue as cat
     from transformers import CLIPConfig, CLIPModel
 
     from engine.tokenizer import build_clip_tokenizer
@@ -221,6 +250,13 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
     rng = np.random.default_rng(cfg.seed + 2)
     n = len(data["captions"])
     keys = np.array(data["label_keys"])
+    targets = _concept_targets(data["labels"])
+    phrases = [concept_phrase(kind, name) for kind in cat.KINDS for name in cat.concepts(kind)]
+    phrase_ids = _tokenize(tokenizer, phrases, pad_to_max=False)
+    spans, start = {}, 0
+    for kind in cat.KINDS:
+        spans[kind] = slice(start, start + len(cat.concepts(kind)))
+        start = spans[kind].stop
     model.train()
     losses = []
     with _bar(cfg.clip_steps, "clip", progress) as bar:
@@ -235,6 +271,15 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
             logits = outputs.logits_per_image  # B x B, scaled by the learned temperature
             loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
                           - (target * logits.t().log_softmax(1)).sum(1).mean())
+            image_embeds = outputs.image_embeds  # already normalised
+            phrase_embeds = F.normalize(model.get_text_features(input_ids=phrase_ids).pooler_output, dim=-1)
+            scale = model.logit_scale.exp()
+            idx_t = torch.from_numpy(idx)
+            for kind in cat.KINDS:
+                kind_logits = scale * image_embeds @ phrase_embeds[spans[kind]].t()
+                kind_target = targets[kind][idx_t]
+                if (kind_target >= 0).any():
+                    loss = loss + F.cross_entropy(kind_logits, kind_target, ignore_index=-100) / len(cat.KINDS)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -334,48 +379,111 @@ def _diffusion_batch(latent_mean, latent_std, scaling, idx, scheduler, gen):
     return scheduler.add_noise(z, noise, t), noise, t
 
 
+def min_snr_weight(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction, min(SNR, gamma) / SNR: the many
+    nearly noise-free timesteps stop dominating the gradient, which speeds training up
+    several-fold (Hang et al., 2023)."""
+    alpha_bar = scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
+def _clip_loss(logits: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
+    """Symmetric contrastive loss; rows with the same label key are all positives."""
+    same = torch.from_numpy(keys[:, None] == keys[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean())
+
+
+def _token_ids(tokenizer, cache: dict, captions: list[str]) -> torch.Tensor:
+    missing = sorted({c for c in captions if c not in cache})
+    if missing:
+        cache.update(zip(missing, _tokenize(tokenizer, missing, pad_to_max=True)))
+    return torch.stack([cache[c] for c in captions])
+
+
 def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out: Path, progress: bool) -> dict:
+    """The UNet, trained together with the text tower's last ``text_layers`` layers (and final
+    layer norm and projection): the contrastive CLIP names every identity apart, but its
+    per-token states are not what a generator needs, and a frozen tower left the UNet mixing
+    identities up. A contrastive term on the batch (frozen vision tower) keeps text and images
+    aligned for the CLIP score and the IP-Adapter. Saves the UNet (EMA) in ``out`` and the
+    updated CLIP (EMA) in ``out/clip``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from engine.tokenizer import build_clip_tokenizer
 
-    text_encoder, _ = _text_encoder_from_clip(clip_dir)
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(clip_dir)
+    clip.requires_grad_(False)
+    text_encoder = clip.text_model  # trained in place, so clip.save_pretrained keeps the changes
+    vision = _vision_encoder_from_clip(clip).requires_grad_(False)
+    tuned = [text_encoder.final_layer_norm, *text_encoder.encoder.layers[len(text_encoder.encoder.layers) - cfg.text_layers :]]
+    projection = clip.text_projection
+    for module in (*tuned, projection):
+        module.requires_grad_(True)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     latent_mean, latent_std = _encode_latents(vae, data["images"], progress)
     scaling = vae.config.scaling_factor
-    texts = _TextCache(text_encoder, build_clip_tokenizer())
+    tokenizer, token_cache = build_clip_tokenizer(), {}
+    keys = np.array(data["label_keys"])
     scheduler = _noise_scheduler()
     torch.manual_seed(cfg.seed + 5)
     unet = UNet2DConditionModel(**TOY_UNET)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    text_params = [p for m in (*tuned, projection) for p in m.parameters()]
+    trained = list(unet.parameters()) + text_params
+    ema = [p.detach().clone() for p in trained]
+    opt = torch.optim.AdamW(
+        [{"params": list(unet.parameters()), "lr_scale": 1.0}, {"params": text_params, "lr_scale": cfg.text_lr_scale}],
+        lr=cfg.unet_lr, weight_decay=0.01,
+    )
     rng = np.random.default_rng(cfg.seed + 6)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     n = len(data["captions"])
     unet.train()
-    losses = []
+    losses, clip_losses = [], []
     with _bar(cfg.unet_steps, "unet", progress) as bar:
         for step in range(cfg.unet_steps):
             idx = torch.from_numpy(rng.choice(n, size=min(cfg.unet_batch, n), replace=False))
-            captions = [data["captions"][i] if rng.random() >= cfg.uncond_prob else "" for i in idx.tolist()]
+            keep = rng.random(len(idx)) >= cfg.uncond_prob
+            captions = [data["captions"][i] if k else "" for i, k in zip(idx.tolist(), keep)]
             noisy, noise, t = _diffusion_batch(latent_mean, latent_std, scaling, idx, scheduler, gen)
-            cond = texts(captions)  # B x 77 x D
-            _set_lr(opt, _lr_at(step, cfg.unet_steps, cfg.unet_lr, warmup=200))
-            loss = F.mse_loss(unet(noisy, t, cond).sample, noise)
+            text_out = text_encoder(_token_ids(tokenizer, token_cache, captions))
+            lr = _lr_at(step, cfg.unet_steps, cfg.unet_lr, warmup=200)
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            per_sample = (unet(noisy, t, text_out.last_hidden_state).sample - noise).pow(2).mean((1, 2, 3))
+            loss = (min_snr_weight(scheduler, t) * per_sample).mean()
+            rows = np.flatnonzero(keep)[: cfg.clip_batch // 4]
+            if len(rows) > 1:
+                with torch.no_grad():
+                    image_embeds = vision(pixel_values=clip_pixels(data["images"][idx[rows].numpy()])).image_embeds
+                text_embeds = projection(text_out.pooler_output[torch.from_numpy(rows)])
+                logits = clip.logit_scale.exp().detach() * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
+                clip_term = _clip_loss(logits, keys[idx[rows].numpy()])
+                loss = loss + 0.1 * clip_term
+                clip_losses.append(clip_term.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             # EMA warms up (short runs would otherwise keep mostly the random init).
             decay = min(cfg.unet_ema, (1 + step) / (10 + step))
             with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                for p_ema, p in zip(ema, trained):
                     p_ema.lerp_(p, 1 - decay)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
             bar.update()
-    ema.save_pretrained(out, safe_serialization=True)
-    return {"final_loss": float(np.mean(losses[-200:])), "text_cache_captions": len(texts.cache)}
+    with torch.no_grad():
+        for p_ema, p in zip(ema, trained):
+            p.copy_(p_ema)
+    unet.eval().save_pretrained(out, safe_serialization=True)
+    # The CLIP with the tuned text layers (text_encoder shares its modules with clip.text_model).
+    clip.save_pretrained(out / "clip", safe_serialization=True)
+    return {"final_loss": float(np.mean(losses[-200:])), "final_clip_loss": float(np.mean(clip_losses[-200:] or [0.0])),
+            "text_layers_tuned": cfg.text_layers}
 
 
 def _vision_encoder_from_clip(clip):
@@ -571,6 +679,7 @@ def build_world(out_dir: str | os.PathLike, config: BuildConfig | None = None, p
     clip_dir, vae_dir = _stage_dir(out, "clip"), _stage_dir(out, "vae")
     metrics["unet"] = _run_stage(out, "unet", lambda d: stage_unet(cfg, data, clip_dir, vae_dir, d, progress), progress)
     unet_dir = _stage_dir(out, "unet")
+    clip_dir = unet_dir / "clip"  # the CLIP whose text layers were tuned with the UNet
     metrics["ip_adapter"] = _run_stage(
         out, "ip_adapter", lambda d: stage_ip_adapter(cfg, data, clip_dir, vae_dir, unet_dir, d, progress), progress
     )

@@ -225,11 +225,13 @@ BACKGROUNDS: tuple[str, ...] = ("plain light", "plain dark", "sky", "grass", "ch
 
 @dataclass(frozen=True)
 class Style:
-    """A whole-image look; ``replaces_background`` styles paint over the scene's background."""
+    """A whole-image look; ``replaces_background`` styles paint over the scene's background and
+    ``keeps_colour`` is False for styles whose palette hides which colour the object was."""
 
     name: str
     description: str
     replaces_background: bool = False
+    keeps_colour: bool = True
 
 
 STYLES: tuple[Style, ...] = (
@@ -237,8 +239,8 @@ STYLES: tuple[Style, ...] = (
     Style("hatched", "subject filled with diagonal strokes on paper, dark outline"),
     Style("pointillist", "the scene redrawn as separate dots of colour on paper"),
     Style("neon", "glowing saturated outlines on a near-black background", replaces_background=True),
-    Style("sepia", "brown monochrome palette with a dark vignette"),
-    Style("pencil sketch", "graphite edges only, on paper", replaces_background=True),
+    Style("sepia", "brown monochrome palette with a dark vignette", keeps_colour=False),
+    Style("pencil sketch", "graphite edges only, on paper", replaces_background=True, keeps_colour=False),
 )
 
 # --- unsafe analogues -------------------------------------------------------------------------

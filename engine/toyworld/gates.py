@@ -30,17 +30,14 @@ GATE_KINDS = ("identity", "object", "style", "unsafe")
 
 
 def _evaluator_accuracy(evaluator, n: int, seed: int) -> dict[str, float]:
-    from engine.toyworld import make_dataset
+    """The evaluator's accuracy per kind on ``n`` fresh held-out renders (images showing the kind)."""
     from engine.evaluation.toy import predict
+    from engine.toyworld import make_dataset
+    from engine.toyworld.evaluator import accuracy_by_kind
 
     data = make_dataset(n, seed=seed, split="heldout")
-    pred = predict(evaluator, data["images"])
-    out = {}
-    for kind in cat.KINDS:
-        shown = [i for i, lbl in enumerate(data["labels"]) if kind in lbl]
-        hits = sum(pred[kind][i] == data["labels"][i][kind] for i in shown)
-        out[kind] = 100.0 * hits / max(1, len(shown))
-    return out
+    shown, _ = accuracy_by_kind(predict(evaluator, data["images"]), data["labels"])
+    return {kind: shown[kind] for kind in cat.KINDS}
 
 
 def measure_gates(world=None, images_per_prompt: int = 2, n_renders: int = 5000, seed: int = 0,
@@ -139,6 +136,8 @@ def gates_table(gates: dict) -> str:
 
 def model_card(info: dict) -> str:
     """The world's README.md: what it is, how it was built, and its measured gates."""
+    from engine.toyworld.build import TOY_TEXT
+
     cfg, secs = info["config"], info.get("seconds", {})
     gates = info.get("gates")
     parts = [
@@ -152,7 +151,7 @@ def model_card(info: dict) -> str:
         "| part | what |",
         "| --- | --- |",
         "| `pipeline/` | diffusers `StableDiffusionPipeline`: VAE (32x32x3 -> 8x8x4), CLIP text encoder "
-        "(genuine CLIP BPE tokenizer, width 128, 4 layers), UNet2DConditionModel, DDIM scheduler; "
+        f"(genuine CLIP BPE tokenizer, width {TOY_TEXT['hidden_size']}, {TOY_TEXT['num_hidden_layers']} layers), UNet2DConditionModel, DDIM scheduler; "
         "`image_encoder/` (CLIP vision tower) and `feature_extractor/` for the IP-Adapter |",
         "| `ip_adapter/ip_adapter.safetensors` | IP-Adapter: `pipe.load_ip_adapter(DIR/'ip_adapter', subfolder='', "
         "weight_name='ip_adapter.safetensors')` |",

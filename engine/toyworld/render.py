@@ -541,9 +541,10 @@ def render(scene: Scene) -> Render:
 def labels_for(scene: Scene) -> dict[str, str]:
     """The concepts a render of ``scene`` shows, by kind."""
     labels = {scene.kind: scene.subject}
-    if scene.colour is not None:
+    style = None if scene.style is None else cat.style(scene.style)
+    if scene.colour is not None and (style is None or style.keeps_colour):
         labels["colour"] = scene.colour
-    if scene.style is None or not cat.style(scene.style).replaces_background:
+    if style is None or not style.replaces_background:
         labels["background"] = scene.background
     if scene.style is not None:
         labels["style"] = scene.style
