@@ -7,11 +7,8 @@ import torch
 from engine.toyworld import make_dataset
 from engine.toyworld.world import SHIPPED, load_toy_evaluator, load_toy_pipeline, verify_world, world_info
 
-# The world is not shipped yet: the first build from seed 0 missed its gates and its 60 MB budget
-# (benchmarks/results/toyworld_build_seed0.json). Set True in the change that commits
-# engine/toyworld/assets; from then on these tests fail if a shipped file is missing or corrupted.
-WORLD_SHIPPED = False
-pytestmark = pytest.mark.skipif(not WORLD_SHIPPED, reason="the toy world is not shipped yet")
+# The repository ships engine/toyworld/assets: these tests fail if any of its files is missing or
+# corrupted, or if the world is not as good as its card says.
 
 
 def test_shipped_world_is_present_and_intact():
@@ -19,7 +16,7 @@ def test_shipped_world_is_present_and_intact():
     assert verify_world(SHIPPED) == SHIPPED
     info = world_info(SHIPPED)
     total = sum((SHIPPED / rel).stat().st_size for rel in info["files"])
-    assert total <= 60 * 2**20, f"the shipped world is {total / 2**20:.1f} MB"
+    assert total <= 60_000_000, f"the shipped world is {total / 1e6:.1f} MB (budget 60 MB)"
 
 
 def test_shipped_gates_are_recorded_in_the_card():
