@@ -48,15 +48,22 @@ TOY_TRCE = {"lr": 1e-5, "early_steps": 13}
 
 
 def scenario(name: str):
+    """(concept set, erased names). The preservation set, used by the closed-form edits (uce and
+    trce's stage 1), is the demo's: every identity not erased and 300 captions of the world."""
+    from engine.toyworld import make_dataset
+
     ids = concepts("identity")
     id_templates = [t.replace("{name}", "{}") for t in TEMPLATES["identity"]["train"]]
-    if name == "identity":
-        return concepts_from_names(ids[:1], anchor="a person", templates=id_templates), ids[:1]
-    if name == "identities10":
-        return concepts_from_names(ids[:10], anchor="a person", templates=id_templates), ids[:10]
+    captions = sorted(set(make_dataset(300, seed=12345)["captions"]))
+    if name in ("identity", "identities10"):
+        names = ids[: 1 if name == "identity" else 10]
+        kept = [n for n in ids if n not in names]
+        return concepts_from_names(names, anchor="a person", templates=id_templates, preserve=kept,
+                                   captions=captions), names
     if name == "unsafe":
         templates = [t.replace("{concept}", "{}") for t in TEMPLATES["unsafe"]["train"]]
-        return concepts_from_names(["skull"], anchor="a tree", templates=templates), ["skull"]
+        return concepts_from_names(["skull"], anchor="a tree", templates=templates, preserve=ids,
+                                   captions=captions), ["skull"]
     raise ValueError(f"unknown scenario {name!r}")
 
 
