@@ -212,6 +212,13 @@ def stage_evaluator(cfg: BuildConfig, out: Path, progress: bool) -> dict:
     return metrics
 
 
+def _clip_loss(logits: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
+    """Symmetric contrastive loss; rows with the same label key are all positives."""
+    same = torch.from_numpy(keys[:, None] == keys[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean())
+
+
 def concept_phrase(kind: str, name: str) -> str:
     """How captions name a concept on its own ("a star", "sepia style", ...)."""
     return {"identity": "{}", "object": "a {}", "colour": "{}", "background": "a {} background",
@@ -264,13 +271,10 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
             idx = rng.choice(n, size=min(cfg.clip_batch, n), replace=False)
             ids = _tokenize(tokenizer, [data["captions"][i] for i in idx], pad_to_max=False)
             pixels = clip_pixels(data["images"][idx])
-            same = torch.from_numpy(keys[idx][:, None] == keys[idx][None, :]).float()  # B x B positives
-            target = same / same.sum(1, keepdim=True)
             _set_lr(opt, _lr_at(step, cfg.clip_steps, cfg.clip_lr))
             outputs = model(input_ids=ids, pixel_values=pixels)
-            logits = outputs.logits_per_image  # B x B, scaled by the learned temperature
-            loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
-                          - (target * logits.t().log_softmax(1)).sum(1).mean())
+            # logits_per_image: B x B, scaled by the learned temperature
+            loss = _clip_loss(outputs.logits_per_image, keys[idx])
             image_embeds = outputs.image_embeds  # already normalised
             phrase_embeds = F.normalize(model.get_text_features(input_ids=phrase_ids).pooler_output, dim=-1)
             scale = model.logit_scale.exp()
@@ -386,13 +390,6 @@ def min_snr_weight(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tens
     alpha_bar = scheduler.alphas_cumprod[t]
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(max=gamma) / snr
-
-
-def _clip_loss(logits: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
-    """Symmetric contrastive loss; rows with the same label key are all positives."""
-    same = torch.from_numpy(keys[:, None] == keys[None, :]).float()
-    target = same / same.sum(1, keepdim=True)
-    return 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean())
 
 
 def _token_ids(tokenizer, cache: dict, captions: list[str]) -> torch.Tensor:
