@@ -544,7 +544,7 @@ class _ImageBranch:
         self.concepts, self.pipe = concepts, pipe
         if cache is None:
             cache = build_trajectory_cache(pipe, self.prompts, cfg)
-        need_targets = "tokens" not in cache
+        need_targets = "neg_tokens" not in cache  # a resumed run's cache already holds them
         images = self._images(pipe) if need_targets else None  # generated before the IP-Adapter is in
         _load_ip_adapter(pipe, cfg.ip_adapter)
         # Tokens are projected and refined here, then fed straight into the attention processors:
@@ -611,7 +611,6 @@ class _ImageBranch:
                     e_img[r], u_img[r] = (v.cpu() for v in both.chunk(2))
                     bar.update()
             out[f"{branch}_eps_cond"], out[f"{branch}_eps_uncond"] = e_img, u_img
-        out["tokens"] = torch.ones(1)  # marks the image targets as computed
         return out
 
     def _branch_batch(self, unet, branch: str, rows, steps):
