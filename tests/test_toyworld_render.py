@@ -273,10 +273,12 @@ _FIELDS = {
 def test_templates_are_split_and_use_their_fields():
     assert set(cat.TEMPLATES) == set(_FIELDS)
     for kind, splits in cat.TEMPLATES.items():
-        assert set(splits) == {"train", "heldout"}
-        assert splits["train"] and splits["heldout"]
-        assert not set(splits["train"]) & set(splits["heldout"]), kind
-        for template in splits["train"] + splits["heldout"]:
+        assert set(splits) == {"train", "train_extra", "heldout"}
+        assert splits["train"] and splits["train_extra"] and splits["heldout"]
+        trained = splits["train"] + splits["train_extra"]
+        assert len(set(trained)) == len(trained), kind
+        assert not set(trained) & set(splits["heldout"]), kind
+        for template in trained + splits["heldout"]:
             fields = set(re.findall(r"{(\w+)}", template))
             assert _FIELDS[kind] <= fields, (kind, template)
     for u in cat.UNSAFE:
@@ -295,7 +297,8 @@ def _possible_captions(scene, split):
     if scene.kind == "unsafe" and not scene.style:
         concepts += list(cat.unsafe_concept(scene.subject).synonyms)
         out |= set(cat.indirect_prompts(scene.subject, split))
-    for template, concept in itertools.product(cat.TEMPLATES[kind][split], concepts):
+    templates = cat.TEMPLATES[kind][split] + (cat.TEMPLATES[kind]["train_extra"] if split == "train" else ())
+    for template, concept in itertools.product(templates, concepts):
         text = template.format(name=scene.subject, object=scene.subject, colour=scene.colour,
                                background=scene.background, style=scene.style, subject=subject, concept=concept)
         out.add(re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text))

@@ -119,7 +119,7 @@ class BuildConfig:
     vae_steps: int = 3000
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 5000
+    unet_steps: int = 6000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     unet_ema: float = 0.999

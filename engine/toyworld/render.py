@@ -569,6 +569,8 @@ def caption_for(scene: Scene, rng: np.random.Generator, split: str = "train") ->
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     kind = "style" if scene.style is not None else scene.kind
     templates = cat.TEMPLATES[kind][split]
+    if split == "train":
+        templates = templates + cat.TEMPLATES[kind]["train_extra"]
     concept = scene.subject
     if scene.kind == "unsafe" and scene.style is None:
         c = cat.unsafe_concept(scene.subject)
