@@ -68,7 +68,7 @@ def add_toyworld_parser(sub) -> None:
 
     g = tsub.add_parser("gates", help="measure the quality gates and write them to world.json and README.md")
     g.add_argument("--world")
-    g.add_argument("--images-per-prompt", type=int, default=2, help="generated images per held-out prompt (default 2)")
+    g.add_argument("--images-per-prompt", type=int, default=4, help="generated images per held-out prompt (default 4)")
     g.add_argument("--no-write", action="store_true", help="only print the results")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_gates)

@@ -40,7 +40,7 @@ def _evaluator_accuracy(evaluator, n: int, seed: int) -> dict[str, float]:
     return {kind: shown[kind] for kind in cat.KINDS}
 
 
-def measure_gates(world=None, images_per_prompt: int = 2, n_renders: int = 5000, seed: int = 0,
+def measure_gates(world=None, images_per_prompt: int = 4, n_renders: int = 5000, seed: int = 0,
                   batch_size: int = 64, limit: int | None = None, steps: int | None = None,
                   progress: bool = True, write: bool = True) -> dict:
     """Measure every gate on a world folder (default: the shipped one); see the module docstring.
