@@ -6,17 +6,26 @@ The public, stable API is what `__all__` lists; see engine/api.py for usage.
 import logging
 
 
-class _DropHubKernelProbe(logging.Filter):
-    # bitsandbytes' CPU backend probes Hugging Face's `kernels` package at import; this project's
-    # top-level `kernels` package answers instead and the probe logs a failure that means nothing
-    # here (the probed 4-bit CPU kernel is optional and unused).
+class _DropMessage(logging.Filter):
+    """Drops a third-party log line that says nothing to this project's users."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelProbe())
+# bitsandbytes' CPU backend probes Hugging Face's `kernels` package at import; this project's
+# top-level `kernels` package answers instead and the probe logs a failure that means nothing
+# here (the probed 4-bit CPU kernel is optional and unused).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("kernels-community"))
+# DeepSpeed, imported by transformers whenever it is installed, warns on machines without a GPU.
+logging.getLogger("DeepSpeed").addFilter(_DropMessage("Setting accelerator to CPU"))
 
-from engine.api import Result, apply_delta, erase, method_config
+from engine.adapters import load_concept_adapters
+from engine.api import Result, apply_delta, erase, erase_with_adapters, method_config
 from engine.closed_form import METHODS, ClosedFormConfig
 from engine.concepts import Concept, ConceptFileError, ConceptSet, concepts_from_names, load_concepts
 from engine.models import load_pipeline
@@ -25,6 +34,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "erase",
+    "erase_with_adapters",
+    "load_concept_adapters",
     "apply_delta",
     "method_config",
     "Result",

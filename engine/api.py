@@ -58,7 +58,13 @@ class Result:
         save_pipeline: bool = True,
         overwrite: bool = False,
     ) -> Path:
-        """Write the pipeline, delta.safetensors, optional LoRA and manifest.json atomically."""
+        """Write the pipeline, delta.safetensors, optional LoRA and manifest.json atomically.
+
+        In a distributed run only rank 0 writes (every rank holds the same result)."""
+        from engine.distributed import is_main
+
+        if not is_main():
+            return Path(out_dir)
         start = time.perf_counter()
         manifest = dict(self.manifest)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
@@ -185,6 +191,12 @@ def erase(
         original = {k: p.detach().clone() for k, p in params.items() if k in touched}
         manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, "trained_fingerprint")
         run = finetune(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume, method=method)
+        if cfg.distributed != "none":
+            from engine import distributed
+
+            manifest["distributed"] = {"backend": cfg.distributed, "zero_stage": cfg.zero_stage,
+                                       "ranks": distributed.world_size()}
+            manifest["device"] = str(pipe.unet.device)
         tail = run.losses[-max(1, len(run.losses) // 10):]
         manifest.update(
             seed=cfg.seed,
@@ -214,6 +226,57 @@ def erase(
         timings={"load": load_seconds, **edit.timings},
     )
     return Result(pipeline=pipe, delta=edit.changed, original=original, manifest=manifest, edit=edit)
+
+
+def erase_with_adapters(
+    model,
+    concepts,
+    *,
+    config=None,
+    anchor: str | None = None,
+    templates: list[str] | None = None,
+    model_config: str | None = None,
+    allow_pickle: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    **overrides,
+):
+    """Train one ESD LoRA adapter per concept, concurrently in one batched run
+    (``engine.adapters``); returns a ``ConceptAdapters`` whose ``save(out)`` writes one loadable
+    LoRA per concept and an index. The model is left unchanged. Hyper-parameters as ``erase``'s
+    for "esd", with ``params="lora"`` (the default here)."""
+    from engine.adapters import train_concept_adapters
+
+    explicit = "params" in overrides or (isinstance(config, dict) and "params" in config)
+    cfg = method_config("esd", config, **overrides)
+    if not explicit and not isinstance(config, FinetuneConfig):
+        cfg = cfg.replace(params="lora")
+    start = time.perf_counter()
+    pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
+    load_seconds = time.perf_counter() - start
+    concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
+    from engine.finetune import trainable_parameters
+
+    base = {k: p.detach() for k, p in trainable_parameters(pipe.unet, "lora").items()}  # what the adapters add to
+    inputs = _inputs(pipe, model_path, concept_path, base, cfg.progress, "base_fingerprint")
+    run = train_concept_adapters(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume)
+    run.manifest = {
+        "engine": "erasure-engine",
+        "method": "esd",
+        "per_concept_adapters": True,
+        "config": cfg.to_dict(),
+        "concepts": concept_set.to_dict(),
+        "versions": package_versions(),
+        "device": str(pipe.unet.device),
+        "inputs": inputs,
+        "seed": cfg.seed,
+        "training": {"steps_run": run.steps_run, "resumed_from": run.resumed_from,
+                     "first_loss": run.losses[0] if run.losses else None,
+                     "final_loss": sum(run.losses[-10:]) / len(run.losses[-10:]) if run.losses else None,
+                     "adapters": len(run.adapters), "rank": run.rank},
+        "timings": {"load": load_seconds, **run.timings},
+    }
+    return run
 
 
 def apply_delta(model, delta_path, *, model_config=None, allow_pickle=False):

@@ -61,6 +61,12 @@ def cmd_erase(args) -> int:
     config = {**_load_config_file(args.config), **_parse_sets(args.set)}
     if args.quiet:
         config["progress"] = False
+    if args.per_concept_adapters:
+        return _erase_with_adapters(args, config)
+    if args.distributed:
+        if args.method not in FINETUNE_METHODS:
+            raise SystemExit(f"--distributed trains a fine-tuning method ({', '.join(FINETUNE_METHODS)}), not {args.method}")
+        config.update(distributed=args.distributed, zero_stage=args.zero_stage)
     result = erase(
         args.model,
         args.concepts,
@@ -74,6 +80,13 @@ def cmd_erase(args) -> int:
            if args.method in FINETUNE_METHODS else {}),
     )
     out = result.save(args.out, export_lora=args.export_lora, lora_rank=args.lora_rank, save_pipeline=not args.no_pipeline)
+    if args.distributed:
+        from engine import distributed
+
+        main = distributed.is_main()
+        distributed.shutdown()  # rank 0 has written the outputs when every rank gets here
+        if not main:
+            return 0
     n = len(result.manifest["concepts"]["concepts"])
     if "solve" in result.manifest:
         solve = result.manifest["solve"]
@@ -90,6 +103,26 @@ def cmd_erase(args) -> int:
               f"{tr['resumed_from']}), {tr['parameters_trained']:,} parameters{losses}")
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.manifest["timings"].items()))
     print(f"wrote {out}")
+    return 0
+
+
+def _erase_with_adapters(args, config) -> int:
+    from engine.api import erase_with_adapters
+
+    if args.method != "esd" or args.distributed or args.export_lora or args.no_pipeline:
+        raise SystemExit("--per-concept-adapters trains ESD LoRA adapters in one process: use --method esd, "
+                         "without --distributed, --export-lora or --no-pipeline")
+    run = erase_with_adapters(
+        args.model, args.concepts, config=config or None, anchor=args.anchor, templates=args.template or None,
+        model_config=args.model_config, allow_pickle=args.allow_pickle,
+        checkpoint_dir=args.checkpoint_dir or f"{args.out}.checkpoints", resume=args.resume,
+    )
+    out = run.save(args.out)
+    tr = run.manifest["training"]
+    print(f"trained {tr['adapters']} per-concept adapter(s) (rank {tr['rank']}): {tr['steps_run']} steps "
+          f"(resumed from step {tr['resumed_from']})")
+    print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in run.manifest["timings"].items()))
+    print(f"wrote {out} (adapters/index.json lists one LoRA file per concept)")
     return 0
 
 
@@ -298,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="uce", help="uce | trce-stage1 | esd | co-erasing | bi-erasing | trce (see `erasure methods`)")
     p.add_argument("--checkpoint-dir", help="fine-tuning checkpoints (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue a killed fine-tuning run from its checkpoint")
+    p.add_argument("--distributed", choices=["deepspeed"],
+                   help="data-parallel fine-tuning with DeepSpeed ZeRO; launch with torchrun --nproc_per_node N")
+    p.add_argument("--per-concept-adapters", action="store_true",
+                   help="esd: one LoRA adapter per concept, trained together in one batched run (adapters/ + index)")
+    p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2, help="ZeRO stage with --distributed (default 2)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--config", help="YAML/JSON file of hyper-parameters")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one hyper-parameter")

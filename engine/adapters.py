@@ -1,0 +1,251 @@
+"""Independent per-concept LoRA adapters, trained concurrently in one batched run.
+
+``train_concept_adapters(pipe, concepts, cfg)`` trains one rank-``lora_rank`` LoRA adapter per
+concept on the cross-attention projections (``engine.finetune.LORA_TARGETS``) with ESD's loss
+(cached targets). Each step draws ``batch_size`` samples of EVERY concept, from that concept's
+own generator and its own trajectory cache, and runs them through the UNet in one forward: each
+sample goes through its own concept's adapter (``BatchedLoRALinear``). The loss is the sum over
+concepts of each concept's mean loss, so adapter k gets exactly the gradient a separate
+single-concept run with the same seed would compute, and Adam/AdamW (element-wise) make the
+same update: every adapter equals what its own run produces, up to float summation order.
+(bitsandbytes' 8-bit optimizer quantises blocks that would span adapters, so it is refused.)
+
+``ConceptAdapters.save(out)`` writes one diffusers-format LoRA file per concept
+(``adapters/NNN-<slug>.safetensors``, loadable with ``pipe.load_lora_weights``), an index
+(``adapters/index.json``: concept -> file, sha256) and ``manifest.json``; ``load_concept_adapters``
+loads any subset into a pipeline so a tool can switch erasures on and off at inference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.concepts import ConceptSet
+from engine.finetune import (
+    LoRALinear,
+    FinetuneConfig,
+    _ESD,
+    _load_checkpoint,
+    _save_checkpoint,
+    make_optimizer,
+    trainable_parameters,
+)
+from kernels import guidance_loss
+
+ADAPTER_DIR = "adapters"
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "erasure-engine/concept-adapters-v1"
+OPTIMIZERS = ("adam", "adamw")
+
+
+class BatchedLoRALinear(torch.nn.Module):
+    """``base(x)`` plus, for sample i of the batch, adapter ``route[i]``'s ``x A^T B^T``.
+    ``lora_A`` is (N, r, in), ``lora_B`` (N, out, r); set ``route`` (B,) before each forward."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, generators: list[torch.Generator]):
+        super().__init__()
+        self.base = base
+        # Adapter k starts as LoRALinear would with generator k: a separate run's initial adapter.
+        a = torch.stack([LoRALinear.initial_A(base, rank, g) for g in generators])
+        self.lora_A = torch.nn.Parameter(a)
+        self.lora_B = torch.nn.Parameter(torch.zeros(len(generators), base.out_features, rank, device=a.device,
+                                                     dtype=a.dtype))
+        self.route: torch.Tensor | None = None
+
+    def forward(self, x):
+        if self.route is None or len(self.route) != x.shape[0]:
+            raise RuntimeError("BatchedLoRALinear: set route (one adapter index per sample) before the forward")
+        h = x.reshape(x.shape[0], -1, x.shape[-1])  # B x tokens x in
+        low = torch.bmm(h, self.lora_A[self.route].transpose(1, 2))  # B x tokens x r
+        delta = torch.bmm(low, self.lora_B[self.route].transpose(1, 2))  # B x tokens x out
+        return self.base(x) + delta.reshape(*x.shape[:-1], -1)
+
+
+def _wrap(unet, n: int, rank: int, seed: int) -> dict[str, BatchedLoRALinear]:
+    names = [k.removesuffix(".weight") for k in trainable_parameters(unet, "lora")]
+    generators = [torch.Generator().manual_seed(seed + 99) for _ in range(n)]  # finetune.add_lora's seed
+    wrapped = {}
+    for name in names:  # in add_lora's order, so every generator draws as in a single run
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name)
+        wrapped[name] = BatchedLoRALinear(getattr(parent, child), rank, generators)
+        setattr(parent, child, wrapped[name])
+    return wrapped
+
+
+def _unwrap(unet, wrapped: dict[str, BatchedLoRALinear]) -> None:
+    for name, module in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, module.base)
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a concept name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.casefold()).strip("-")[:60] or "concept"
+
+
+@dataclass
+class ConceptAdapters:
+    """One trained LoRA per concept (diffusers PEFT keys) and how the run went."""
+
+    concepts: list[str]
+    adapters: list[dict[str, torch.Tensor]]  # per concept: "unet.<module>.lora_A.weight" / "lora_B.weight"
+    rank: int
+    losses: list[float]
+    timings: dict[str, float]
+    steps_run: int
+    resumed_from: int
+    manifest: dict
+
+    def files(self) -> list[str]:
+        return [f"{i:03d}-{slug(name)}.safetensors" for i, name in enumerate(self.concepts)]
+
+    def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``adapters/`` (one LoRA file per concept and ``index.json``) and ``manifest.json``,
+        atomically; in a distributed run only rank 0 writes."""
+        from safetensors.torch import save_file
+
+        from engine.distributed import is_main
+        from engine.export import MANIFEST_NAME, atomic_output_dir, check_finite, sha256_file, write_json
+
+        if not is_main():
+            return Path(out_dir)
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            (tmp / ADAPTER_DIR).mkdir()
+            entries = []
+            for name, file, state in zip(self.concepts, self.files(), self.adapters):
+                check_finite(state, f"the adapter of {name!r}")
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_DIR / file))
+                entries.append({"concept": name, "file": file, "sha256": sha256_file(tmp / ADAPTER_DIR / file)})
+            write_json(tmp / ADAPTER_DIR / INDEX_NAME, {"format": INDEX_FORMAT, "rank": self.rank, "adapters": entries})
+            write_json(tmp / MANIFEST_NAME, self.manifest)
+        return Path(out_dir)
+
+
+def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: str | os.PathLike | None = None,
+                           resume: bool = False) -> ConceptAdapters:
+    """Train one LoRA adapter per concept of ``concepts`` in one batched ESD run (module docstring).
+
+    ``cfg``: ESD's ``FinetuneConfig`` with ``params="lora"``; ``batch_size`` samples per concept
+    and step. ``pipe`` is left unchanged. Checkpoints and ``resume`` as in ``engine.finetune``.
+    """
+    if cfg.params != "lora":
+        raise ValueError(f"per-concept adapters are LoRA adapters: params must be 'lora', not {cfg.params!r}")
+    if cfg.xt_source != "cached":
+        raise ValueError("per-concept adapters train on cached trajectories (xt_source='cached')")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"per-concept adapters need an element-wise optimizer ({', '.join(OPTIMIZERS)}); "
+                         f"{cfg.optimizer!r} quantises blocks that would span several adapters")
+    if cfg.distributed != "none":
+        raise ValueError("per-concept adapters run in one process (distributed='none')")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
+    names = [c.name for c in concepts.concepts]
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    signature = {"method": "esd-per-concept-adapters",
+                 "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "checkpoint_every")},
+                 "concepts": concepts.to_dict()}
+    state = _load_checkpoint(folder, signature) if resume else None
+
+    start = time.perf_counter()
+    quiet = cfg.replace(progress=False)
+    objectives = [_ESD(pipe, ConceptSet(concepts=(c,)), quiet, None)
+                  for c in tqdm(concepts.concepts, desc="cached targets", unit="concept", disable=not cfg.progress)]
+    timings = {"targets": time.perf_counter() - start}
+
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    wrapped = _wrap(unet, len(names), cfg.lora_rank, cfg.seed)
+    try:
+        trained = {f"{n}.{p}": getattr(m, p) for n, m in wrapped.items() for p in ("lora_A", "lora_B")}
+        for p in trained.values():
+            p.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        opt = make_optimizer(cfg.optimizer, trained.values(), cfg.lr, cfg.weight_decay)
+        gens = [torch.Generator().manual_seed(cfg.seed) for _ in names]  # each concept: its own run's draws
+        first = 0
+        if state is not None:
+            with torch.no_grad():
+                for k, p in trained.items():
+                    p.copy_(state["trained"][k])
+            opt.load_state_dict(state["optimizer"])
+            for g, s in zip(gens, state["rng"]["generators"]):
+                g.set_state(s)
+            first = state["step"]
+        route = torch.arange(len(names), device=unet.device).repeat_interleave(cfg.batch_size)
+        for module in wrapped.values():
+            module.route = route
+        losses = []
+        start = time.perf_counter()
+        with tqdm(total=cfg.iterations, initial=first, desc="esd adapters", disable=not cfg.progress) as bar:
+            for step in range(first, cfg.iterations):
+                parts = [obj.sample(g, unet.device, unet.dtype) for obj, g in zip(objectives, gens)]
+                x, t, cond, frozen, coeffs = (torch.cat(z) for z in zip(*parts))
+                pred = unet(x, t, cond).sample
+                per_sample = guidance_loss(pred.flatten(1), frozen.flatten(2), coeffs, backend=cfg.loss_backend)
+                loss = per_sample.view(len(names), -1).mean(1).sum()  # each adapter: its own run's mean loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item() / len(names))
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"the loss became {losses[-1]} at step {step}; lower the learning rate")
+                done = step + 1
+                if folder is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
+                    _save_checkpoint(folder, done, trained, opt, {"generators": [g.get_state() for g in gens]}, signature)
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
+                bar.update()
+        timings["train"] = time.perf_counter() - start
+    finally:
+        _unwrap(unet, wrapped)
+        unet.eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+    adapters = []
+    for k in range(len(names)):
+        state_k = {}
+        for name, module in wrapped.items():
+            state_k[f"unet.{name}.lora_A.weight"] = module.lora_A[k].detach().clone()
+            state_k[f"unet.{name}.lora_B.weight"] = module.lora_B[k].detach().clone()
+        adapters.append(state_k)
+    return ConceptAdapters(concepts=names, adapters=adapters, rank=cfg.lora_rank, losses=losses, timings=timings,
+                           steps_run=cfg.iterations - first, resumed_from=first, manifest={})
+
+
+def load_concept_adapters(pipe, folder: str | os.PathLike, concepts: list[str] | None = None,
+                          weights: list[float] | None = None) -> list[str]:
+    """Load the adapters of ``concepts`` (default: all) from a ``save``d folder into ``pipe`` and
+    activate them (``weights``: per adapter, default 1); returns the adapter names (slugs).
+    ``pipe.set_adapters([...])`` / ``pipe.disable_lora()`` switch them afterwards."""
+    import json
+
+    root = Path(folder) / ADAPTER_DIR
+    index_file = root / INDEX_NAME
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{folder} holds no per-concept adapters ({index_file} is missing)")
+    index = json.loads(index_file.read_text())
+    by_name = {e["concept"]: e for e in index["adapters"]}
+    wanted = list(by_name) if concepts is None else list(concepts)
+    unknown = [c for c in wanted if c not in by_name]
+    if unknown:
+        raise ValueError(f"no adapter for {unknown[:5]} in {folder}; it has {list(by_name)[:10]}")
+    if weights is not None and len(weights) != len(wanted):
+        raise ValueError(f"weights: one per adapter ({len(wanted)}), got {len(weights)}")
+    loaded = []
+    for concept in wanted:
+        entry = by_name[concept]
+        adapter = entry["file"].removesuffix(".safetensors")
+        pipe.load_lora_weights(str(root), weight_name=entry["file"], adapter_name=adapter)
+        loaded.append(adapter)
+    pipe.set_adapters(loaded, adapter_weights=weights or [1.0] * len(loaded))
+    return loaded
