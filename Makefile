@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q -c $(CONSTRAINTS) torch
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test,eval,bnb]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test,eval,bnb,distributed]"
 	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps open_clip_torch
 	touch $@
 
