@@ -28,7 +28,7 @@ test-slow: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow
 
 bench: venv
-	$(PY) benchmarks/bench_closed_form.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build

@@ -104,7 +104,8 @@ def bench_case(model: str, device, case: str, steps: int, batch: int) -> dict | 
         sync(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return {"case": case, "method": method, "params": cfg.params, "batch": batch, "prepare_s": prepare,
+    return {"case": case, "method": method, "params": cfg.params, "batch": batch, "concepts": len(concepts.concepts),
+            "prepare_s": prepare,
             "step_s": step_s, "samples_per_s": batch / step_s, "flops_per_step": flops,
             "tflops": flops / step_s / 1e12, "trained_parameters": sum(p.numel() for p in trained.values())}
 

@@ -1,0 +1,225 @@
+"""Every benchmark in one command: one summary table and one JSON.
+
+    python benchmarks/run_all.py [--mode quick|full] [--device cpu|cuda]
+
+``quick`` (the default without a GPU) uses small settings that finish in minutes on a CPU;
+``full`` (the default on a GPU) the headline sizes. The suite first measures the device's own
+roofs (matmul rate and copy bandwidth, below), then runs each benchmark script in its own
+process, each writing its JSON, and reads them back:
+
+* ``bench_closed_form``: the shared-solve closed-form editor vs the per-layer reference
+  algorithm (same run); end-to-end seconds include text encoding, the floor of closed-form
+  erasure, so the roof fraction is text-encoding time / end-to-end time;
+* ``bench_losses``: the fused loss kernels (GPU) or ``torch.compile`` (CPU) vs eager torch;
+  roof: achieved / measured copy bandwidth (the losses are memory-bound);
+* ``bench_finetune``: ESD with cached targets vs on-policy ESD, time per erased concept at
+  equal iterations; roof: achieved FLOP/s / measured matmul rate (MFU);
+* ``bench_adapters``: N per-concept adapters in one batched run vs N sequential runs;
+* ``plan_distributed``: the computed memory and throughput plan for 1-8 GPUs.
+
+Headlines: closed-form erasure of 100 (and, full, 1,000) concepts end to end on SD1.5 (and,
+full, SDXL); 100 concepts by fine-tuning projected from the measured step time (ESD's 1,000
+iterations of batch 1 per concept); the per-GPU memory of full-UNet fine-tuning per optimizer
+and ZeRO stage (computed). Writes ``benchmarks/results/<device>/<date>-<sha>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_closed_form import device_name, git_sha  # noqa: E402
+from benchmarks.bench_losses import copy_bandwidth  # noqa: E402
+from engine.export import package_versions  # noqa: E402
+
+ESD_SAMPLES_PER_CONCEPT = 1000  # ESD: 1,000 iterations of batch 1
+
+# benchmark: (script, arguments by mode)
+SUITE = {
+    "closed_form": ("bench_closed_form.py", {"quick": ["--archs", "sd15", "--concepts", "10,100"],
+                                             "full": ["--archs", "sd15,sdxl", "--concepts", "1,10,100,1000"]}),
+    "losses": ("bench_losses.py", {"quick": ["--quick"], "full": []}),
+    "finetune": ("bench_finetune.py", {"quick": ["--model", "toy", "--steps", "5", "--cases", "esd cached,esd on-policy"],
+                                       "full": ["--model", "sd15", "--steps", "20"]}),
+    "adapters": ("bench_adapters.py", {"quick": ["--model", "toy", "--concepts", "4", "--steps", "10"],
+                                       "full": ["--model", "sd15", "--concepts", "16", "--steps", "20"]}),
+    "plan_distributed": ("plan_distributed.py", {"quick": [], "full": []}),
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, dtype, n: int, reps: int = 7) -> float:
+    """FLOP/s of an n x n x n matmul, median over reps, rotating through 3 random input pairs."""
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(n, n, generator=gen).to(device, dtype), torch.randn(n, n, generator=gen).to(device, dtype))
+             for _ in range(3)]
+    for a, b in pairs:  # warm-up
+        a @ b
+    times = []
+    for i in range(reps):
+        a, b = pairs[i % 3]
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def device_roofs(device, mode: str) -> dict:
+    n = 2048 if device.type == "cpu" else 8192
+    roofs = {"matmul_fp32_tflops": matmul_rate(device, torch.float32, n) / 1e12,
+             "copy_bandwidth_GBps": copy_bandwidth(device, 1 << 26 if mode == "quick" else 1 << 28) / 1e9,
+             "matmul_n": n, "label": "measured"}
+    if device.type == "cuda":
+        roofs["matmul_bf16_tflops"] = matmul_rate(device, torch.bfloat16, n) / 1e12
+    return roofs
+
+
+def run_benchmark(name: str, mode: str, device, folder: Path) -> tuple[dict | None, float, str]:
+    script, args = SUITE[name]
+    out = folder / f"{name}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args[mode], "--out", str(out)]
+    if name != "plan_distributed":
+        cmd += ["--device", device.type]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return None, seconds, (proc.stderr or proc.stdout)[-2000:]
+    return json.loads(out.read_text()), seconds, ""
+
+
+def summarise(reports: dict, roofs: dict) -> list[dict]:
+    """One row per headline: what was measured, against which baseline, and the roof fraction."""
+    rows = []
+    cf = reports.get("closed_form")
+    if cf:
+        for r in cf["results"]:
+            end_to_end = r["text_encoding_s"] + r["engine_total_s"]
+            rows.append({"scenario": f"closed-form erase {r['concepts']} concepts, {r['arch']} (end to end)",
+                         "measured": f"{end_to_end:.2f} s", "baseline": f"per-layer solve {r['per_layer_total_s']:.2f} s "
+                         "(editing phases only)", "ratio": r["speedup"],
+                         "roof": f"text encoding is {r['text_encoding_s'] / end_to_end:.0%} of it"})
+    losses = reports.get("losses")
+    if losses:
+        best = max(losses["results"], key=lambda r: r["speedup_vs_eager"])
+        impl = "fused" if "fused_s" in best else "compile"
+        rows.append({"scenario": f"loss {best['loss']} ({best['case']}, {best['arch']}, batch {best['batch']}): best case",
+                     "measured": f"{best[f'{impl}_s'] * 1e3:.3f} ms ({impl})", "baseline": f"eager {best['eager_s'] * 1e3:.3f} ms",
+                     "ratio": best["speedup_vs_eager"], "roof": f"{best[f'{impl}_roof_fraction']:.0%} of copy bandwidth"})
+        worst = min(losses["results"], key=lambda r: r["speedup_vs_eager"])
+        rows.append({"scenario": f"loss {worst['loss']} ({worst['case']}, {worst['arch']}, batch {worst['batch']}): worst case",
+                     "measured": f"{worst[f'{impl}_s'] * 1e3:.3f} ms ({impl})",
+                     "baseline": f"eager {worst['eager_s'] * 1e3:.3f} ms", "ratio": worst["speedup_vs_eager"],
+                     "roof": f"{worst[f'{impl}_roof_fraction']:.0%} of copy bandwidth"})
+    ft = reports.get("finetune")
+    if ft:
+        steps = {r["case"]: r for r in ft["steps"]}
+        cached, on_policy = steps.get("esd cached"), steps.get("esd on-policy")
+        peak = roofs.get("matmul_bf16_tflops", roofs["matmul_fp32_tflops"])
+        if cached and on_policy:
+            per_concept = lambda r: r["prepare_s"] / r["concepts"] + ESD_SAMPLES_PER_CONCEPT / r["samples_per_s"]  # noqa: E731
+            rows.append({"scenario": f"ESD per concept, {ft['model']} (cached targets, 1,000 samples)",
+                         "measured": f"{per_concept(cached):.1f} s", "baseline": f"on-policy ESD {per_concept(on_policy):.1f} s",
+                         "ratio": per_concept(on_policy) / per_concept(cached),
+                         "roof": f"MFU {cached['tflops'] / peak:.1%}"})
+        if cached:
+            hours = 100 * ESD_SAMPLES_PER_CONCEPT / cached["samples_per_s"] / 3600
+            rows.append({"scenario": f"erase 100 concepts by fine-tuning, {ft['model']} (projected from the step time)",
+                         "measured": f"{hours:.2f} {ft['device_type']}-hours", "baseline": "-", "ratio": None,
+                         "roof": f"MFU {cached['tflops'] / peak:.1%}"})
+    ad = reports.get("adapters")
+    if ad:
+        r = ad["result"]
+        rows.append({"scenario": f"{r['concepts']} per-concept adapters, {r['model']} ({r['steps']} steps)",
+                     "measured": f"{r['batched_train_s']:.2f} s batched", "baseline": f"{r['sequential_train_s']:.2f} s sequential",
+                     "ratio": r["speedup_train"], "roof": "-"})
+    plan = reports.get("plan_distributed")
+    if plan:
+        gib = 2**30
+        for row in plan["rows"]:
+            # One GPU without ZeRO, then 8 GPUs with each stage (8-bit: ZeRO-3 only).
+            if (row["gpus"], row["zero"]) in ((1, 0), (8, 2), (8, 3)):
+                setting = "data parallel" if row["zero"] == 0 else f"ZeRO-{row['zero']}"
+                if row["optimizer"] == "adamw8bit" and row["zero"] != 3:
+                    continue
+                rows.append({"scenario": f"full-UNet fine-tuning memory, {row['arch']}, {row['optimizer']}, {setting}, "
+                                         f"{row['gpus']} GPU(s)",
+                             "measured": f"{row['memory']['bytes'] / gib:.1f} GiB per GPU (computed)", "baseline": "-",
+                             "ratio": None, "roof": "-"})
+    return rows
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("quick", "full"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", help="comma-separated benchmarks to run (default: all): " + ", ".join(SUITE))
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/<device>/<date>-<sha>.json)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    mode = args.mode or ("full" if device.type == "cuda" else "quick")
+    names = args.only.split(",") if args.only else list(SUITE)
+    unknown = [n for n in names if n not in SUITE]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; available: {', '.join(SUITE)}")
+
+    from tqdm.auto import tqdm
+
+    roofs = device_roofs(device, mode)
+    reports, seconds, failures = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp, tqdm(names, desc="benchmarks", unit="benchmark") as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
+            report, seconds[name], error = run_benchmark(name, mode, device, Path(tmp))
+            if report is None:
+                failures[name] = error
+            else:
+                reports[name] = report
+    rows = summarise(reports, roofs)
+    sha = git_sha()
+    result = {"suite": "run_all", "mode": mode, "device": device_name(device), "device_type": device.type,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": sha, "versions": package_versions(),
+              "roofs": roofs, "seconds": seconds, "summary": rows, "failures": failures, "reports": reports}
+    out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results" / slug(device_name(device))
+                                           / f"{time.strftime('%Y-%m-%d')}-{sha[:8]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"device: {result['device']} ({mode} mode); measured roofs: matmul fp32 {roofs['matmul_fp32_tflops']:.3f} TFLOP/s"
+          + (f", bf16 {roofs['matmul_bf16_tflops']:.1f} TFLOP/s" if "matmul_bf16_tflops" in roofs else "")
+          + f", copy {roofs['copy_bandwidth_GBps']:.1f} GB/s")
+    print("| scenario | measured | baseline | ratio | distance to the roof |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        print(f"| {r['scenario']} | {r['measured']} | {r['baseline']} | {ratio} | {r['roof']} |")
+    for name, error in failures.items():
+        print(f"FAILED {name}:\n{error}")
+    print(f"wrote {out} ({sum(seconds.values()):.0f} s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
