@@ -105,6 +105,24 @@ def test_killed_distributed_run_resumes(tiny_sd_dir, tmp_path):
                      (original, run))
 
 
+def test_cli_under_torchrun_writes_one_output_from_rank_0(tiny_sd_dir, tmp_path):
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("Van Gogh\na red car\n")
+    out = tmp_path / "erased"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "engine", "erase", "--model", str(tiny_sd_dir), "--concepts", str(concepts), "--method", "esd",
+           "--distributed", "deepspeed", "--zero-stage", "2", "--set", "iterations=2", "--set", "batch_size=2",
+           "--set", "sample_steps=3", "--set", "trajectories=1", "--set", "params=full", "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 only
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["distributed"] == {"backend": "deepspeed", "zero_stage": 2, "ranks": 2}
+    assert manifest["training"]["steps_run"] == 2 and (out / "delta.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".erased")] == []  # no leftover temporary folder
+
+
 def test_distributed_needs_a_launcher(tiny_sd_dir, monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
