@@ -35,7 +35,7 @@ from engine.finetune import (
     _ESD,
     _load_checkpoint,
     _save_checkpoint,
-    make_optimizer,
+    start_training,
     trainable_parameters,
 )
 from kernels import guidance_loss
@@ -166,12 +166,7 @@ def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, chec
     wrapped = _wrap(unet, len(names), cfg.lora_rank, cfg.seed)
     try:
         trained = {f"{n}.{p}": getattr(m, p) for n, m in wrapped.items() for p in ("lora_A", "lora_B")}
-        for p in trained.values():
-            p.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        opt = make_optimizer(cfg.optimizer, trained.values(), cfg.lr, cfg.weight_decay)
+        opt = start_training(unet, trained, cfg)
         gens = [torch.Generator().manual_seed(cfg.seed) for _ in names]  # each concept: its own run's draws
         first = 0
         if state is not None:

@@ -234,6 +234,17 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
+def start_training(unet, trained: dict[str, torch.nn.Parameter], cfg: "FinetuneConfig"):
+    """Make ``trained`` trainable, put ``unet`` in training mode (with gradient checkpointing if
+    asked) and return the optimizer over ``trained``."""
+    for p in trained.values():
+        p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return make_optimizer(cfg.optimizer, trained.values(), cfg.lr, cfg.weight_decay)
+
+
 # ----------------------------------------------------------------------------- the frozen side
 
 
@@ -832,12 +843,7 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
         trained = {f"{n}.{p}": getattr(m, p) for n, m in lora.items() for p in ("lora_A", "lora_B")}
     else:
         trained = trainable_parameters(trainee, cfg.params)
-    for p in trained.values():
-        p.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        trainee.enable_gradient_checkpointing()
-    trainee.train()
-    opt = make_optimizer(cfg.optimizer, trained.values(), cfg.lr, cfg.weight_decay)
+    opt = start_training(trainee, trained, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     first = 0
     if deepspeed:
