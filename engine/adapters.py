@@ -18,9 +18,7 @@ loads any subset into a pipeline so a tool can switch erasures on and off at inf
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +27,22 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
+from engine.export import file_slug
 from engine.finetune import (
-    LoRALinear,
+    LORA_SEED_OFFSET,
     FinetuneConfig,
+    LoRALinear,
     _ESD,
     _load_checkpoint,
     _save_checkpoint,
+    checkpoint_due,
+    lora_parameters,
+    restore_checkpoint,
+    run_signature,
     start_training,
-    trainable_parameters,
+    track_loss,
+    unwrap_lora_targets,
+    wrap_lora_targets,
 )
 from kernels import guidance_loss
 
@@ -70,26 +76,9 @@ class BatchedLoRALinear(torch.nn.Module):
 
 
 def _wrap(unet, n: int, rank: int, seed: int) -> dict[str, BatchedLoRALinear]:
-    names = [k.removesuffix(".weight") for k in trainable_parameters(unet, "lora")]
-    generators = [torch.Generator().manual_seed(seed + 99) for _ in range(n)]  # finetune.add_lora's seed
-    wrapped = {}
-    for name in names:  # in add_lora's order, so every generator draws as in a single run
-        parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name)
-        wrapped[name] = BatchedLoRALinear(getattr(parent, child), rank, generators)
-        setattr(parent, child, wrapped[name])
-    return wrapped
-
-
-def _unwrap(unet, wrapped: dict[str, BatchedLoRALinear]) -> None:
-    for name, module in wrapped.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent_name), child, module.base)
-
-
-def slug(name: str) -> str:
-    """A file-name-safe form of a concept name."""
-    return re.sub(r"[^a-z0-9]+", "-", name.casefold()).strip("-")[:60] or "concept"
+    # One generator per adapter, seeded and drawn in add_lora's order: each starts as its own run.
+    generators = [torch.Generator().manual_seed(seed + LORA_SEED_OFFSET) for _ in range(n)]
+    return wrap_lora_targets(unet, lambda base: BatchedLoRALinear(base, rank, generators))
 
 
 @dataclass
@@ -106,7 +95,7 @@ class ConceptAdapters:
     manifest: dict
 
     def files(self) -> list[str]:
-        return [f"{i:03d}-{slug(name)}.safetensors" for i, name in enumerate(self.concepts)]
+        return [f"{i:03d}-{file_slug(name, 'concept')}.safetensors" for i, name in enumerate(self.concepts)]
 
     def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``adapters/`` (one LoRA file per concept and ``index.json``) and ``manifest.json``,
@@ -150,9 +139,7 @@ def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, chec
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
     names = [c.name for c in concepts.concepts]
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    signature = {"method": "esd-per-concept-adapters",
-                 "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "checkpoint_every")},
-                 "concepts": concepts.to_dict()}
+    signature = run_signature("esd-per-concept-adapters", cfg, concepts)
     state = _load_checkpoint(folder, signature) if resume else None
 
     start = time.perf_counter()
@@ -165,18 +152,14 @@ def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, chec
     unet.requires_grad_(False)
     wrapped = _wrap(unet, len(names), cfg.lora_rank, cfg.seed)
     try:
-        trained = {f"{n}.{p}": getattr(m, p) for n, m in wrapped.items() for p in ("lora_A", "lora_B")}
+        trained = lora_parameters(wrapped)
         opt = start_training(unet, trained, cfg)
         gens = [torch.Generator().manual_seed(cfg.seed) for _ in names]  # each concept: its own run's draws
         first = 0
         if state is not None:
-            with torch.no_grad():
-                for k, p in trained.items():
-                    p.copy_(state["trained"][k])
-            opt.load_state_dict(state["optimizer"])
+            first = restore_checkpoint(state, trained, opt)
             for g, s in zip(gens, state["rng"]["generators"]):
                 g.set_state(s)
-            first = state["step"]
         route = torch.arange(len(names), device=unet.device).repeat_interleave(cfg.batch_size)
         for module in wrapped.values():
             module.route = route
@@ -192,17 +175,13 @@ def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, chec
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(loss.item() / len(names))
-                if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"the loss became {losses[-1]} at step {step}; lower the learning rate")
-                done = step + 1
-                if folder is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
-                    _save_checkpoint(folder, done, trained, opt, {"generators": [g.get_state() for g in gens]}, signature)
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
-                bar.update()
+                track_loss(losses, loss.item() / len(names), step, bar)
+                if checkpoint_due(folder, cfg, step + 1):
+                    _save_checkpoint(folder, step + 1, trained, opt, {"generators": [g.get_state() for g in gens]},
+                                     signature)
         timings["train"] = time.perf_counter() - start
     finally:
-        _unwrap(unet, wrapped)
+        unwrap_lora_targets(unet, wrapped)
         unet.eval().requires_grad_(False)
         if cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()

@@ -35,7 +35,7 @@ from engine.export import (
     write_json,
 )
 from engine.export import apply_delta as _apply_delta_to_pipe
-from engine.finetune import FINETUNE_METHODS, IMAGE_METHODS, FinetuneConfig, finetune
+from engine.finetune import FINETUNE_METHODS, IMAGE_METHODS, FinetuneConfig, finetune, trainable_parameters
 from engine.models import load_pipeline, text_encoder_fingerprint
 
 
@@ -138,6 +138,24 @@ def _inputs(pipe, model_path, concept_path, original, progress, fingerprint_key)
     return inputs
 
 
+def _manifest_head(method: str, cfg, concept_set: ConceptSet, pipe) -> dict:
+    return {
+        "engine": "erasure-engine",
+        "method": method,
+        "config": cfg.to_dict(),
+        "concepts": concept_set.to_dict(),
+        "versions": package_versions(),
+        "device": str(pipe.unet.device),
+    }
+
+
+def _training_summary(losses: list[float], steps_run: int, resumed_from: int, **extra) -> dict:
+    """Steps, the first loss and the mean of the last tenth of the losses."""
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"steps_run": steps_run, "resumed_from": resumed_from, "first_loss": losses[0] if losses else None,
+            "final_loss": sum(tail) / len(tail) if tail else None, **extra}
+
+
 def erase(
     model,
     concepts,
@@ -173,18 +191,9 @@ def erase(
             cfg = cfg.replace(ip_adapter=str(beside))
     load_seconds = time.perf_counter() - start
     concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
-    manifest = {
-        "engine": "erasure-engine",
-        "method": method,
-        "config": cfg.to_dict(),
-        "concepts": concept_set.to_dict(),
-        "versions": package_versions(),
-        "device": str(pipe.unet.device),
-    }
+    manifest = _manifest_head(method, cfg, concept_set, pipe)
     params = dict(pipe.unet.named_parameters())
     if isinstance(cfg, FinetuneConfig):
-        from engine.finetune import trainable_parameters
-
         touched = set(trainable_parameters(pipe.unet, cfg.params))
         if method == "trce":  # stage 1 edits the cross-attention K/V first
             touched |= {key for key, _ in cross_attention_kv(pipe.unet)}
@@ -196,14 +205,11 @@ def erase(
 
             manifest["distributed"] = {"backend": cfg.distributed, "zero_stage": cfg.zero_stage,
                                        "ranks": distributed.world_size()}
-            manifest["device"] = str(pipe.unet.device)
-        tail = run.losses[-max(1, len(run.losses) // 10):]
+            manifest["device"] = str(pipe.unet.device)  # the rank's device, where training moved the pipeline
         manifest.update(
             seed=cfg.seed,
-            training={"steps_run": run.steps_run, "resumed_from": run.resumed_from,
-                      "first_loss": run.losses[0] if run.losses else None,
-                      "final_loss": sum(tail) / len(tail) if tail else None,
-                      "parameters_trained": sum(v.numel() for v in run.changed.values())},
+            training=_training_summary(run.losses, run.steps_run, run.resumed_from,
+                                       parameters_trained=sum(v.numel() for v in run.changed.values())),
             timings={"load": load_seconds, **run.timings},
         )
         return Result(pipeline=pipe, delta=run.changed, original=original, manifest=manifest)
@@ -255,25 +261,16 @@ def erase_with_adapters(
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
     load_seconds = time.perf_counter() - start
     concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
-    from engine.finetune import trainable_parameters
-
     base = {k: p.detach() for k, p in trainable_parameters(pipe.unet, "lora").items()}  # what the adapters add to
     inputs = _inputs(pipe, model_path, concept_path, base, cfg.progress, "base_fingerprint")
     run = train_concept_adapters(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume)
     run.manifest = {
-        "engine": "erasure-engine",
-        "method": "esd",
+        **_manifest_head("esd", cfg, concept_set, pipe),
         "per_concept_adapters": True,
-        "config": cfg.to_dict(),
-        "concepts": concept_set.to_dict(),
-        "versions": package_versions(),
-        "device": str(pipe.unet.device),
         "inputs": inputs,
         "seed": cfg.seed,
-        "training": {"steps_run": run.steps_run, "resumed_from": run.resumed_from,
-                     "first_loss": run.losses[0] if run.losses else None,
-                     "final_loss": sum(run.losses[-10:]) / len(run.losses[-10:]) if run.losses else None,
-                     "adapters": len(run.adapters), "rank": run.rank},
+        "training": _training_summary(run.losses, run.steps_run, run.resumed_from, adapters=len(run.adapters),
+                                      rank=run.rank),
         "timings": {"load": load_seconds, **run.timings},
     }
     return run

@@ -101,9 +101,13 @@ def cmd_erase(args) -> int:
         losses = f", loss {tr['first_loss']:.4g} -> {tr['final_loss']:.4g}" if tr["steps_run"] else ""
         print(f"erased {n} concept(s) with {args.method}: {tr['steps_run']} steps (resumed from step "
               f"{tr['resumed_from']}), {tr['parameters_trained']:,} parameters{losses}")
-    print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.manifest["timings"].items()))
+    _print_timings(result.manifest)
     print(f"wrote {out}")
     return 0
+
+
+def _print_timings(manifest: dict) -> None:
+    print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in manifest["timings"].items()))
 
 
 def _erase_with_adapters(args, config) -> int:
@@ -121,7 +125,7 @@ def _erase_with_adapters(args, config) -> int:
     tr = run.manifest["training"]
     print(f"trained {tr['adapters']} per-concept adapter(s) (rank {tr['rank']}): {tr['steps_run']} steps "
           f"(resumed from step {tr['resumed_from']})")
-    print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in run.manifest["timings"].items()))
+    _print_timings(run.manifest)
     print(f"wrote {out} (adapters/index.json lists one LoRA file per concept)")
     return 0
 

@@ -96,12 +96,6 @@ def mean_over_ranks(value: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def barrier() -> None:
-    dist = _dist()
-    if dist is not None:
-        dist.barrier()
-
-
 def shutdown() -> None:
     """Wait for every rank, then leave the process group (ZeRO-3 may abort at exit otherwise)."""
     dist = _dist()

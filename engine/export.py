@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import warnings
@@ -34,6 +35,11 @@ LORA_DIR = "lora"
 LORA_NAME = "pytorch_lora_weights.safetensors"
 MANIFEST_NAME = "manifest.json"
 DELTA_FORMAT = "erasure-engine/delta-v1"
+
+
+def file_slug(text: str, fallback: str = "unnamed") -> str:
+    """A file-name-safe form of ``text``: lower-case letters, digits and dashes, at most 60 characters."""
+    return re.sub(r"[^a-z0-9]+", "-", text.casefold()).strip("-")[:60] or fallback
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22, bar=None) -> str:

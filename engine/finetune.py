@@ -192,30 +192,46 @@ class LoRALinear(torch.nn.Module):
         return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t()
 
 
-def add_lora(unet, rank: int, seed: int) -> dict[str, LoRALinear]:
-    """Wrap every cross-attention projection (``LORA_TARGETS``) in a ``LoRALinear``; by module name."""
-    gen = torch.Generator().manual_seed(seed + 99)
-    names = [k.removesuffix(".weight") for k in trainable_parameters(unet, "lora")]
+LORA_SEED_OFFSET = 99  # adapters draw their initial A from seed + 99
+
+
+def wrap_lora_targets(unet, make) -> dict[str, torch.nn.Module]:
+    """Replace every cross-attention projection (``LORA_TARGETS``) by ``make(linear)``, in
+    ``trainable_parameters`` order; returns the new modules by module name."""
     wrapped = {}
-    for name in names:
+    for name in (k.removesuffix(".weight") for k in trainable_parameters(unet, "lora")):
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name)
-        wrapped[name] = LoRALinear(getattr(parent, child), rank, gen)
+        wrapped[name] = make(getattr(parent, child))
         setattr(parent, child, wrapped[name])
     return wrapped
+
+
+def unwrap_lora_targets(unet, wrapped: dict[str, torch.nn.Module]) -> None:
+    """Put the plain layers (each wrapper's ``base``) back."""
+    for name, module in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, module.base)
+
+
+def lora_parameters(wrapped: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """The adapters' trained tensors by name: "<module>.lora_A" and "<module>.lora_B"."""
+    return {f"{n}.{p}": getattr(m, p) for n, m in wrapped.items() for p in ("lora_A", "lora_B")}
+
+
+def add_lora(unet, rank: int, seed: int) -> dict[str, LoRALinear]:
+    """Wrap every cross-attention projection (``LORA_TARGETS``) in a ``LoRALinear``; by module name."""
+    gen = torch.Generator().manual_seed(seed + LORA_SEED_OFFSET)
+    return wrap_lora_targets(unet, lambda base: LoRALinear(base, rank, gen))
 
 
 @torch.no_grad()
 def merge_lora(unet, wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     """Fold each adapter into its layer (W + B A), put the plain layers back; returns the new weights."""
-    out = {}
-    for name, module in wrapped.items():
-        base = module.base
-        base.weight += module.lora_B @ module.lora_A
-        parent_name, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent_name), child, base)
-        out[f"{name}.weight"] = base.weight.detach()
-    return out
+    for module in wrapped.values():
+        module.base.weight += module.lora_B @ module.lora_A
+    unwrap_lora_targets(unet, wrapped)
+    return {f"{name}.weight": module.base.weight.detach() for name, module in wrapped.items()}
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
@@ -264,6 +280,12 @@ class _Prompts:
         emb = emb.to(pipe.unet.device, pipe.unet.dtype)
         self.cond, self.anchor, self.uncond = emb[:n], emb[n : 2 * n], emb[2 * n :]
         self.eta_scale = torch.tensor([concepts.concepts[i].weight for i, _, _ in self.items])
+
+    def guidance_coeffs(self, items, eta: float, device, sign: float = 1.0) -> torch.Tensor:
+        """Loss coefficients [1 + s eta_c, -s eta_c] of the prompts ``items`` (eta_c: ``eta`` times
+        the concept's weight); s = +1 erases (ESD's target), s = -1 preserves."""
+        eta_c = eta * self.eta_scale[items]
+        return torch.stack([1 + sign * eta_c, -sign * eta_c], 1).to(device)
 
 
 def _latent_shape(pipe) -> tuple[int, int, int]:
@@ -389,11 +411,7 @@ class _ESD:
         t = cache["timesteps"][steps].to(device)
         frozen = torch.stack([cache["eps_uncond"][rows, steps], cache["eps_cond"][rows, steps]], 1).to(device)
         items = cache["prompt"][rows]
-        return x, t, prompts.cond[items], frozen, self._coeffs(items, device)
-
-    def _coeffs(self, items, device):
-        eta = self.cfg.eta * self.prompts.eta_scale[items]
-        return torch.stack([1 + eta, -eta], 1).to(device)
+        return x, t, prompts.cond[items], frozen, prompts.guidance_coeffs(items, cfg.eta, device)
 
     def loss(self, unet, gen, step: int = 0) -> torch.Tensor:
         cfg, prompts = self.cfg, self.prompts
@@ -408,7 +426,7 @@ class _ESD:
             unet.train()
             t = self.scheduler.timesteps[stop].expand(cfg.batch_size)
             frozen = torch.stack(_guided_eps(self.frozen, x, t, prompts.cond[items], prompts.uncond), 1)
-            cond, coeffs = prompts.cond[items], self._coeffs(items, device)
+            cond, coeffs = prompts.cond[items], prompts.guidance_coeffs(items, cfg.eta, device)
         pred = unet(x, t, cond).sample
         return guidance_loss(pred.flatten(1), frozen.flatten(2), coeffs, backend=cfg.loss_backend).mean()
 
@@ -669,8 +687,7 @@ class _ImageBranch:
         return rows[self.part], steps[self.part]
 
     def _coeffs(self, rows, sign: float, device):
-        eta = self.cfg.eta * self.prompts.eta_scale[self.cache["prompt"][rows]]
-        return torch.stack([1 + sign * eta, -sign * eta], 1).to(device)  # sign +1: erase, -1: preserve
+        return self.prompts.guidance_coeffs(self.cache["prompt"][rows], self.cfg.eta, device, sign)
 
     def loss(self, unet, gen, step: int = 0) -> torch.Tensor:
         rows, steps = self._draw(gen)
@@ -736,6 +753,38 @@ def _save_checkpoint(folder: Path, step: int, trained: dict, opt, rng_state: dic
     torch.save({"step": step, "trained": {k: p.detach().cpu().clone() for k, p in trained.items()},
                 "optimizer": opt.state_dict(), "rng": rng_state, "signature": signature}, tmp)
     os.replace(tmp, folder / CHECKPOINT_NAME)
+
+
+def run_signature(method: str, cfg: FinetuneConfig, concepts: ConceptSet, **extra) -> dict:
+    """What a checkpoint must match to be resumed: method, settings (but progress and checkpoint
+    cadence), concepts and ``extra``."""
+    return {"method": method,
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "checkpoint_every")},
+            "concepts": concepts.to_dict(), **extra}
+
+
+def restore_checkpoint(state: dict, trained: dict[str, torch.nn.Parameter], opt) -> int:
+    """Load a checkpoint's trained tensors and optimizer state; returns its step."""
+    with torch.no_grad():
+        for k, p in trained.items():
+            p.copy_(state["trained"][k].to(p.device, p.dtype))
+    opt.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def checkpoint_due(folder: Path | None, cfg: FinetuneConfig, done: int) -> bool:
+    """Whether a checkpoint is written after ``done`` steps (every ``checkpoint_every``, and the last)."""
+    return folder is not None and bool(cfg.checkpoint_every) and (done % cfg.checkpoint_every == 0
+                                                                   or done == cfg.iterations)
+
+
+def track_loss(losses: list[float], value: float, step: int, bar) -> None:
+    """Record a step's loss (stopping on inf / nan) and show the recent mean on the progress bar."""
+    losses.append(value)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the loss became {value} at step {step}; lower the learning rate")
+    bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
+    bar.update()
 
 
 def _check_signature(folder: Path, found: dict, signature: dict) -> None:
@@ -817,10 +866,7 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
         pipe.to(device)
     main = not deepspeed or distributed.is_main()
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    signature = {"method": method,
-                 "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "checkpoint_every")},
-                 "concepts": concepts.to_dict(),
-                 "ranks": distributed.world_size() if deepspeed else 1}
+    signature = run_signature(method, cfg, concepts, ranks=distributed.world_size() if deepspeed else 1)
     state = _load_checkpoint(folder, signature) if resume and not deepspeed else None
     cache = None
     if resume and (folder / CACHE_NAME).is_file():
@@ -839,10 +885,7 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
     # A distributed run trains a copy: ZeRO-3 partitions the parameters of the module it trains.
     trainee = copy.deepcopy(unet) if deepspeed else unet
     lora = add_lora(trainee, cfg.lora_rank, cfg.seed) if cfg.params == "lora" else None
-    if lora is not None:
-        trained = {f"{n}.{p}": getattr(m, p) for n, m in lora.items() for p in ("lora_A", "lora_B")}
-    else:
-        trained = trainable_parameters(trainee, cfg.params)
+    trained = lora_parameters(lora) if lora is not None else trainable_parameters(trainee, cfg.params)
     opt = start_training(trainee, trained, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     first = 0
@@ -874,12 +917,8 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
             _save_checkpoint(folder, done, trained, opt, {"generator": gen.get_state()}, signature)
 
         if state is not None:
-            with torch.no_grad():
-                for k, p in trained.items():
-                    p.copy_(state["trained"][k].to(p.device, p.dtype))
-            opt.load_state_dict(state["optimizer"])
+            first = restore_checkpoint(state, trained, opt)
             gen.set_state(state["rng"]["generator"])
-            first = state["step"]
 
     losses = []
     start = time.perf_counter()
@@ -888,14 +927,9 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
             with autocast:
                 loss = objective.loss(model, gen, step)
             update(loss)
-            losses.append(distributed.mean_over_ranks(loss.item()) if deepspeed else loss.item())
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"the loss became {losses[-1]} at step {step}; lower the learning rate")
-            done = step + 1
-            if folder is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
-                save(done)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
-            bar.update()
+            track_loss(losses, distributed.mean_over_ranks(loss.item()) if deepspeed else loss.item(), step, bar)
+            if checkpoint_due(folder, cfg, step + 1):
+                save(step + 1)
     timings["train"] = time.perf_counter() - start
     if deepspeed:
         values = trainer.full_values()

@@ -25,13 +25,12 @@ The quality gates are measured afterwards by ``engine.toyworld.gates`` with the 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
