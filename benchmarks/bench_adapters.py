@@ -14,7 +14,6 @@ gain is per-call overhead and better matmul shapes. Prints the result and writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_closed_form import device_name, git_sha  # noqa: E402
-from benchmarks.bench_finetune import load_model, sync  # noqa: E402
+from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
+from benchmarks.bench_finetune import load_model  # noqa: E402
 from engine.adapters import train_concept_adapters  # noqa: E402
 from engine.concepts import ConceptSet, concepts_from_names  # noqa: E402
-from engine.export import package_versions  # noqa: E402
 from engine.finetune import FinetuneConfig, finetune  # noqa: E402
 
 
@@ -80,12 +78,9 @@ def main(argv=None):
         parser.error("--concepts and --steps must be >= 1")
     device = torch.device(args.device)
     row = run(args.model, device, args.concepts, args.steps)
-    report = {"benchmark": "adapters", "device": device_name(device), "device_type": device.type,
-              "versions": package_versions(), "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "result": row}
+    report = {**report_header("adapters", device), "result": row}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"adapters_{args.model}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report)
     print(f"{args.concepts} per-concept adapters, {args.steps} steps each, on {args.model}:")
     print(f"  training: batched {row['batched_train_s']:.2f} s vs sequential {row['sequential_train_s']:.2f} s "
           f"({row['speedup_train']:.2f}x); cached targets {row['batched_targets_s']:.2f} s vs "

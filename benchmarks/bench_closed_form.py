@@ -20,7 +20,6 @@ the meta device): the closed-form edit reads and writes nothing else.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from engine.closed_form import (  # noqa: E402
     solve_transform,
 )
 from engine.concepts import concepts_from_names  # noqa: E402
-from engine.export import package_versions  # noqa: E402
+from engine.export import package_versions, write_json  # noqa: E402
 from engine.tiny import build_pipeline, text_encoder_configs  # noqa: E402
 
 CAPTIONS = [line.strip() for line in (ROOT / "examples" / "captions.txt").read_text().splitlines() if line.strip()]
@@ -181,6 +180,17 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def report_header(benchmark: str, device: torch.device) -> dict:
+    """What every benchmark's JSON starts with: which benchmark, device, versions, git sha, date."""
+    return {"benchmark": benchmark, "device": device_name(device), "device_type": device.type,
+            "versions": package_versions(), "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, report)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", default="sd15,sdxl")
@@ -195,18 +205,9 @@ def main(argv=None):
     all_results = []
     for arch in args.archs.split(","):
         all_results += run(arch, [int(n) for n in args.concepts.split(",")], templates, device, args.backend)
-    report = {
-        "benchmark": "closed_form",
-        "device": device_name(device),
-        "device_type": device.type,
-        "versions": package_versions(),
-        "git_sha": git_sha(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "results": all_results,
-    }
+    report = {**report_header("closed_form", device), "results": all_results}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"closed_form_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report)
     print("\n| arch | N | edit rows | text encoding (s) | engine: gram / solve / update (s) | per-layer fp32: gram / solve / update (s) "
           "| speed-up | max rel. diff. vs fp64 per-layer: engine / per-layer fp32 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -21,7 +21,6 @@ step takes about half a minute). Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,9 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_closed_form import device_name, git_sha  # noqa: E402
+from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
 from engine.concepts import concepts_from_names  # noqa: E402
-from engine.export import package_versions  # noqa: E402
 from engine.finetune import FINETUNE_METHODS, OBJECTIVES, make_optimizer, trainable_parameters  # noqa: E402
 
 CASES = {  # name: (method, config overrides)
@@ -54,11 +52,6 @@ def load_model(name: str, device):
     from engine.tiny import build_pipeline
 
     return build_pipeline("tiny" if name == "tiny" else name, seed=0).to(device), None
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_case(model: str, device, case: str, steps: int, batch: int) -> dict | None:
@@ -141,12 +134,9 @@ def main(argv=None):
     device = torch.device(args.device)
     rows = [r for case in args.cases.split(",") if (r := bench_case(args.model, device, case, args.steps, args.batch))]
     memory = [optimizer_memory(args.model, device, opt) for opt in ("adamw", "adamw8bit")]
-    report = {"benchmark": "finetune", "model": args.model, "device": device_name(device), "device_type": device.type,
-              "versions": package_versions(), "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "steps": rows, "optimizer_memory": memory}
+    report = {**report_header("finetune", device), "model": args.model, "steps": rows, "optimizer_memory": memory}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"finetune_{args.model}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report)
     print("| case | params | batch | prepare s | step ms | samples/s | GFLOP/step | TFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

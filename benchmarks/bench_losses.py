@@ -22,7 +22,6 @@ torch (the engine's dispatch uses the torch reference there).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,8 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_closed_form import device_name, git_sha  # noqa: E402
-from engine.export import package_versions  # noqa: E402
+from benchmarks.bench_closed_form import report_header, write_report  # noqa: E402
 from kernels import contrastive_hinge, guidance_loss  # noqa: E402
 from kernels._dispatch import triton_can_run  # noqa: E402
 
@@ -148,12 +146,10 @@ def main(argv=None):
                 r[f"{impl}_roof_fraction"] = r["bytes_min"] / r[f"{impl}_s"] / roof
         best = r.get("fused_s", r["compile_s"])
         r["speedup_vs_eager"] = r["eager_s"] / best
-    report = {"benchmark": "losses", "device": device_name(device), "device_type": device.type,
-              "copy_bandwidth_GBps": roof / 1e9, "quick": args.quick, "versions": package_versions(),
-              "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
+    report = {**report_header("losses", device), "copy_bandwidth_GBps": roof / 1e9, "quick": args.quick,
+              "results": results}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"losses_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report)
     fused = any("fused_s" in r for r in results)
     print(f"| loss | case | arch | batch | eager ms (GB/s) | compile ms (GB/s) |{' fused ms (GB/s) |' if fused else ''} "
           "best vs eager |")

@@ -37,7 +37,6 @@ MFU, 350 GB/s NVLink bus bandwidth), written into the JSON with the results:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,13 +46,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_closed_form import git_sha  # noqa: E402
+from benchmarks.bench_closed_form import git_sha, write_report  # noqa: E402
 from engine.export import package_versions  # noqa: E402
+from engine.finetune import FINETUNE_METHODS  # noqa: E402
 from engine.tiny import unet_config  # noqa: E402
 
 ARCHS = {"sd15": 512, "sdxl": 1024}  # arch: image size (latents are 1/8)
 GPUS = (1, 2, 4, 8)
-SAMPLES_PER_CONCEPT = 1000  # ESD: 1,000 iterations of batch 1
+# ESD's published run per concept: 1,000 iterations of batch 1.
+SAMPLES_PER_CONCEPT = FINETUNE_METHODS["esd"].iterations * FINETUNE_METHODS["esd"].batch_size
 STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 2 * 4 / 256}  # per parameter
 
 
@@ -147,8 +148,7 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(out, result)
 
     gib = 2**30
     for arch, c in counted.items():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -40,11 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_closed_form import device_name, git_sha  # noqa: E402
+from benchmarks.bench_closed_form import device_name, report_header, sync, write_report  # noqa: E402
 from benchmarks.bench_losses import copy_bandwidth  # noqa: E402
-from engine.export import package_versions  # noqa: E402
+from benchmarks.plan_distributed import SAMPLES_PER_CONCEPT  # noqa: E402
+from engine.export import file_slug  # noqa: E402
 
-ESD_SAMPLES_PER_CONCEPT = 1000  # ESD: 1,000 iterations of batch 1
 
 # benchmark: (script, arguments by mode)
 SUITE = {
@@ -59,11 +58,6 @@ SUITE = {
 }
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def matmul_rate(device, dtype, n: int, reps: int = 7) -> float:
     """FLOP/s of an n x n x n matmul, median over reps, rotating through 3 random input pairs."""
     gen = torch.Generator().manual_seed(0)
@@ -74,10 +68,10 @@ def matmul_rate(device, dtype, n: int, reps: int = 7) -> float:
     times = []
     for i in range(reps):
         a, b = pairs[i % 3]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
 
@@ -135,13 +129,13 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
         cached, on_policy = steps.get("esd cached"), steps.get("esd on-policy")
         peak = roofs.get("matmul_bf16_tflops", roofs["matmul_fp32_tflops"])
         if cached and on_policy:
-            per_concept = lambda r: r["prepare_s"] / r["concepts"] + ESD_SAMPLES_PER_CONCEPT / r["samples_per_s"]  # noqa: E731
+            per_concept = lambda r: r["prepare_s"] / r["concepts"] + SAMPLES_PER_CONCEPT / r["samples_per_s"]  # noqa: E731
             rows.append({"scenario": f"ESD per concept, {ft['model']} (cached targets, 1,000 samples)",
                          "measured": f"{per_concept(cached):.1f} s", "baseline": f"on-policy ESD {per_concept(on_policy):.1f} s",
                          "ratio": per_concept(on_policy) / per_concept(cached),
                          "roof": f"MFU {cached['tflops'] / peak:.1%}"})
         if cached:
-            hours = 100 * ESD_SAMPLES_PER_CONCEPT / cached["samples_per_s"] / 3600
+            hours = 100 * SAMPLES_PER_CONCEPT / cached["samples_per_s"] / 3600
             rows.append({"scenario": f"erase 100 concepts by fine-tuning, {ft['model']} (projected from the step time)",
                          "measured": f"{hours:.2f} {ft['device_type']}-hours", "baseline": "-", "ratio": None,
                          "roof": f"MFU {cached['tflops'] / peak:.1%}"})
@@ -165,10 +159,6 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
                              "measured": f"{row['memory']['bytes'] / gib:.1f} GiB per GPU (computed)", "baseline": "-",
                              "ratio": None, "roof": "-"})
     return rows
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def main(argv=None) -> int:
@@ -198,14 +188,11 @@ def main(argv=None) -> int:
             else:
                 reports[name] = report
     rows = summarise(reports, roofs)
-    sha = git_sha()
-    result = {"suite": "run_all", "mode": mode, "device": device_name(device), "device_type": device.type,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": sha, "versions": package_versions(),
-              "roofs": roofs, "seconds": seconds, "summary": rows, "failures": failures, "reports": reports}
-    out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results" / slug(device_name(device))
-                                           / f"{time.strftime('%Y-%m-%d')}-{sha[:8]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {**report_header("run_all", device), "mode": mode, "roofs": roofs, "seconds": seconds, "summary": rows,
+              "failures": failures, "reports": reports}
+    out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results" / file_slug(device_name(device))
+                                           / f"{time.strftime('%Y-%m-%d')}-{result['git_sha'][:8]}.json")
+    write_report(out, result)
 
     print(f"device: {result['device']} ({mode} mode); measured roofs: matmul fp32 {roofs['matmul_fp32_tflops']:.3f} TFLOP/s"
           + (f", bf16 {roofs['matmul_bf16_tflops']:.1f} TFLOP/s" if "matmul_bf16_tflops" in roofs else "")
