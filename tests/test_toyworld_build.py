@@ -81,6 +81,23 @@ def test_ip_adapter_file_round_trips_through_load_ip_adapter(quick_world):
     assert not np.allclose(outs[0], outs[1])
 
 
+def test_words_never_seen_in_training_have_zero_embeddings(quick_world):
+    from engine.toyworld.world import load_toy_pipeline, world_info
+
+    pipe = load_toy_pipeline(quick_world)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    nonzero = weight.abs().sum(1) > 0
+    assert int(nonzero.sum()) == world_info(quick_world)["metrics"]["clip"]["seen_tokens"]
+    ids = lambda text: pipe.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    # Words of the training captions and concept phrases keep their trained embeddings; "image"
+    # and "camera" occur only in held-out templates, so they stay neutral.
+    assert all(nonzero[i] for i in ids("a photo of Aldric Corrance background"))
+    assert not any(nonzero[i] for i in ids("image camera"))
+    seen = torch.tensor(sorted(set(ids("a red star"))))
+    assert b.zero_unseen_token_embeddings(pipe.text_encoder.get_input_embeddings(), seen) == len(seen)
+    assert int((weight.abs().sum(1) > 0).sum()) == len(seen)
+
+
 def test_feature_extractor_matches_training_preprocessing(quick_world):
     from PIL import Image
 

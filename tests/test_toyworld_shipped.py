@@ -26,6 +26,8 @@ def test_shipped_gates_are_recorded_in_the_card():
     assert "## Quality gates" in card
     for kind, value in info["gates"]["summary"]["generated_heldout"].items():
         assert f"{value:.1f}%" in card, kind
+    failed = [name for name, ok in info["gates"]["summary"]["checks"].items() if not ok]
+    assert not failed, f"the shipped world misses these gates: {failed}"
 
 
 def test_shipped_evaluator_recognises_fresh_renders():

@@ -252,13 +252,15 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
     torch.manual_seed(cfg.seed + 1)
     tokenizer = build_clip_tokenizer()
     model = CLIPModel(CLIPConfig(text_config=TOY_TEXT, vision_config=TOY_VISION, projection_dim=128))
+    phrases = [concept_phrase(kind, name) for kind in cat.KINDS for name in cat.concepts(kind)]
+    phrase_ids = _tokenize(tokenizer, phrases, pad_to_max=False)
+    seen_ids = seen_token_ids(tokenizer, data["captions"], phrase_ids)
+    seen = zero_unseen_token_embeddings(model.text_model.embeddings.token_embedding, seen_ids)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
     rng = np.random.default_rng(cfg.seed + 2)
     n = len(data["captions"])
     keys = np.array(data["label_keys"])
     targets = _concept_targets(data["labels"])
-    phrases = [concept_phrase(kind, name) for kind in cat.KINDS for name in cat.concepts(kind)]
-    phrase_ids = _tokenize(tokenizer, phrases, pad_to_max=False)
     spans, start = {}, 0
     for kind in cat.KINDS:
         spans[kind] = slice(start, start + len(cat.concepts(kind)))
@@ -291,7 +293,31 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
             bar.update()
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    return {"final_loss": float(np.mean(losses[-100:]))}
+    return {"final_loss": float(np.mean(losses[-100:])), "seen_tokens": seen}
+
+
+def seen_token_ids(tokenizer, captions: list[str], phrase_ids: torch.Tensor) -> torch.Tensor:
+    """Every token id any stage feeds the text tower: the training captions (padded, so BOS, EOS
+    and the pad token are in; the empty caption is too) and the concept phrases."""
+    caption_ids = _tokenize(tokenizer, sorted(set(captions) | {""}), pad_to_max=True)
+    return torch.unique(torch.cat([caption_ids.flatten(), phrase_ids.flatten()]))
+
+
+def zero_unseen_token_embeddings(embedding: torch.nn.Embedding, seen: torch.Tensor) -> int:
+    """Zero the token ``embedding`` of every token outside ``seen``; returns how many are seen.
+
+    A token no training caption contains gets no gradient and would keep its random initial
+    embedding for good; an unfamiliar word in a prompt ("an image of ...") then pushes every
+    later token (causal attention) in an arbitrary direction and the UNet draws the wrong thing.
+    At zero such a word stays neutral (AdamW's decay and zero gradients keep it there), so a
+    prompt reads as its familiar words. Seen tokens are untouched: training is otherwise the same.
+    """
+    weight = embedding.weight
+    unseen = torch.ones(weight.shape[0], dtype=torch.bool)
+    unseen[seen] = False
+    with torch.no_grad():
+        weight[unseen] = 0.0
+    return int(weight.shape[0] - unseen.sum())
 
 
 def stage_vae(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
