@@ -22,7 +22,7 @@ import yaml
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _parse_sets(pairs: list[str]) -> dict:
+def parse_sets(pairs: list[str]) -> dict:
     """`--set key=value` pairs; values parsed as YAML scalars (numbers, null, true/false)."""
     out = {}
     for pair in pairs:
@@ -58,7 +58,7 @@ def cmd_erase(args) -> int:
     from engine.api import erase
     from engine.finetune import FINETUNE_METHODS
 
-    config = {**_load_config_file(args.config), **_parse_sets(args.set)}
+    config = {**_load_config_file(args.config), **parse_sets(args.set)}
     if args.quiet:
         config["progress"] = False
     if args.per_concept_adapters:

@@ -94,7 +94,8 @@ class FinetuneConfig:
     negative_weight: float = 0.6  # Bi-Erasing's w_n
     positive_weight: float = 0.4  # Bi-Erasing's w_p
     positive_first: bool = False  # Bi-Erasing: the first half of the steps trains the positive branch only
-    # TRCE stage 2 only
+    # TRCE
+    stage1_preserve_weight: float | None = 1e-6  # stage 1's lam (published 1e-6); None: UCE's max(0.1, 1/n)
     early_steps: int = 26  # the first DDIM steps (of sample_steps) that are steered
     steer_guidance: float = 15.0  # g of the safe / unsafe targets
     hinge_beta: float = 1.0
@@ -119,6 +120,11 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"config field {name!r} must be a finite number >= 0, got {value!r}")
+        if self.stage1_preserve_weight is not None and (
+                not isinstance(self.stage1_preserve_weight, (int, float)) or isinstance(self.stage1_preserve_weight, bool)
+                or not math.isfinite(self.stage1_preserve_weight) or self.stage1_preserve_weight < 0):
+            raise ValueError(f"config field 'stage1_preserve_weight' must be a number >= 0 or null, "
+                             f"got {self.stage1_preserve_weight!r}")
         if self.lr == 0 or self.hinge_beta == 0:
             raise ValueError("config fields 'lr' and 'hinge_beta' must be > 0")
 
@@ -460,7 +466,8 @@ class _TRCEStage2:
                              "(set --anchor or the concept's anchor)")
         self.cfg, self.prompts = cfg, _Prompts(pipe, concepts, cfg.progress)
         self.cache = cache if cache is not None else self._malicious_targets(pipe)
-        self.stage1 = closed_form_edit(pipe, concepts, METHODS["trce-stage1"].replace(progress=cfg.progress))
+        stage1 = METHODS["trce-stage1"].replace(preserve_weight=cfg.stage1_preserve_weight, progress=cfg.progress)
+        self.stage1 = closed_form_edit(pipe, concepts, stage1)
         if "uncond_x" not in self.cache:
             self.cache.update(self._uncond_targets(pipe))
 

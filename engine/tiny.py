@@ -285,6 +285,20 @@ def build_unet(arch: str):
     return UNet2DConditionModel(**unet_config(arch))
 
 
+def unet_example_inputs(config: dict, batch: int = 1) -> tuple[tuple, dict]:
+    """Random inputs for one forward of a UNet with ``config``, on the current default device:
+    ``(latents, timesteps, text states)`` and the keyword arguments SDXL's UNet also needs
+    (pooled text embeddings and the six size/crop time ids)."""
+    size = config["sample_size"]
+    args = (torch.randn(batch, config["in_channels"], size, size), torch.full((batch,), 500),
+            torch.randn(batch, 77, config["cross_attention_dim"]))
+    kwargs = {}
+    if config.get("addition_embed_type") == "text_time":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)}
+    return args, kwargs
+
+
 def build_pipeline(arch: str, seed: int = 0):
     """A complete random-weight diffusers pipeline of `arch`; same seed -> identical weights.
 

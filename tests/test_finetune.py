@@ -237,6 +237,23 @@ def test_trce_targets_and_stage1(tiny_sd_dir):
     torch.testing.assert_close(cache["uncond_eps"][0, 1:2], want, atol=1e-5, rtol=1e-4)
 
 
+def test_trce_stage1_preservation_weight_is_an_option(tiny_sd_dir):
+    """stage1_preserve_weight replaces the published 1e-6 (None: UCE's rule) in the stage-1 solve."""
+    from engine.closed_form import METHODS, closed_form_edit
+
+    concepts = concepts_from_names(["nudity"], anchor="a flower", templates=["{}"], preserve=["a cat", "a house"])
+    pipe = load_pipeline(tiny_sd_dir)
+    ft._TRCEStage2(pipe, concepts, _trce_cfg(stage1_preserve_weight=None), None)
+    stage1 = load_pipeline(tiny_sd_dir)
+    edit = closed_form_edit(stage1, concepts, METHODS["trce-stage1"].replace(preserve_weight=None, progress=False))
+    assert edit.preserve_weight >= 0.1  # UCE's max(0.1, 1/n), not the published 1e-6
+    for k, v in stage1.unet.state_dict().items():
+        torch.testing.assert_close(pipe.unet.state_dict()[k], v)
+    for bad in (-1.0, float("nan"), "much"):
+        with pytest.raises(ValueError, match="stage1_preserve_weight"):
+            FinetuneConfig(stage1_preserve_weight=bad)
+
+
 def test_trce_loss_is_its_equation(tiny_sd_dir):
     pipe = load_pipeline(tiny_sd_dir)
     cfg = _trce_cfg()
