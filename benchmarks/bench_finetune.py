@@ -12,7 +12,9 @@ the image methods need the toy world's IP-Adapter) on the chosen model:
   (forward and backward; sampling x_t on-policy included), and the achieved TFLOP/s.
 
 Then full-UNet training with AdamW and with bitsandbytes' AdamW8bit: the optimizer state's
-bytes after one step (summed from the state tensors) and, on a GPU, the peak allocated memory.
+bytes after one step (summed from the state tensors) and, on a GPU, the peak allocated memory;
+``--memory-models`` measures other architectures too (``sdxl``: SDXL's UNet with its pooled-text
+and time-id conditioning).
 ``--model sd15`` builds SD1.5's UNet with random weights (860M parameters: a GPU job; a CPU
 step takes about half a minute). Prints a table and writes
 ``benchmarks/results/finetune_<model>_<device>.json``.
@@ -104,18 +106,26 @@ def bench_case(model: str, device, case: str, steps: int, batch: int) -> dict | 
 
 
 def optimizer_memory(model: str, device, optimizer: str) -> dict:
-    pipe, _ = load_model(model, device)
-    unet = pipe.unet.train()
+    """One full-UNet training step of ``model`` (random weights but for the toy world's) with
+    ``optimizer``: the optimizer state's bytes and, on a GPU, the peak allocated memory."""
+    from engine.tiny import build_unet, unet_example_inputs
+
+    if model == "toy":
+        unet = load_model(model, device)[0].unet
+    else:
+        with torch.device(device):
+            unet = build_unet(model)
+    unet.train()
     params = list(trainable_parameters(unet, "full").values())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     opt = make_optimizer(optimizer, params, 1e-5)
-    x = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, device=device)
-    cond = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
-    unet(x, torch.tensor([500], device=device), cond).sample.pow(2).mean().backward()
+    with torch.device(device):
+        args, kwargs = unet_example_inputs(unet.config)
+    unet(*args, **kwargs).sample.pow(2).mean().backward()
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    out = {"optimizer": optimizer, "parameters": sum(p.numel() for p in params),
+    out = {"model": model, "optimizer": optimizer, "parameters": sum(p.numel() for p in params),
            "param_bytes": sum(p.numel() * p.element_size() for p in params), "optimizer_state_bytes": state}
     if device.type == "cuda":
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -125,6 +135,8 @@ def optimizer_memory(model: str, device, optimizer: str) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="toy", choices=("toy", "tiny", "sd15"))
+    parser.add_argument("--memory-models", help="models of the optimizer-memory step, comma-separated: toy, tiny, "
+                        "tiny-sdxl, sd15, sdxl (default: --model; SDXL's full UNet is a GPU job)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
@@ -133,7 +145,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = [r for case in args.cases.split(",") if (r := bench_case(args.model, device, case, args.steps, args.batch))]
-    memory = [optimizer_memory(args.model, device, opt) for opt in ("adamw", "adamw8bit")]
+    memory = [optimizer_memory(m, device, opt) for m in (args.memory_models or args.model).split(",")
+              for opt in ("adamw", "adamw8bit")]
     report = {**report_header("finetune", device), "model": args.model, "steps": rows, "optimizer_memory": memory}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"finetune_{args.model}_{device.type}.json"
     write_report(out, report)
@@ -143,7 +156,7 @@ def main(argv=None):
         print(f"| {r['case']} | {r['params']} | {r['batch']} | {r['prepare_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
               f"{r['samples_per_s']:.1f} | {r['flops_per_step'] / 1e9:.2f} | {r['tflops']:.3f} |")
     for m in memory:
-        print(f"full UNet, {m['optimizer']}: {m['parameters'] / 1e6:.1f}M parameters, optimizer state "
+        print(f"full UNet of {m['model']}, {m['optimizer']}: {m['parameters'] / 1e6:.1f}M parameters, optimizer state "
               f"{m['optimizer_state_bytes'] / 2**20:.1f} MiB" + (f", peak {m['peak_allocated_bytes'] / 2**30:.2f} GiB"
                                                                  if "peak_allocated_bytes" in m else ""))
     print(f"device: {report['device']}; wrote {out}")

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_closed_form import git_sha, write_report  # noqa: E402
 from engine.export import package_versions  # noqa: E402
 from engine.finetune import FINETUNE_METHODS  # noqa: E402
-from engine.tiny import unet_config  # noqa: E402
+from engine.tiny import unet_config, unet_example_inputs  # noqa: E402
 
 ARCHS = {"sd15": 512, "sdxl": 1024}  # arch: image size (latents are 1/8)
 GPUS = (1, 2, 4, 8)
@@ -66,13 +66,7 @@ def count(arch: str) -> dict:
     cfg = unet_config(arch)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
-        size = cfg["sample_size"]
-        x, t = torch.randn(1, 4, size, size), torch.tensor([500])
-        text = torch.randn(1, 77, cfg["cross_attention_dim"])
-        extra = {}
-        if cfg.get("addition_embed_type") == "text_time":
-            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, cfg["projection_class_embeddings_input_dim"] - 6 * 256),
-                                          "time_ids": torch.randn(1, 6)}
+        inputs, extra = unet_example_inputs(cfg)
     seen = {p.untyped_storage()._cdata for p in unet.parameters()}
     saved = 0
 
@@ -86,7 +80,7 @@ def count(arch: str) -> dict:
 
     flops = FlopCounterMode(display=False)
     with flops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(x, t, text, **extra).sample.float().pow(2).mean().backward()
+        unet(*inputs, **extra).sample.float().pow(2).mean().backward()
     return {"params": sum(p.numel() for p in unet.parameters()), "activation_bytes_per_sample_fp32": saved,
             "flops_per_sample": flops.get_total_flops()}
 

@@ -51,7 +51,7 @@ SUITE = {
                                              "full": ["--archs", "sd15,sdxl", "--concepts", "1,10,100,1000"]}),
     "losses": ("bench_losses.py", {"quick": ["--quick"], "full": []}),
     "finetune": ("bench_finetune.py", {"quick": ["--model", "toy", "--steps", "5", "--cases", "esd cached,esd on-policy"],
-                                       "full": ["--model", "sd15", "--steps", "20"]}),
+                                       "full": ["--model", "sd15", "--steps", "20", "--memory-models", "sd15,sdxl"]}),
     "adapters": ("bench_adapters.py", {"quick": ["--model", "toy", "--concepts", "4", "--steps", "10"],
                                        "full": ["--model", "sd15", "--concepts", "16", "--steps", "20"]}),
     "plan_distributed": ("plan_distributed.py", {"quick": [], "full": []}),
@@ -139,6 +139,12 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
             rows.append({"scenario": f"erase 100 concepts by fine-tuning, {ft['model']} (projected from the step time)",
                          "measured": f"{hours:.2f} {ft['device_type']}-hours", "baseline": "-", "ratio": None,
                          "roof": f"MFU {cached['tflops'] / peak:.1%}"})
+        for m in ft.get("optimizer_memory", []):
+            peak = m.get("peak_allocated_bytes")
+            rows.append({"scenario": f"full-UNet training step, {m['model']}, {m['optimizer']} (batch 1)",
+                         "measured": (f"{peak / 2**30:.2f} GiB peak" if peak is not None else "-")
+                         + f", optimizer state {m['optimizer_state_bytes'] / 2**30:.2f} GiB",
+                         "baseline": "-", "ratio": None, "roof": "-"})
     ad = reports.get("adapters")
     if ad:
         r = ad["result"]
