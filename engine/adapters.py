@@ -39,6 +39,7 @@ from engine.finetune import (
     lora_parameters,
     restore_checkpoint,
     run_signature,
+    sdxl_conditioning,
     start_training,
     track_loss,
     unwrap_lora_targets,
@@ -142,58 +143,59 @@ def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, chec
     signature = run_signature("esd-per-concept-adapters", cfg, concepts)
     state = _load_checkpoint(folder, signature) if resume else None
 
-    start = time.perf_counter()
-    quiet = cfg.replace(progress=False)
-    objectives = [_ESD(pipe, ConceptSet(concepts=(c,)), quiet, None)
-                  for c in tqdm(concepts.concepts, desc="cached targets", unit="concept", disable=not cfg.progress)]
-    timings = {"targets": time.perf_counter() - start}
-
-    unet = pipe.unet
-    unet.requires_grad_(False)
-    wrapped = _wrap(unet, len(names), cfg.lora_rank, cfg.seed)
-    try:
-        trained = lora_parameters(wrapped)
-        opt = start_training(unet, trained, cfg)
-        gens = [torch.Generator().manual_seed(cfg.seed) for _ in names]  # each concept: its own run's draws
-        first = 0
-        if state is not None:
-            first = restore_checkpoint(state, trained, opt)
-            for g, s in zip(gens, state["rng"]["generators"]):
-                g.set_state(s)
-        route = torch.arange(len(names), device=unet.device).repeat_interleave(cfg.batch_size)
-        for module in wrapped.values():
-            module.route = route
-        losses = []
+    with sdxl_conditioning(pipe):  # SDXL: the pooled embedding rides with the text conditions
         start = time.perf_counter()
-        with tqdm(total=cfg.iterations, initial=first, desc="esd adapters", disable=not cfg.progress) as bar:
-            for step in range(first, cfg.iterations):
-                parts = [obj.sample(g, unet.device, unet.dtype) for obj, g in zip(objectives, gens)]
-                x, t, cond, frozen, coeffs = (torch.cat(z) for z in zip(*parts))
-                pred = unet(x, t, cond).sample
-                per_sample = guidance_loss(pred.flatten(1), frozen.flatten(2), coeffs, backend=cfg.loss_backend)
-                loss = per_sample.view(len(names), -1).mean(1).sum()  # each adapter: its own run's mean loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                track_loss(losses, loss.item() / len(names), step, bar)
-                if checkpoint_due(folder, cfg, step + 1):
-                    _save_checkpoint(folder, step + 1, trained, opt, {"generators": [g.get_state() for g in gens]},
-                                     signature)
-        timings["train"] = time.perf_counter() - start
-    finally:
-        unwrap_lora_targets(unet, wrapped)
-        unet.eval().requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
-    adapters = []
-    for k in range(len(names)):
-        state_k = {}
-        for name, module in wrapped.items():
-            state_k[f"unet.{name}.lora_A.weight"] = module.lora_A[k].detach().clone()
-            state_k[f"unet.{name}.lora_B.weight"] = module.lora_B[k].detach().clone()
-        adapters.append(state_k)
-    return ConceptAdapters(concepts=names, adapters=adapters, rank=cfg.lora_rank, losses=losses, timings=timings,
-                           steps_run=cfg.iterations - first, resumed_from=first, manifest={})
+        quiet = cfg.replace(progress=False)
+        objectives = [_ESD(pipe, ConceptSet(concepts=(c,)), quiet, None)
+                      for c in tqdm(concepts.concepts, desc="cached targets", unit="concept", disable=not cfg.progress)]
+        timings = {"targets": time.perf_counter() - start}
+
+        unet = pipe.unet
+        unet.requires_grad_(False)
+        wrapped = _wrap(unet, len(names), cfg.lora_rank, cfg.seed)
+        try:
+            trained = lora_parameters(wrapped)
+            opt = start_training(unet, trained, cfg)
+            gens = [torch.Generator().manual_seed(cfg.seed) for _ in names]  # each concept: its own run's draws
+            first = 0
+            if state is not None:
+                first = restore_checkpoint(state, trained, opt)
+                for g, s in zip(gens, state["rng"]["generators"]):
+                    g.set_state(s)
+            route = torch.arange(len(names), device=unet.device).repeat_interleave(cfg.batch_size)
+            for module in wrapped.values():
+                module.route = route
+            losses = []
+            start = time.perf_counter()
+            with tqdm(total=cfg.iterations, initial=first, desc="esd adapters", disable=not cfg.progress) as bar:
+                for step in range(first, cfg.iterations):
+                    parts = [obj.sample(g, unet.device, unet.dtype) for obj, g in zip(objectives, gens)]
+                    x, t, cond, frozen, coeffs = (torch.cat(z) for z in zip(*parts))
+                    pred = unet(x, t, cond).sample
+                    per_sample = guidance_loss(pred.flatten(1), frozen.flatten(2), coeffs, backend=cfg.loss_backend)
+                    loss = per_sample.view(len(names), -1).mean(1).sum()  # each adapter: its own run's mean loss
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    track_loss(losses, loss.item() / len(names), step, bar)
+                    if checkpoint_due(folder, cfg, step + 1):
+                        _save_checkpoint(folder, step + 1, trained, opt, {"generators": [g.get_state() for g in gens]},
+                                         signature)
+            timings["train"] = time.perf_counter() - start
+        finally:
+            unwrap_lora_targets(unet, wrapped)
+            unet.eval().requires_grad_(False)
+            if cfg.gradient_checkpointing:
+                unet.disable_gradient_checkpointing()
+        adapters = []
+        for k in range(len(names)):
+            state_k = {}
+            for name, module in wrapped.items():
+                state_k[f"unet.{name}.lora_A.weight"] = module.lora_A[k].detach().clone()
+                state_k[f"unet.{name}.lora_B.weight"] = module.lora_B[k].detach().clone()
+            adapters.append(state_k)
+        return ConceptAdapters(concepts=names, adapters=adapters, rank=cfg.lora_rank, losses=losses, timings=timings,
+                               steps_run=cfg.iterations - first, resumed_from=first, manifest={})
 
 
 def load_concept_adapters(pipe, folder: str | os.PathLike, concepts: list[str] | None = None,

@@ -270,20 +270,91 @@ def start_training(unet, trained: dict[str, torch.nn.Parameter], cfg: "FinetuneC
 # ----------------------------------------------------------------------------- the frozen side
 
 
+# --- SDXL: the UNet also takes each prompt's pooled text embedding and six size/crop ids. The
+# trainer passes a text condition as one (N, rows, D) tensor everywhere (cached, batched, indexed
+# by prompt), so for SDXL the pooled embedding rides along as one extra row after the 77 token
+# rows, zero-padded to D, and a forward pre-hook on the UNet moves it into added_cond_kwargs.
+
+def _is_sdxl(pipe) -> bool:
+    from engine.models import pipeline_family
+
+    return pipeline_family(pipe) == "sdxl"
+
+
+def _encode_conditions(pipe, texts: list[str], progress: bool) -> torch.Tensor:
+    """(N, 77, D) text conditions of ``texts`` (SDXL: (N, 78, D), the pooled embedding last; the
+    empty prompt gets zeros, as the pipeline's unconditional branch, with
+    ``force_zeros_for_empty_prompt``)."""
+    from engine.models import MAX_LENGTH, encode_prompts
+
+    if not _is_sdxl(pipe):
+        return encode_prompts(pipe, texts, progress=progress)[0]
+    width = pipe.unet.config.cross_attention_dim
+    out = torch.zeros(len(texts), MAX_LENGTH + 1, width)
+    zero_empty = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    rows = [i for i, text in enumerate(texts) if text or not zero_empty]
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(rows), 64), desc="encode prompts", disable=not progress, unit="batch"):
+            batch = rows[lo : lo + 64]
+            hidden, _, pooled, _ = pipe.encode_prompt([texts[i] for i in batch], device=pipe.text_encoder.device,
+                                                      do_classifier_free_guidance=False)
+            if pooled.shape[1] > width:
+                raise ValueError(f"pooled text embedding ({pooled.shape[1]}) wider than the UNet's text width ({width})")
+            out[batch, :MAX_LENGTH] = hidden.float().cpu()
+            out[batch, MAX_LENGTH, : pooled.shape[1]] = pooled.float().cpu()
+    return out
+
+
+@contextlib.contextmanager
+def sdxl_conditioning(pipe):
+    """While open, ``pipe.unet`` (and deep copies made meanwhile) accept the trainer's SDXL text
+    conditions (``_encode_conditions``): the extra row becomes ``added_cond_kwargs`` with the
+    native-size time ids. Nothing happens for SD1.x / SD2.x pipelines."""
+    from engine.models import MAX_LENGTH
+
+    if not _is_sdxl(pipe):
+        yield
+        return
+    config = pipe.unet.config
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    size = config.sample_size * pipe.vae_scale_factor
+    time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32)  # original, crop, target
+
+    def split(module, args, kwargs):
+        args = list(args)
+        positional = len(args) > 2
+        cond = args[2] if positional else kwargs.get("encoder_hidden_states")
+        if cond is None or cond.shape[1] != MAX_LENGTH + 1:
+            return None
+        added = dict(kwargs.get("added_cond_kwargs") or {})
+        added.update(text_embeds=cond[:, MAX_LENGTH, :pooled_dim],
+                     time_ids=time_ids.to(cond.device, cond.dtype).expand(len(cond), -1))
+        if positional:
+            args[2] = cond[:, :MAX_LENGTH]
+        else:
+            kwargs["encoder_hidden_states"] = cond[:, :MAX_LENGTH]
+        kwargs["added_cond_kwargs"] = added
+        return tuple(args), kwargs
+
+    handle = pipe.unet.register_forward_pre_hook(split, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class _Prompts:
     """Embeddings of every concept prompt, of its anchor prompt and of the empty prompt, on the
-    UNet's device; ``items[i]`` is (concept index, prompt, anchor prompt)."""
+    UNet's device; ``items[i]`` is (concept index, prompt, anchor prompt). SDXL's carry the pooled
+    embedding as an extra row (``sdxl_conditioning``)."""
 
     def __init__(self, pipe, concepts: ConceptSet, progress: bool):
-        from engine.models import encode_prompts
-
         self.items = []
         for i, concept in enumerate(concepts.concepts):
             self.items += [(i, src, tgt) for _, src, tgt in concept.prompt_pairs()]
         n = len(self.items)
         texts = [src for _, src, _ in self.items] + [tgt for _, _, tgt in self.items] + [""]
-        emb, _ = encode_prompts(pipe, texts, progress=progress)
-        emb = emb.to(pipe.unet.device, pipe.unet.dtype)
+        emb = _encode_conditions(pipe, texts, progress).to(pipe.unet.device, pipe.unet.dtype)
         self.cond, self.anchor, self.uncond = emb[:n], emb[n : 2 * n], emb[2 * n :]
         self.eta_scale = torch.tensor([concepts.concepts[i].weight for i, _, _ in self.items])
 
@@ -847,7 +918,8 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
     "bi-erasing" (with an IP-Adapter, removed again afterwards) or "trce" (whose stage-1
     closed-form edit is applied first); see the objectives above.
 
-    SD1.x / SD2.x pipelines. With ``checkpoint_dir`` the run checkpoints every
+    SD1.x / SD2.x and SDXL pipelines (SDXL: esd and trce; see ``sdxl_conditioning``). With
+    ``checkpoint_dir`` the run checkpoints every
     ``cfg.checkpoint_every`` steps; ``resume=True`` continues from its last checkpoint.
     ``cfg.distributed == "deepspeed"``: data-parallel ZeRO training under a launcher
     (``engine.distributed``); every rank calls this function and gets the same result.
@@ -856,12 +928,18 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
 
     if method not in OBJECTIVES:
         raise ValueError(f"unknown fine-tuning method {method!r}; available: {', '.join(OBJECTIVES)}")
-    if pipeline_family(pipe) == "sdxl":
-        raise NotImplementedError("fine-tuning methods support SD1.x / SD2.x pipelines; SDXL is closed-form only for now")
+    if pipeline_family(pipe) == "sdxl" and method in ("co-erasing", "bi-erasing"):
+        raise NotImplementedError(f"{method} needs an SD1.x / SD2.x pipeline with its IP-Adapter; "
+                                  "on SDXL use esd or trce")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
     if method != "esd" and cfg.xt_source != "cached":
         raise ValueError(f"{method} takes x_t from cached trajectories; xt_source='{cfg.xt_source}' is ESD's option")
+    with sdxl_conditioning(pipe):
+        return _train(pipe, concepts, cfg, checkpoint_dir, resume, method)
+
+
+def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir, resume: bool, method: str) -> FinetuneRun:
     deepspeed = cfg.distributed == "deepspeed"
     if deepspeed:
         from engine import distributed

@@ -147,6 +147,31 @@ def test_cli_writes_adapters_and_manifest(tiny_sd_dir, tmp_path, capsys):
               "--per-concept-adapters", "--out", str(tmp_path / "o2")])
 
 
+def test_sdxl_adapters_train_and_load(tiny_sdxl_dir, tmp_path):
+    """On SDXL (pooled text and time ids through sdxl_conditioning) the adapters train, take their
+    hook off the UNet again and load into a StableDiffusionXLPipeline with the merged output."""
+    pytest.importorskip("peft")
+    pipe = load_pipeline(tiny_sdxl_dir)
+    run = train_concept_adapters(pipe, ConceptSet(concepts=CONCEPTS.concepts[:2]), _cfg(iterations=2))
+    assert not pipe.unet._forward_pre_hooks
+    assert all(torch.isfinite(torch.tensor(run.losses)))
+    out = run.save(tmp_path / "out")
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor([500])
+    text = torch.randn(1, 77, 64, generator=gen)
+    added = {"text_embeds": torch.randn(1, 32, generator=gen), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
+    merged = load_pipeline(tiny_sdxl_dir)
+    params = dict(merged.unet.named_parameters())
+    with torch.no_grad():
+        for key in (k.removeprefix("unet.").replace(".lora_A.weight", ".weight") for k in run.adapters[1]
+                    if k.endswith("lora_A.weight")):
+            params[key] += _delta(run.adapters[1], key)
+        want = merged.unet(x, t, text, added_cond_kwargs=added).sample
+        loaded = load_pipeline(tiny_sdxl_dir)
+        load_concept_adapters(loaded, out, ["a red car"])
+        torch.testing.assert_close(loaded.unet(x, t, text, added_cond_kwargs=added).sample, want, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_input(tiny_sd_dir):
     pipe = load_pipeline(tiny_sd_dir)
     for cfg, match in [(_cfg(params="xattn"), "params must be 'lora'"),

@@ -90,6 +90,53 @@ def test_first_loss_is_the_esd_equation(pipe, tiny_sd_dir, xt_source, monkeypatc
     assert run.losses[0] == pytest.approx(direct.item(), rel=1e-4)
 
 
+def test_sdxl_esd_loss_is_the_equation_with_pooled_text_and_time_ids(tiny_sdxl_dir, monkeypatch):
+    """On SDXL the trainee gets the prompt's pooled embedding and the native-size time ids; the
+    first loss is ESD's equation with the unconditional branch the pipeline uses (zeros)."""
+    pipe = load_pipeline(tiny_sdxl_dir)
+    reference = load_pipeline(tiny_sdxl_dir)
+    seen = {}
+    real_forward = type(pipe.unet).forward
+
+    def record(self, x, t, cond, *a, **k):
+        if self.training and "x" not in seen:
+            seen.update(x=x.detach().clone(), t=t.detach().clone(), cond=cond.detach().clone(),
+                        added={n: v.detach().clone() for n, v in k["added_cond_kwargs"].items()})
+        return real_forward(self, x, t, cond, *a, **k)
+
+    monkeypatch.setattr(type(pipe.unet), "forward", record)
+    run = finetune(pipe, CONCEPTS, _cfg(iterations=1, eta=1.5))
+    monkeypatch.undo()
+    assert not pipe.unet._forward_pre_hooks  # the conditioning hook is gone afterwards
+    x, t, cond, added = seen["x"], seen["t"], seen["cond"], seen["added"]
+    assert cond.shape[1:] == (77, 64)
+    size = 16 * reference.vae_scale_factor
+    assert added["time_ids"].tolist() == [[size, size, 0, 0, size, size]] * len(x)
+    prompts = [src for c in CONCEPTS.concepts for _, src, _ in c.prompt_pairs()]
+    hidden, _, pooled, _ = reference.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    for row in range(len(x)):  # each sample's text and pooled embedding are one prompt's
+        match = [i for i in range(len(prompts)) if torch.allclose(hidden[i], cond[row], atol=1e-6)]
+        assert len(match) == 1
+        torch.testing.assert_close(added["text_embeds"][row], pooled[match[0]], atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        unet = reference.unet
+        e_c = unet(x, t, cond, added_cond_kwargs=added).sample
+        zeros = {"text_embeds": torch.zeros_like(added["text_embeds"]), "time_ids": added["time_ids"]}
+        u = unet(x, t, torch.zeros_like(cond), added_cond_kwargs=zeros).sample
+        direct = F.mse_loss(e_c, u - 1.5 * (e_c - u))
+    assert run.losses[0] == pytest.approx(direct.item(), rel=1e-4)
+
+
+def test_sdxl_trce_runs_and_image_methods_say_they_need_sd(tiny_sdxl_dir):
+    pipe = load_pipeline(tiny_sdxl_dir)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    run = finetune(pipe, ANCHORED, _trce_cfg(iterations=2), method="trce")
+    assert np.isfinite(run.losses).all() and run.changed
+    assert any(not torch.equal(before[k], v) for k, v in run.changed.items())
+    with pytest.raises(NotImplementedError, match="co-erasing needs an SD1.x / SD2.x pipeline"):
+        finetune(pipe, CONCEPTS, _cfg(), method="co-erasing")
+
+
 def test_parameter_sets(pipe):
     xattn, noxattn, full = (trainable_parameters(pipe.unet, p) for p in ("xattn", "noxattn", "full"))
     assert xattn and all(".attn2." in k for k in xattn)
