@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.closed_form import METHODS, ClosedFormConfig, ClosedFormEdit, closed_form_edit, cross_attention_kv
+from engine.closed_form import METHODS, ClosedFormEdit, closed_form_edit, cross_attention_kv
 from engine.concepts import ConceptSet, concepts_from_names, load_concepts
 from engine.export import (
     DELTA_NAME,

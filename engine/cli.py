@@ -192,7 +192,7 @@ def _demo_random_weights(args) -> int:
     solve = result.manifest["solve"]
     before = result.edit.concept_residual_before
     after = solve["concept_residual"]
-    print(f"\nK/V projections of each erased concept vs its anchor's, relative distance over all layers:")
+    print("\nK/V projections of each erased concept vs its anchor's, relative distance over all layers:")
     print(f"{'concept':<24} {'before':>8} {'after':>8}")
     for name in list(after)[:8]:
         print(f"{name:<24} {before[name]:>8.3f} {after[name]:>8.3f}")

@@ -718,6 +718,7 @@ class _ImageBranch:
         attn = torch.softmax(q @ text.T / math.sqrt(q.shape[-1]), dim=-1)  # N x tokens x 77
         return attn @ text  # N x tokens x D
 
+    @torch.no_grad()  # targets are constants: no graph may hang on to the cache
     def _image_targets(self, pipe, cache: dict, images: dict) -> dict:
         cfg, prompts, unet = self.cfg, self.prompts, pipe.unet
         out = {}

@@ -384,6 +384,8 @@ def test_co_erasing_targets_and_loss_are_its_equations(quick_world):
     cfg = _image_cfg(quick_world, eta=1.5)
     objective = ft.OBJECTIVES["co-erasing"](pipe, _world_concepts(), cfg, None)
     cache, prompts = objective.cache, objective.prompts
+    # cached targets are constants: no autograd graph (and its memory) hangs on to them
+    assert not any(v.requires_grad for v in cache.values() if torch.is_tensor(v))
     # text-guided refinement: softmax(Q K^T / sqrt(d)) V with K = V = the prompt's text states
     images = ft._generate_images(load_toy_pipeline(quick_world), [f"a photo of {IDENTITY}"], 2, 7.5, 3, cfg.seed, False)[0]
     with torch.no_grad():
