@@ -115,16 +115,15 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
+        nullable = ("stage1_preserve_weight",)
         for name in ("lr", "eta", "sample_guidance", "weight_decay", "steer_guidance", "hinge_beta", "hinge_delta",
-                     "reg_weight", "image_guidance", "negative_weight", "positive_weight"):
+                     "reg_weight", "image_guidance", "negative_weight", "positive_weight", *nullable):
             value = getattr(self, name)
+            if value is None and name in nullable:
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"config field {name!r} must be a finite number >= 0, got {value!r}")
-        if self.stage1_preserve_weight is not None and (
-                not isinstance(self.stage1_preserve_weight, (int, float)) or isinstance(self.stage1_preserve_weight, bool)
-                or not math.isfinite(self.stage1_preserve_weight) or self.stage1_preserve_weight < 0):
-            raise ValueError(f"config field 'stage1_preserve_weight' must be a number >= 0 or null, "
-                             f"got {self.stage1_preserve_weight!r}")
+                allowed = " or null" if name in nullable else ""
+                raise ValueError(f"config field {name!r} must be a finite number >= 0{allowed}, got {value!r}")
         if self.lr == 0 or self.hinge_beta == 0:
             raise ValueError("config fields 'lr' and 'hinge_beta' must be > 0")
 
@@ -285,7 +284,7 @@ def _encode_conditions(pipe, texts: list[str], progress: bool) -> torch.Tensor:
     """(N, 77, D) text conditions of ``texts`` (SDXL: (N, 78, D), the pooled embedding last; the
     empty prompt gets zeros, as the pipeline's unconditional branch, with
     ``force_zeros_for_empty_prompt``)."""
-    from engine.models import MAX_LENGTH, encode_prompts
+    from engine.models import MAX_LENGTH, encode_prompts, encode_sdxl_prompts
 
     if not _is_sdxl(pipe):
         return encode_prompts(pipe, texts, progress=progress)[0]
@@ -293,15 +292,11 @@ def _encode_conditions(pipe, texts: list[str], progress: bool) -> torch.Tensor:
     out = torch.zeros(len(texts), MAX_LENGTH + 1, width)
     zero_empty = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
     rows = [i for i, text in enumerate(texts) if text or not zero_empty]
-    with torch.no_grad():
-        for lo in tqdm(range(0, len(rows), 64), desc="encode prompts", disable=not progress, unit="batch"):
-            batch = rows[lo : lo + 64]
-            hidden, _, pooled, _ = pipe.encode_prompt([texts[i] for i in batch], device=pipe.text_encoder.device,
-                                                      do_classifier_free_guidance=False)
-            if pooled.shape[1] > width:
-                raise ValueError(f"pooled text embedding ({pooled.shape[1]}) wider than the UNet's text width ({width})")
-            out[batch, :MAX_LENGTH] = hidden.float().cpu()
-            out[batch, MAX_LENGTH, : pooled.shape[1]] = pooled.float().cpu()
+    hidden, pooled = encode_sdxl_prompts(pipe, [texts[i] for i in rows], progress=progress)
+    if pooled.shape[1] > width:
+        raise ValueError(f"pooled text embedding ({pooled.shape[1]}) wider than the UNet's text width ({width})")
+    out[rows, :MAX_LENGTH] = hidden.cpu()
+    out[rows, MAX_LENGTH, : pooled.shape[1]] = pooled.cpu()
     return out
 
 

@@ -214,6 +214,23 @@ def encode_prompts(
     computed by the pipeline's own encode_prompt without classifier-free guidance, on the text
     encoder's device. input_ids (CPU) are `pipe.tokenizer`'s, padded to 77.
     """
+    hidden, _, ids = _encode(pipe, prompts, batch_size, progress)
+    return hidden, ids
+
+
+def encode_sdxl_prompts(
+    pipe, prompts: list[str], *, batch_size: int = 64, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: (embeddings as `encode_prompts`, pooled text embeddings float32 (N, P)), the pooled
+    ones being what SDXL's UNet takes as `added_cond_kwargs["text_embeds"]`."""
+    if pipeline_family(pipe) != "sdxl":
+        raise ValueError("pooled text embeddings are an SDXL input; this pipeline is not SDXL")
+    hidden, pooled, _ = _encode(pipe, prompts, batch_size, progress)
+    return hidden, pooled
+
+
+def _encode(pipe, prompts, batch_size: int, progress: bool):
+    """(hidden states, pooled embeddings or None for SD1/SD2, input_ids): see `encode_prompts`."""
     from tqdm.auto import tqdm
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
@@ -221,24 +238,26 @@ def encode_prompts(
     prompts = list(prompts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sdxl = pipeline_family(pipe) == "sdxl"
     if not prompts:
         dim = pipe.unet.config.cross_attention_dim
-        return torch.empty(0, MAX_LENGTH, dim), torch.empty(0, MAX_LENGTH, dtype=torch.int64)
+        pooled = torch.empty(0, pipe.text_encoder_2.config.projection_dim) if sdxl else None
+        return torch.empty(0, MAX_LENGTH, dim), pooled, torch.empty(0, MAX_LENGTH, dtype=torch.int64)
     # tokenizer_2 (SDXL) has the same vocabulary, so the same lengths: checking one is enough.
     ids = tokenize_prompts(pipe.tokenizer, prompts)
 
     device = pipe.text_encoder.device
-    sdxl = pipeline_family(pipe) == "sdxl"
-    chunks = []
+    hidden, pooled = [], []
     with torch.no_grad():
         for lo in tqdm(range(0, len(prompts), batch_size), desc="encode prompts", disable=not progress, unit="batch"):
             batch = prompts[lo : lo + batch_size]
             if sdxl:
-                emb = pipe.encode_prompt(batch, device=device, do_classifier_free_guidance=False)[0]
+                out = pipe.encode_prompt(batch, device=device, do_classifier_free_guidance=False)
+                pooled.append(out[2].float())
             else:
-                emb = pipe.encode_prompt(batch, device, 1, False)[0]  # (prompt, device, per prompt, cfg)
-            chunks.append(emb.float())  # stays on the encoder's device: the editor's kernels run there
-    return torch.cat(chunks), ids
+                out = pipe.encode_prompt(batch, device, 1, False)  # (prompt, device, per prompt, cfg)
+            hidden.append(out[0].float())  # stays on the encoder's device: the editor's kernels run there
+    return torch.cat(hidden), torch.cat(pooled) if sdxl else None, ids
 
 
 def first_eot_positions(input_ids: torch.Tensor, eot_token_id: int) -> torch.Tensor:
