@@ -168,10 +168,17 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
 
 
 def git_sha() -> str:
+    """HEAD's sha, with ``+dirty`` when tracked files other than results differ from it (the code
+    that ran is not HEAD's)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        sha = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return sha + ("+dirty" if changed else "")
 
 
 def device_name(device: torch.device) -> str:

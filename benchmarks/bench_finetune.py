@@ -1,20 +1,29 @@
 """Fine-tuning step cost per method and mode, FLOPs, and optimizer memory (AdamW vs AdamW8bit).
 
     python benchmarks/bench_finetune.py [--model toy|tiny|sd15] [--device cuda] [--steps 20]
+        [--batch 4] [--sample-steps 25] [--trajectories 2]
 
 For each method (ESD with cached targets, ESD on-policy, TRCE stage 2, Co-Erasing, Bi-Erasing;
 the image methods need the toy world's IP-Adapter) on the chosen model:
 
 * ``prepare_s``: building the cached targets (trajectories, images, frozen predictions);
 * ``step_s``: the median training step after two warm-up steps (CUDA-synchronised on a GPU),
-  ``samples_per_s`` at the batch size used;
+  ``samples_per_s`` at the batch size used; the step is the trainer's: bf16 autocast on GPUs
+  that support it (``precision`` auto), fp32 on the CPU;
 * ``flops_per_step``: counted by ``torch.utils.flop_counter.FlopCounterMode`` on one step
   (forward and backward; sampling x_t on-policy included), and the achieved TFLOP/s.
 
-Then full-UNet training with AdamW and with bitsandbytes' AdamW8bit: the optimizer state's
-bytes after one step (summed from the state tensors) and, on a GPU, the peak allocated memory;
-``--memory-models`` measures other architectures too (``sdxl``: SDXL's UNet with its pooled-text
-and time-id conditioning).
+``--sample-steps`` and ``--trajectories`` set the DDIM steps and the trajectories per prompt the
+cached targets (and on-policy sampling) use; TRCE steers the first 13/25 of those steps.
+
+Then full-UNet training with AdamW and with bitsandbytes' AdamW8bit, one step at batch 1: the
+optimizer state's bytes after the step (summed from the state tensors) and the peak memory: on
+a GPU the peak allocated memory, on the CPU the peak resident memory of a fresh process that
+builds the UNet and takes the step (``peak_rss_bytes``; ``rss_before_bytes`` is that process
+before the UNet exists). A model whose weights, gradients and optimizer state alone exceed the
+CPU's available memory is recorded as skipped, with the bytes it needs. ``--memory-models``
+measures other architectures too (``sdxl``: SDXL's UNet with its pooled-text and time-id
+conditioning).
 ``--model sd15`` builds SD1.5's UNet with random weights (860M parameters: a GPU job; a CPU
 step takes about half a minute). Prints a table and writes
 ``benchmarks/results/finetune_<model>_<device>.json``.
@@ -23,24 +32,30 @@ step takes about half a minute). Prints a table and writes
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.autograd.profiler import record_function
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
 from engine.concepts import concepts_from_names  # noqa: E402
-from engine.finetune import FINETUNE_METHODS, OBJECTIVES, make_optimizer, trainable_parameters  # noqa: E402
+from engine.finetune import (FINETUNE_METHODS, OBJECTIVES, FinetuneConfig, make_optimizer, start_training,  # noqa: E402
+                             trainable_parameters, training_autocast)
 
 CASES = {  # name: (method, config overrides)
     "esd cached": ("esd", {"xt_source": "cached"}),
     "esd on-policy": ("esd", {"xt_source": "on-policy"}),
-    "trce stage 2": ("trce", {"early_steps": 13}),
+    "trce stage 2": ("trce", {}),  # early_steps: 13/25 of sample_steps, below
     "co-erasing": ("co-erasing", {}),
     "bi-erasing": ("bi-erasing", {}),
 }
@@ -56,13 +71,43 @@ def load_model(name: str, device):
     return build_pipeline("tiny" if name == "tiny" else name, seed=0).to(device), None
 
 
-def bench_case(model: str, device, case: str, steps: int, batch: int) -> dict | None:
+@dataclass
+class PreparedCase:
+    """One case ready to train: its objective (targets cached), the UNet and the optimizer."""
+
+    method: str
+    cfg: FinetuneConfig
+    concepts: int
+    prepare_s: float
+    objective: object
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    trained_parameters: int
+    gen: torch.Generator
+
+    def step(self, i: int, ranges: bool = False) -> None:
+        """Training step ``i`` as the trainer takes it; ``ranges`` marks its phases for the profiler."""
+        mark = record_function if ranges else (lambda name: nullcontext())
+        with mark("loss: rest"), training_autocast(self.cfg.precision, self.unet.device):
+            loss = self.objective.loss(self.unet, self.gen, i)
+        self.optimizer.zero_grad(set_to_none=True)
+        with mark("backward"):
+            loss.backward()
+        with mark("optimizer"):
+            self.optimizer.step()
+
+
+def prepare_case(model: str, device, case: str, batch: int, sample_steps: int = 25,
+                 trajectories: int = 2) -> PreparedCase | None:
+    """``case`` on ``model`` with two concepts; None where the model has no IP-Adapter for it."""
     method, overrides = CASES[case]
     pipe, ip_adapter = load_model(model, device)
     if method in ("co-erasing", "bi-erasing") and ip_adapter is None:
         return None
-    cfg = FINETUNE_METHODS[method].replace(batch_size=batch, sample_steps=25, trajectories=2, concept_images=4,
-                                           progress=False, ip_adapter=ip_adapter, **overrides)
+    if method == "trce":
+        overrides = {**overrides, "early_steps": max(1, sample_steps * 13 // 25)}
+    cfg = FINETUNE_METHODS[method].replace(batch_size=batch, sample_steps=sample_steps, trajectories=trajectories,
+                                           concept_images=4, progress=False, ip_adapter=ip_adapter, **overrides)
     concepts = concepts_from_names(["Aldric Corrance", "skull"], anchor="a person", templates=["a photo of {}"])
     sync(device)
     t0 = time.perf_counter()
@@ -72,44 +117,75 @@ def bench_case(model: str, device, case: str, steps: int, batch: int) -> dict | 
     unet = pipe.unet
     unet.requires_grad_(False)
     trained = trainable_parameters(unet, cfg.params)
-    for p in trained.values():
-        p.requires_grad_(True)
-    unet.train()
-    opt = make_optimizer(cfg.optimizer, trained.values(), cfg.lr)
-    gen = torch.Generator().manual_seed(0)
+    optimizer = start_training(unet, trained, cfg)
+    return PreparedCase(method, cfg, len(concepts.concepts), prepare, objective, unet, optimizer,
+                        sum(p.numel() for p in trained.values()), torch.Generator().manual_seed(0))
 
-    def step(i):
-        loss = objective.loss(unet, gen, i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
+def bench_case(model: str, device, case: str, steps: int, batch: int, sample_steps: int = 25,
+               trajectories: int = 2) -> dict | None:
+    run = prepare_case(model, device, case, batch, sample_steps, trajectories)
+    if run is None:
+        return None
     from torch.utils.flop_counter import FlopCounterMode
 
     for i in range(2):
-        step(i)
+        run.step(i)
     with FlopCounterMode(display=False) as counter:
-        step(2)
+        run.step(2)
     flops = counter.get_total_flops()
     times = []
     for i in range(steps):
         sync(device)
         t0 = time.perf_counter()
-        step(3 + i)
+        run.step(3 + i)
         sync(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return {"case": case, "method": method, "params": cfg.params, "batch": batch, "concepts": len(concepts.concepts),
-            "prepare_s": prepare,
+    return {"case": case, "method": run.method, "params": run.cfg.params, "batch": batch, "concepts": run.concepts,
+            "sample_steps": run.cfg.sample_steps, "trajectories": run.cfg.trajectories, "prepare_s": run.prepare_s,
             "step_s": step_s, "samples_per_s": batch / step_s, "flops_per_step": flops,
-            "tflops": flops / step_s / 1e12, "trained_parameters": sum(p.numel() for p in trained.values())}
+            "tflops": flops / step_s / 1e12, "trained_parameters": run.trained_parameters}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
 def optimizer_memory(model: str, device, optimizer: str) -> dict:
+    """One full-UNet training step of ``model`` with ``optimizer``, measured on a GPU in this
+    process, on the CPU in a fresh one (its peak resident memory is the step's alone)."""
+    if device.type == "cuda":
+        return _optimizer_step(model, device, optimizer)
+    from engine.tiny import build_unet
+
+    if model != "toy":
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_unet(model).parameters())
+        from benchmarks.plan_distributed import STATE_BYTES
+
+        needed = int(params * (4 + 4 + STATE_BYTES[optimizer]))  # fp32 weights, gradients, state
+        if needed > _available_bytes():
+            return {"model": model, "optimizer": optimizer, "parameters": params,
+                    "skipped": f"weights, gradients and optimizer state alone need {needed / 2**30:.1f} GiB; "
+                               f"{_available_bytes() / 2**30:.1f} GiB available"}
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_optimizer_step, (model, device, optimizer))
+
+
+def _optimizer_step(model: str, device, optimizer: str) -> dict:
     """One full-UNet training step of ``model`` (random weights but for the toy world's) with
-    ``optimizer``: the optimizer state's bytes and, on a GPU, the peak allocated memory."""
+    ``optimizer``: the optimizer state's bytes and the peak memory (see the module doc)."""
     from engine.tiny import build_unet, unet_example_inputs
 
+    rss_before = _rss_bytes()
     if model == "toy":
         unet = load_model(model, device)[0].unet
     else:
@@ -122,13 +198,17 @@ def optimizer_memory(model: str, device, optimizer: str) -> dict:
     opt = make_optimizer(optimizer, params, 1e-5)
     with torch.device(device):
         args, kwargs = unet_example_inputs(unet.config)
-    unet(*args, **kwargs).sample.pow(2).mean().backward()
+    with training_autocast("auto", device):  # bf16 activations where the trainer would use them
+        loss = unet(*args, **kwargs).sample.float().pow(2).mean()
+    loss.backward()
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     out = {"model": model, "optimizer": optimizer, "parameters": sum(p.numel() for p in params),
            "param_bytes": sum(p.numel() * p.element_size() for p in params), "optimizer_state_bytes": state}
     if device.type == "cuda":
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    else:  # ru_maxrss is in KiB on Linux
+        out.update(rss_before_bytes=rss_before, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return out
 
 
@@ -140,13 +220,17 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--trajectories", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = [r for case in args.cases.split(",") if (r := bench_case(args.model, device, case, args.steps, args.batch))]
+    # Memory first: on the CPU its fresh processes then share the machine with a lean parent.
     memory = [optimizer_memory(m, device, opt) for m in (args.memory_models or args.model).split(",")
               for opt in ("adamw", "adamw8bit")]
+    rows = [r for case in args.cases.split(",")
+            if (r := bench_case(args.model, device, case, args.steps, args.batch, args.sample_steps, args.trajectories))]
     report = {**report_header("finetune", device), "model": args.model, "steps": rows, "optimizer_memory": memory}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"finetune_{args.model}_{device.type}.json"
     write_report(out, report)
@@ -156,9 +240,12 @@ def main(argv=None):
         print(f"| {r['case']} | {r['params']} | {r['batch']} | {r['prepare_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
               f"{r['samples_per_s']:.1f} | {r['flops_per_step'] / 1e9:.2f} | {r['tflops']:.3f} |")
     for m in memory:
-        print(f"full UNet of {m['model']}, {m['optimizer']}: {m['parameters'] / 1e6:.1f}M parameters, optimizer state "
-              f"{m['optimizer_state_bytes'] / 2**20:.1f} MiB" + (f", peak {m['peak_allocated_bytes'] / 2**30:.2f} GiB"
-                                                                 if "peak_allocated_bytes" in m else ""))
+        head = f"full UNet of {m['model']}, {m['optimizer']}: {m['parameters'] / 1e6:.1f}M parameters"
+        if "skipped" in m:
+            print(f"{head}: skipped ({m['skipped']})")
+            continue
+        peak = m.get("peak_allocated_bytes", m.get("peak_rss_bytes"))
+        print(f"{head}, optimizer state {m['optimizer_state_bytes'] / 2**20:.1f} MiB, peak {peak / 2**30:.2f} GiB")
     print(f"device: {report['device']}; wrote {out}")
 
 

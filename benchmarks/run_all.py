@@ -140,11 +140,15 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
                          "measured": f"{hours:.2f} {ft['device_type']}-hours", "baseline": "-", "ratio": None,
                          "roof": f"MFU {cached['tflops'] / peak:.1%}"})
         for m in ft.get("optimizer_memory", []):
-            peak = m.get("peak_allocated_bytes")
+            if "skipped" in m:
+                measured = f"skipped: {m['skipped']}"
+            else:
+                peak, kind = ((m["peak_allocated_bytes"], "allocated") if "peak_allocated_bytes" in m
+                              else (m["peak_rss_bytes"], "resident"))
+                measured = (f"{peak / 2**30:.2f} GiB peak {kind}, "
+                            f"optimizer state {m['optimizer_state_bytes'] / 2**30:.2f} GiB")
             rows.append({"scenario": f"full-UNet training step, {m['model']}, {m['optimizer']} (batch 1)",
-                         "measured": (f"{peak / 2**30:.2f} GiB peak" if peak is not None else "-")
-                         + f", optimizer state {m['optimizer_state_bytes'] / 2**30:.2f} GiB",
-                         "baseline": "-", "ratio": None, "roof": "-"})
+                         "measured": measured, "baseline": "-", "ratio": None, "roof": "-"})
     ad = reports.get("adapters")
     if ad:
         r = ad["result"]

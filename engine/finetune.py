@@ -887,7 +887,7 @@ def _save_cache(folder: Path, cache: dict) -> None:
 # ----------------------------------------------------------------------------- the trainer
 
 
-def _autocast(precision: str, device: torch.device):
+def training_autocast(precision: str, device: torch.device):
     """bf16 autocast for the trainee's forward where it pays (weights and optimizer stay fp32)."""
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "bf16" and device.type != "cuda":
@@ -971,7 +971,7 @@ def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir, resu
     gen = torch.Generator().manual_seed(cfg.seed)
     first = 0
     if deepspeed:
-        bf16 = isinstance(_autocast(cfg.precision, device), torch.autocast)
+        bf16 = isinstance(training_autocast(cfg.precision, device), torch.autocast)
         trainer = distributed.DeepSpeedTrainer(trainee, trained, opt, cfg.batch_size, cfg.zero_stage, bf16)
         model, autocast = trainer.unet, contextlib.nullcontext()  # DeepSpeed casts the module itself
 
@@ -987,7 +987,7 @@ def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir, resu
             gen.set_state(client["generator"])
             first = client["step"]
     else:
-        model, autocast = trainee, _autocast(cfg.precision, trainee.device)
+        model, autocast = trainee, training_autocast(cfg.precision, trainee.device)
 
         def update(loss):
             opt.zero_grad(set_to_none=True)  # every step (TRCE's released code never zeroes them)

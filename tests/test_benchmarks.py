@@ -1,0 +1,51 @@
+"""The benchmark instruments measure what they say: fine-tuning memory and the step profile."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_finetune, profile_finetune  # noqa: E402
+
+
+def test_cpu_optimizer_memory_is_measured_in_a_fresh_process():
+    adamw = bench_finetune.optimizer_memory("tiny", torch.device("cpu"), "adamw")
+    eight = bench_finetune.optimizer_memory("tiny", torch.device("cpu"), "adamw8bit")
+    # AdamW keeps two fp32 moments per parameter; the 8-bit one about a quarter of that.
+    assert adamw["optimizer_state_bytes"] >= 8 * adamw["parameters"]
+    assert eight["optimizer_state_bytes"] < adamw["optimizer_state_bytes"] / 2
+    # The step (weights, gradients, state) raises the peak above the process before the UNet.
+    assert adamw["peak_rss_bytes"] > adamw["rss_before_bytes"] + 3 * adamw["param_bytes"]
+
+
+def test_model_too_large_for_memory_is_skipped_with_its_need(monkeypatch):
+    monkeypatch.setattr(bench_finetune, "_available_bytes", lambda: 2**30)
+    out = bench_finetune.optimizer_memory("sd15", torch.device("cpu"), "adamw")
+    assert out["parameters"] > 8e8
+    assert "skipped" in out and "GiB" in out["skipped"]
+
+
+@pytest.mark.parametrize("name,kind", [("aten::mm", "matmul/conv"), ("aten::convolution_backward", "matmul/conv"),
+                                       ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+                                       ("aten::native_group_norm_backward", "normalization"),
+                                       ("aten::index", "copy/data"), ("aten::add_", "elementwise/other")])
+def test_operator_kinds(name, kind):
+    assert profile_finetune.kind_of(name) == kind
+
+
+def test_profile_splits_a_training_step_into_phases():
+    out = profile_finetune.profile_case("tiny", torch.device("cpu"), "esd cached", steps=2, batch=2, sample_steps=4,
+                                        trajectories=1)
+    phases = out["phases"]
+    assert set(phases) == {*profile_finetune.PHASES, "step: rest"}
+    # The trained UNet's forward and backward are convolutions and matmuls above all.
+    for phase in ("UNet forward", "backward"):
+        assert phases[phase]["ops_ms"]["matmul/conv"] > 0
+    assert phases["optimizer"]["wall_ms"] > 0
+    # Phases tile the step; operator time never exceeds its phase's wall time.
+    assert sum(p["wall_ms"] for p in phases.values()) == pytest.approx(out["step_ms"], rel=1e-6)
+    for p in phases.values():
+        assert sum(p["ops_ms"].values()) <= p["wall_ms"] * 1.05 + 0.5
