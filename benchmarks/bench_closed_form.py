@@ -168,14 +168,14 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
 
 
 def git_sha() -> str:
-    """HEAD's sha, with ``+dirty`` when tracked files other than results differ from it (the code
-    that ran is not HEAD's)."""
+    """HEAD's sha, with ``+dirty`` when tracked files other than results and docs differ from it
+    (the code that ran is not HEAD's)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         sha = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results", ":!*.md")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("+dirty" if changed else "")
