@@ -77,8 +77,9 @@ def main(argv=None):
     if args.concepts < 1 or args.steps < 1:
         parser.error("--concepts and --steps must be >= 1")
     device = torch.device(args.device)
+    header = report_header("adapters", device)  # at launch: the code that runs is this sha's
     row = run(args.model, device, args.concepts, args.steps)
-    report = {**report_header("adapters", device), "result": row}
+    report = {**header, "result": row}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"adapters_{args.model}_{device.type}.json"
     write_report(out, report)
     print(f"{args.concepts} per-concept adapters, {args.steps} steps each, on {args.model}:")

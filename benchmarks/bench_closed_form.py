@@ -208,11 +208,12 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON path (default benchmarks/results/closed_form_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    header = report_header("closed_form", device)  # at launch: the code that runs is this sha's
     templates = args.templates.split("|")
     all_results = []
     for arch in args.archs.split(","):
         all_results += run(arch, [int(n) for n in args.concepts.split(",")], templates, device, args.backend)
-    report = {**report_header("closed_form", device), "results": all_results}
+    report = {**header, "results": all_results}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"closed_form_{device.type}.json"
     write_report(out, report)
     print("\n| arch | N | edit rows | text encoding (s) | engine: gram / solve / update (s) | per-layer fp32: gram / solve / update (s) "

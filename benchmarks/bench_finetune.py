@@ -1,7 +1,7 @@
 """Fine-tuning step cost per method and mode, FLOPs, and optimizer memory (AdamW vs AdamW8bit).
 
-    python benchmarks/bench_finetune.py [--model toy|tiny|sd15] [--device cuda] [--steps 20]
-        [--batch 4] [--sample-steps 25] [--trajectories 2]
+    python benchmarks/bench_finetune.py [--model toy|tiny|tiny-sdxl|sd15|sdxl] [--device cuda] [--steps 20]
+        [--batch 4] [--sample-steps 25] [--trajectories 2] [--gradient-checkpointing]
 
 For each method (ESD with cached targets, ESD on-policy, TRCE stage 2, Co-Erasing, Bi-Erasing;
 the image methods need the toy world's IP-Adapter) on the chosen model:
@@ -24,8 +24,10 @@ before the UNet exists). A model whose weights, gradients and optimizer state al
 CPU's available memory is recorded as skipped, with the bytes it needs. ``--memory-models``
 measures other architectures too (``sdxl``: SDXL's UNet with its pooled-text and time-id
 conditioning).
-``--model sd15`` builds SD1.5's UNet with random weights (860M parameters: a GPU job; a CPU
-step takes about half a minute). Prints a table and writes
+``--model sd15`` / ``sdxl`` build the whole pipeline with random weights (UNets of 860M and 2.6B
+parameters; SDXL's takes the pooled text embedding and time ids as the trainer gives them):
+GPU jobs, which a CPU runs only with small sampling settings (``--sample-steps 10
+--trajectories 1``, and ``--gradient-checkpointing`` for SDXL). Prints a table and writes
 ``benchmarks/results/finetune_<model>_<device>.json``.
 """
 
@@ -37,7 +39,7 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
 from engine.concepts import concepts_from_names  # noqa: E402
 from engine.finetune import (FINETUNE_METHODS, OBJECTIVES, FinetuneConfig, make_optimizer, start_training,  # noqa: E402
-                             trainable_parameters, training_autocast)
+                             sdxl_conditioning, trainable_parameters, training_autocast)
 
 CASES = {  # name: (method, config overrides)
     "esd cached": ("esd", {"xt_source": "cached"}),
@@ -68,7 +70,7 @@ def load_model(name: str, device):
         return load_toy_pipeline(device=str(device)), str(world_path() / "ip_adapter" / "ip_adapter.safetensors")
     from engine.tiny import build_pipeline
 
-    return build_pipeline("tiny" if name == "tiny" else name, seed=0).to(device), None
+    return build_pipeline(name, seed=0).to(device), None
 
 
 @dataclass
@@ -97,36 +99,43 @@ class PreparedCase:
             self.optimizer.step()
 
 
-def prepare_case(model: str, device, case: str, batch: int, sample_steps: int = 25,
-                 trajectories: int = 2) -> PreparedCase | None:
-    """``case`` on ``model`` with two concepts; None where the model has no IP-Adapter for it."""
+@contextmanager
+def prepared_case(model: str, device, case: str, batch: int, sample_steps: int = 25, trajectories: int = 2,
+                  gradient_checkpointing: bool = False):
+    """``case`` on ``model`` with two concepts, or None where the model has no IP-Adapter for it.
+    While open, an SDXL UNet takes the trainer's conditions (``sdxl_conditioning``)."""
     method, overrides = CASES[case]
     pipe, ip_adapter = load_model(model, device)
     if method in ("co-erasing", "bi-erasing") and ip_adapter is None:
-        return None
+        yield None
+        return
     if method == "trce":
         overrides = {**overrides, "early_steps": max(1, sample_steps * 13 // 25)}
     cfg = FINETUNE_METHODS[method].replace(batch_size=batch, sample_steps=sample_steps, trajectories=trajectories,
-                                           concept_images=4, progress=False, ip_adapter=ip_adapter, **overrides)
+                                           concept_images=4, progress=False, ip_adapter=ip_adapter,
+                                           gradient_checkpointing=gradient_checkpointing, **overrides)
     concepts = concepts_from_names(["Aldric Corrance", "skull"], anchor="a person", templates=["a photo of {}"])
-    sync(device)
-    t0 = time.perf_counter()
-    objective = OBJECTIVES[method](pipe, concepts, cfg, None)
-    sync(device)
-    prepare = time.perf_counter() - t0
-    unet = pipe.unet
-    unet.requires_grad_(False)
-    trained = trainable_parameters(unet, cfg.params)
-    optimizer = start_training(unet, trained, cfg)
-    return PreparedCase(method, cfg, len(concepts.concepts), prepare, objective, unet, optimizer,
-                        sum(p.numel() for p in trained.values()), torch.Generator().manual_seed(0))
+    with sdxl_conditioning(pipe):
+        sync(device)
+        t0 = time.perf_counter()
+        objective = OBJECTIVES[method](pipe, concepts, cfg, None)
+        sync(device)
+        prepare = time.perf_counter() - t0
+        unet = pipe.unet
+        unet.requires_grad_(False)
+        trained = trainable_parameters(unet, cfg.params)
+        optimizer = start_training(unet, trained, cfg)
+        yield PreparedCase(method, cfg, len(concepts.concepts), prepare, objective, unet, optimizer,
+                           sum(p.numel() for p in trained.values()), torch.Generator().manual_seed(0))
 
 
 def bench_case(model: str, device, case: str, steps: int, batch: int, sample_steps: int = 25,
-               trajectories: int = 2) -> dict | None:
-    run = prepare_case(model, device, case, batch, sample_steps, trajectories)
-    if run is None:
-        return None
+               trajectories: int = 2, gradient_checkpointing: bool = False) -> dict | None:
+    with prepared_case(model, device, case, batch, sample_steps, trajectories, gradient_checkpointing) as run:
+        return None if run is None else _time_steps(run, device, case, steps, batch)
+
+
+def _time_steps(run: PreparedCase, device, case: str, steps: int, batch: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     for i in range(2):
@@ -143,7 +152,8 @@ def bench_case(model: str, device, case: str, steps: int, batch: int, sample_ste
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     return {"case": case, "method": run.method, "params": run.cfg.params, "batch": batch, "concepts": run.concepts,
-            "sample_steps": run.cfg.sample_steps, "trajectories": run.cfg.trajectories, "prepare_s": run.prepare_s,
+            "sample_steps": run.cfg.sample_steps, "trajectories": run.cfg.trajectories,
+            "gradient_checkpointing": run.cfg.gradient_checkpointing, "prepare_s": run.prepare_s,
             "step_s": step_s, "samples_per_s": batch / step_s, "flops_per_step": flops,
             "tflops": flops / step_s / 1e12, "trained_parameters": run.trained_parameters}
 
@@ -214,7 +224,7 @@ def _optimizer_step(model: str, device, optimizer: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="toy", choices=("toy", "tiny", "sd15"))
+    parser.add_argument("--model", default="toy", choices=("toy", "tiny", "tiny-sdxl", "sd15", "sdxl"))
     parser.add_argument("--memory-models", help="models of the optimizer-memory step, comma-separated: toy, tiny, "
                         "tiny-sdxl, sd15, sdxl (default: --model; SDXL's full UNet is a GPU job)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -222,16 +232,19 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--trajectories", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    header = report_header("finetune", device)  # at launch: the code that runs is this sha's
     # Memory first: on the CPU its fresh processes then share the machine with a lean parent.
     memory = [optimizer_memory(m, device, opt) for m in (args.memory_models or args.model).split(",")
               for opt in ("adamw", "adamw8bit")]
     rows = [r for case in args.cases.split(",")
-            if (r := bench_case(args.model, device, case, args.steps, args.batch, args.sample_steps, args.trajectories))]
-    report = {**report_header("finetune", device), "model": args.model, "steps": rows, "optimizer_memory": memory}
+            if (r := bench_case(args.model, device, case, args.steps, args.batch, args.sample_steps, args.trajectories,
+                                args.gradient_checkpointing))]
+    report = {**header, "model": args.model, "steps": rows, "optimizer_memory": memory}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"finetune_{args.model}_{device.type}.json"
     write_report(out, report)
     print("| case | params | batch | prepare s | step ms | samples/s | GFLOP/step | TFLOP/s |")

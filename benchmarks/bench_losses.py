@@ -137,6 +137,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON path (default benchmarks/results/losses_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    header = report_header("losses", device)  # at launch: the code that runs is this sha's
     roof = copy_bandwidth(device, 1 << 26 if args.quick else 1 << 28)
     results = run(device, args.quick)
     for r in results:
@@ -146,7 +147,7 @@ def main(argv=None):
                 r[f"{impl}_roof_fraction"] = r["bytes_min"] / r[f"{impl}_s"] / roof
         best = r.get("fused_s", r["compile_s"])
         r["speedup_vs_eager"] = r["eager_s"] / best
-    report = {**report_header("losses", device), "copy_bandwidth_GBps": roof / 1e9, "quick": args.quick,
+    report = {**header, "copy_bandwidth_GBps": roof / 1e9, "quick": args.quick,
               "results": results}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"losses_{device.type}.json"
     write_report(out, report)

@@ -1,7 +1,7 @@
 """Where a fine-tuning step's time goes: phases and kinds of work, from torch's profiler.
 
-    python benchmarks/profile_finetune.py [--model toy|tiny|sd15] [--case "esd cached"]
-        [--device cuda] [--steps 5] [--batch 4] [--trace trace.json]
+    python benchmarks/profile_finetune.py [--model toy|tiny|tiny-sdxl|sd15|sdxl] [--case "esd cached"]
+        [--device cuda] [--steps 5] [--batch 4] [--gradient-checkpointing] [--trace trace.json]
 
 Prepares one case of ``bench_finetune`` (same settings), takes two warm-up steps, then profiles
 ``--steps`` steps. Each step is split into phases by profiler ranges: ``UNet forward`` (every
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
-from benchmarks.bench_finetune import CASES, prepare_case  # noqa: E402
+from benchmarks.bench_finetune import CASES, prepared_case  # noqa: E402
 
 PHASES = ("UNet forward", "loss: rest", "backward", "optimizer")
 KINDS = {  # kind: substrings of operator names, first match wins (attention before matmul)
@@ -119,46 +119,51 @@ def summarise(prof, steps: int, wall_s: float, on_gpu: bool) -> dict:
 
 
 def profile_case(model: str, device, case: str, steps: int, batch: int, sample_steps: int, trajectories: int,
-                 trace: str | None = None) -> dict:
-    run = prepare_case(model, device, case, batch, sample_steps, trajectories)
-    for i in range(2):
-        run.step(i)
-    hook = _ForwardRange(run.unet)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    try:
-        with profile(activities=activities) as prof:
-            sync(device)
-            t0 = time.perf_counter()
-            for i in range(steps):
-                run.step(2 + i, ranges=True)
-            sync(device)
-            wall = time.perf_counter() - t0
-    finally:
-        hook.remove()
+                 trace: str | None = None, gradient_checkpointing: bool = False) -> dict:
+    with prepared_case(model, device, case, batch, sample_steps, trajectories, gradient_checkpointing) as run:
+        if run is None:
+            raise ValueError(f"{case!r} needs an IP-Adapter; model {model!r} has none (use --model toy)")
+        for i in range(2):
+            run.step(i)
+        hook = _ForwardRange(run.unet)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        try:
+            with profile(activities=activities) as prof:
+                sync(device)
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    run.step(2 + i, ranges=True)
+                sync(device)
+                wall = time.perf_counter() - t0
+        finally:
+            hook.remove()
     if trace:
         prof.export_chrome_trace(trace)
     return {"case": case, "method": run.method, "params": run.cfg.params, "batch": batch, "steps": steps,
-            "sample_steps": run.cfg.sample_steps, **summarise(prof, steps, wall, device.type == "cuda")}
+            "sample_steps": run.cfg.sample_steps, "gradient_checkpointing": gradient_checkpointing,
+            **summarise(prof, steps, wall, device.type == "cuda")}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="toy", choices=("toy", "tiny", "sd15"))
+    parser.add_argument("--model", default="toy", choices=("toy", "tiny", "tiny-sdxl", "sd15", "sdxl"))
     parser.add_argument("--case", default="esd cached", choices=tuple(CASES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--trajectories", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     parser.add_argument("--trace", help="also write a Chrome trace to this path")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    header = report_header("profile_finetune", device)  # at launch: the code that runs is this sha's
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     result = profile_case(args.model, device, args.case, args.steps, args.batch, args.sample_steps,
-                          args.trajectories, args.trace)
-    report = {**report_header("profile_finetune", device), "model": args.model, **result}
+                          args.trajectories, args.trace, args.gradient_checkpointing)
+    report = {**header, "model": args.model, **result}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"profile_finetune_{args.model}_{device.type}.json"
     write_report(out, report)
     kinds = sorted({k for p in result["phases"].values() for k in p["ops_ms"]})

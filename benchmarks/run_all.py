@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSON path (default benchmarks/results/<device>/<date>-<sha>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    header = report_header("run_all", device)  # at launch: the code that runs is this sha's
     mode = args.mode or ("full" if device.type == "cuda" else "quick")
     names = args.only.split(",") if args.only else list(SUITE)
     unknown = [n for n in names if n not in SUITE]
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
             else:
                 reports[name] = report
     rows = summarise(reports, roofs)
-    result = {**report_header("run_all", device), "mode": mode, "roofs": roofs, "seconds": seconds, "summary": rows,
+    result = {**header, "mode": mode, "roofs": roofs, "seconds": seconds, "summary": rows,
               "failures": failures, "reports": reports}
     out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results" / file_slug(device_name(device))
                                            / f"{time.strftime('%Y-%m-%d')}-{result['git_sha'][:8]}.json")

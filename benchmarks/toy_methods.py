@@ -110,6 +110,7 @@ def main(argv=None):
                         help="override a fine-tuning setting of every method run, as erasure erase --set")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_methods.json"))
     args = parser.parse_args(argv)
+    sha = git_sha()  # at launch: the code that runs is this sha's
     world = verify_world(args.world)
     model = pipeline_path(world)
     out = Path(args.out)
@@ -134,11 +135,11 @@ def main(argv=None):
                    "erased_acc": report["erased_acc"], "erased_acc_other_templates": report["erased_acc_other_templates"],
                    "erased_acc_indirect": report["erased_acc_indirect"], "retained_acc": report["retained_acc"],
                    "original": report["original_acc"], "H": report["H"], "kid": report["quality"]["kid"],
-                   "eval_seconds": report["timing"]["total_seconds"]}
+                   "eval_seconds": report["timing"]["total_seconds"], "git_sha": sha}
             results = [r for r in results if (r["method"], r["scenario"]) != (method, scen)] + [row]
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps({"benchmark": "toy_methods", "device": device_name(torch.device("cpu")),
-                                       "world": str(world), "versions": package_versions(), "git_sha": git_sha(),
+                                       "world": str(world), "versions": package_versions(), "git_sha": sha,
                                        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, indent=2) + "\n")
     pct = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     print("| scenario | method | erased (train / held-out / indirect templates) % | retained % | H | KID | erase s |")

@@ -49,3 +49,10 @@ def test_profile_splits_a_training_step_into_phases():
     assert sum(p["wall_ms"] for p in phases.values()) == pytest.approx(out["step_ms"], rel=1e-6)
     for p in phases.values():
         assert sum(p["ops_ms"].values()) <= p["wall_ms"] * 1.05 + 0.5
+
+
+def test_sdxl_step_gets_the_trainers_conditioning():
+    """On SDXL the bench's step feeds the pooled embedding and time ids, as the trainer does."""
+    row = bench_finetune.bench_case("tiny-sdxl", torch.device("cpu"), "esd cached", steps=1, batch=2,
+                                    sample_steps=4, trajectories=1, gradient_checkpointing=True)
+    assert row["gradient_checkpointing"] and row["flops_per_step"] > 0 and row["step_s"] > 0
