@@ -13,6 +13,10 @@ the image methods need the toy world's IP-Adapter) on the chosen model:
 * ``flops_per_step``: counted by ``torch.utils.flop_counter.FlopCounterMode`` on one step
   (forward and backward; sampling x_t on-policy included), and the achieved TFLOP/s.
 
+``--variants`` times each case with the trained UNet run in other ways too, each against eager
+in the same run: ``channels-last`` (NHWC weights and activations), ``compile``
+(``torch.compile``; ``warmup_s``, the two warm-up steps, includes the compilation).
+
 ``--sample-steps`` and ``--trajectories`` set the DDIM steps and the trajectories per prompt the
 cached targets (and on-policy sampling) use; TRCE steers the first 13/25 of those steps.
 
@@ -129,20 +133,33 @@ def prepared_case(model: str, device, case: str, batch: int, sample_steps: int =
                            sum(p.numel() for p in trained.values()), torch.Generator().manual_seed(0))
 
 
+# Ways to run the trained UNet, compared in one run (``--variants``): kept only where they pay.
+VARIANTS = {
+    "eager": lambda unet: unet,
+    "channels-last": lambda unet: unet.to(memory_format=torch.channels_last),
+    "compile": torch.compile,
+}
+
+
 def bench_case(model: str, device, case: str, steps: int, batch: int, sample_steps: int = 25,
-               trajectories: int = 2, gradient_checkpointing: bool = False) -> dict | None:
+               trajectories: int = 2, gradient_checkpointing: bool = False, variant: str = "eager") -> dict | None:
     with prepared_case(model, device, case, batch, sample_steps, trajectories, gradient_checkpointing) as run:
-        return None if run is None else _time_steps(run, device, case, steps, batch)
+        return None if run is None else _time_steps(run, device, case, steps, batch, variant)
 
 
-def _time_steps(run: PreparedCase, device, case: str, steps: int, batch: int) -> dict:
+def _time_steps(run: PreparedCase, device, case: str, steps: int, batch: int, variant: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    for i in range(2):
-        run.step(i)
-    with FlopCounterMode(display=False) as counter:
-        run.step(2)
+    with FlopCounterMode(display=False) as counter:  # eager: the variants do the same arithmetic
+        run.step(0)
     flops = counter.get_total_flops()
+    run.unet = VARIANTS[variant](run.unet)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(2):  # warm-up (compilation included)
+        run.step(1 + i)
+    sync(device)
+    warmup = time.perf_counter() - t0
     times = []
     for i in range(steps):
         sync(device)
@@ -151,9 +168,9 @@ def _time_steps(run: PreparedCase, device, case: str, steps: int, batch: int) ->
         sync(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return {"case": case, "method": run.method, "params": run.cfg.params, "batch": batch, "concepts": run.concepts,
-            "sample_steps": run.cfg.sample_steps, "trajectories": run.cfg.trajectories,
-            "gradient_checkpointing": run.cfg.gradient_checkpointing, "prepare_s": run.prepare_s,
+    return {"case": case, "variant": variant, "method": run.method, "params": run.cfg.params, "batch": batch,
+            "concepts": run.concepts, "sample_steps": run.cfg.sample_steps, "trajectories": run.cfg.trajectories,
+            "gradient_checkpointing": run.cfg.gradient_checkpointing, "prepare_s": run.prepare_s, "warmup_s": warmup,
             "step_s": step_s, "samples_per_s": batch / step_s, "flops_per_step": flops,
             "tflops": flops / step_s / 1e12, "trained_parameters": run.trained_parameters}
 
@@ -234,6 +251,7 @@ def main(argv=None):
     parser.add_argument("--trajectories", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--variants", default="eager", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -241,17 +259,21 @@ def main(argv=None):
     # Memory first: on the CPU its fresh processes then share the machine with a lean parent.
     memory = [optimizer_memory(m, device, opt) for m in (args.memory_models or args.model).split(",")
               for opt in ("adamw", "adamw8bit")]
-    rows = [r for case in args.cases.split(",")
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    rows = [r for case in args.cases.split(",") for variant in args.variants.split(",")
             if (r := bench_case(args.model, device, case, args.steps, args.batch, args.sample_steps, args.trajectories,
-                                args.gradient_checkpointing))]
+                                args.gradient_checkpointing, variant))]
     report = {**header, "model": args.model, "steps": rows, "optimizer_memory": memory}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"finetune_{args.model}_{device.type}.json"
     write_report(out, report)
-    print("| case | params | batch | prepare s | step ms | samples/s | GFLOP/step | TFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| case | variant | params | batch | prepare s | warm-up s | step ms | samples/s | GFLOP/step | TFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['case']} | {r['params']} | {r['batch']} | {r['prepare_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
-              f"{r['samples_per_s']:.1f} | {r['flops_per_step'] / 1e9:.2f} | {r['tflops']:.3f} |")
+        print(f"| {r['case']} | {r['variant']} | {r['params']} | {r['batch']} | {r['prepare_s']:.1f} | "
+              f"{r['warmup_s']:.1f} | {r['step_s'] * 1e3:.1f} | {r['samples_per_s']:.1f} | "
+              f"{r['flops_per_step'] / 1e9:.2f} | {r['tflops']:.3f} |")
     for m in memory:
         head = f"full UNet of {m['model']}, {m['optimizer']}: {m['parameters'] / 1e6:.1f}M parameters"
         if "skipped" in m:

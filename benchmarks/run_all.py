@@ -125,7 +125,7 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
                      "roof": f"{worst[f'{impl}_roof_fraction']:.0%} of copy bandwidth"})
     ft = reports.get("finetune")
     if ft:
-        steps = {r["case"]: r for r in ft["steps"]}
+        steps = {r["case"]: r for r in ft["steps"] if r.get("variant", "eager") == "eager"}
         cached, on_policy = steps.get("esd cached"), steps.get("esd on-policy")
         peak = roofs.get("matmul_bf16_tflops", roofs["matmul_fp32_tflops"])
         if cached and on_policy:

@@ -56,3 +56,9 @@ def test_sdxl_step_gets_the_trainers_conditioning():
     row = bench_finetune.bench_case("tiny-sdxl", torch.device("cpu"), "esd cached", steps=1, batch=2,
                                     sample_steps=4, trajectories=1, gradient_checkpointing=True)
     assert row["gradient_checkpointing"] and row["flops_per_step"] > 0 and row["step_s"] > 0
+
+
+def test_variant_runs_the_same_step_another_way():
+    row = bench_finetune.bench_case("tiny", torch.device("cpu"), "esd cached", steps=1, batch=2, sample_steps=4,
+                                    trajectories=1, variant="channels-last")
+    assert row["variant"] == "channels-last" and row["step_s"] > 0 and row["warmup_s"] > 0
