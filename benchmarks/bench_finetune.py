@@ -43,6 +43,7 @@ import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +204,8 @@ def optimizer_memory(model: str, device, optimizer: str) -> dict:
             return {"model": model, "optimizer": optimizer, "parameters": params,
                     "skipped": f"weights, gradients and optimizer state alone need {needed / 2**30:.1f} GiB; "
                                f"{_available_bytes() / 2**30:.1f} GiB available"}
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_optimizer_step, (model, device, optimizer))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_optimizer_step, model, device, optimizer).result()
 
 
 def _optimizer_step(model: str, device, optimizer: str) -> dict:
@@ -243,7 +244,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="toy", choices=("toy", "tiny", "tiny-sdxl", "sd15", "sdxl"))
     parser.add_argument("--memory-models", help="models of the optimizer-memory step, comma-separated: toy, tiny, "
-                        "tiny-sdxl, sd15, sdxl (default: --model; SDXL's full UNet is a GPU job)")
+                        "tiny-sdxl, sd15, sdxl, or none (default: --model; SDXL's full UNet is a GPU job)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
@@ -257,8 +258,8 @@ def main(argv=None):
     device = torch.device(args.device)
     header = report_header("finetune", device)  # at launch: the code that runs is this sha's
     # Memory first: on the CPU its fresh processes then share the machine with a lean parent.
-    memory = [optimizer_memory(m, device, opt) for m in (args.memory_models or args.model).split(",")
-              for opt in ("adamw", "adamw8bit")]
+    memory_models = [] if args.memory_models == "none" else (args.memory_models or args.model).split(",")
+    memory = [optimizer_memory(m, device, opt) for m in memory_models for opt in ("adamw", "adamw8bit")]
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")

@@ -14,6 +14,10 @@ process, each writing its JSON, and reads them back:
   roof: achieved / measured copy bandwidth (the losses are memory-bound);
 * ``bench_finetune``: ESD with cached targets vs on-policy ESD, time per erased concept at
   equal iterations; roof: achieved FLOP/s / measured matmul rate (MFU);
+* ``bench_finetune --variants`` (``finetune_variants``): ESD's cached-target step with the
+  trained UNet channels-last and (full) compiled vs eager;
+* ``profile_finetune``: where that step's time goes (kinds of work; the Python and dispatch
+  share on a CPU, the GPU's busy fraction on a GPU);
 * ``bench_adapters``: N per-concept adapters in one batched run vs N sequential runs;
 * ``plan_distributed``: the computed memory and throughput plan for 1-8 GPUs.
 
@@ -52,6 +56,13 @@ SUITE = {
     "losses": ("bench_losses.py", {"quick": ["--quick"], "full": []}),
     "finetune": ("bench_finetune.py", {"quick": ["--model", "toy", "--steps", "5", "--cases", "esd cached,esd on-policy"],
                                        "full": ["--model", "sd15", "--steps", "20", "--memory-models", "sd15,sdxl"]}),
+    "finetune_variants": ("bench_finetune.py", {
+        "quick": ["--model", "toy", "--steps", "20", "--cases", "esd cached", "--variants", "eager,channels-last",
+                  "--memory-models", "none"],
+        "full": ["--model", "sd15", "--steps", "20", "--cases", "esd cached", "--variants", "eager,channels-last,compile",
+                 "--memory-models", "none"]}),
+    "profile_finetune": ("profile_finetune.py", {"quick": ["--model", "toy", "--steps", "5"],
+                                                 "full": ["--model", "sd15", "--steps", "5"]}),
     "adapters": ("bench_adapters.py", {"quick": ["--model", "toy", "--concepts", "4", "--steps", "10"],
                                        "full": ["--model", "sd15", "--concepts", "16", "--steps", "20"]}),
     "plan_distributed": ("plan_distributed.py", {"quick": [], "full": []}),
@@ -149,6 +160,32 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
                             f"optimizer state {m['optimizer_state_bytes'] / 2**30:.2f} GiB")
             rows.append({"scenario": f"full-UNet training step, {m['model']}, {m['optimizer']} (batch 1)",
                          "measured": measured, "baseline": "-", "ratio": None, "roof": "-"})
+    variants = reports.get("finetune_variants")
+    if variants:
+        rate = roofs.get("matmul_bf16_tflops", roofs["matmul_fp32_tflops"])
+        eager = {r["case"]: r for r in variants["steps"] if r["variant"] == "eager"}
+        for r in variants["steps"]:
+            base = eager.get(r["case"])
+            if r["variant"] == "eager" or base is None:
+                continue
+            rows.append({"scenario": f"{r['case']} step, {variants['model']}, {r['variant']} (batch {r['batch']})",
+                         "measured": f"{r['step_s'] * 1e3:.1f} ms (warm-up {r['warmup_s']:.1f} s)",
+                         "baseline": f"eager {base['step_s'] * 1e3:.1f} ms", "ratio": base["step_s"] / r["step_s"],
+                         "roof": f"MFU {r['tflops'] / rate:.1%}"})
+    prof = reports.get("profile_finetune")
+    if prof:
+        kinds = {}
+        for phase in prof["phases"].values():
+            for kind, ms in phase["ops_ms"].items():
+                kinds[kind] = kinds.get(kind, 0.0) + ms
+        shares = ", ".join(f"{k} {v / prof['step_ms']:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        if "device_busy_fraction" in prof:
+            roof = f"GPU busy {prof['device_busy_fraction']:.0%} of the step"
+        else:
+            framework = sum(p["framework_ms"] for p in prof["phases"].values())
+            roof = f"Python and dispatch {framework / prof['step_ms']:.0%} of the step"
+        rows.append({"scenario": f"where the {prof['case']} step goes, {prof['model']} (batch {prof['batch']})",
+                     "measured": shares, "baseline": "-", "ratio": None, "roof": roof})
     ad = reports.get("adapters")
     if ad:
         r = ad["result"]
