@@ -240,20 +240,25 @@ def _optimizer_step(model: str, device, optimizer: str) -> dict:
     return out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_case_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The options that set up a case's steps (shared with profile_finetune.py)."""
     parser.add_argument("--model", default="toy", choices=("toy", "tiny", "tiny-sdxl", "sd15", "sdxl"))
-    parser.add_argument("--memory-models", help="models of the optimizer-memory step, comma-separated: toy, tiny, "
-                        "tiny-sdxl, sd15, sdxl, or none (default: --model; SDXL's full UNet is a GPU job)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--trajectories", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    parser.add_argument("--out")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_case_arguments(parser, steps=20)
+    parser.add_argument("--memory-models", help="models of the optimizer-memory step, comma-separated: toy, tiny, "
+                        "tiny-sdxl, sd15, sdxl, or none (default: --model; SDXL's full UNet is a GPU job)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--variants", default="eager", help=f"comma-separated, of {', '.join(VARIANTS)}")
-    parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     header = report_header("finetune", device)  # at launch: the code that runs is this sha's

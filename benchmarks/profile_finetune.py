@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
-from benchmarks.bench_finetune import CASES, prepared_case  # noqa: E402
+from benchmarks.bench_finetune import CASES, add_case_arguments, prepared_case  # noqa: E402
 
 PHASES = ("UNet forward", "loss: rest", "backward", "optimizer")
 KINDS = {  # kind: substrings of operator names, first match wins (attention before matmul)
@@ -146,16 +146,9 @@ def profile_case(model: str, device, case: str, steps: int, batch: int, sample_s
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="toy", choices=("toy", "tiny", "tiny-sdxl", "sd15", "sdxl"))
+    add_case_arguments(parser, steps=5)
     parser.add_argument("--case", default="esd cached", choices=tuple(CASES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--trajectories", type=int, default=2)
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     parser.add_argument("--trace", help="also write a Chrome trace to this path")
-    parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     header = report_header("profile_finetune", device)  # at launch: the code that runs is this sha's
