@@ -13,7 +13,8 @@ process, each writing its JSON, and reads them back:
 * ``bench_losses``: the fused loss kernels (GPU) or ``torch.compile`` (CPU) vs eager torch;
   roof: achieved / measured copy bandwidth (the losses are memory-bound);
 * ``bench_finetune``: ESD with cached targets vs on-policy ESD, time per erased concept at
-  equal iterations; roof: achieved FLOP/s / measured matmul rate (MFU);
+  equal iterations; roof: achieved FLOP/s / measured matmul rate (MFU); full mode also on SDXL
+  (``finetune_sdxl``: ESD both ways and TRCE stage 2, batch 1);
 * ``bench_finetune --variants`` (``finetune_variants``): ESD's cached-target step with the
   trained UNet channels-last and (full) compiled vs eager;
 * ``profile_finetune``: where that step's time goes (kinds of work; the Python and dispatch
@@ -49,13 +50,16 @@ from benchmarks.plan_distributed import SAMPLES_PER_CONCEPT  # noqa: E402
 from engine.export import file_slug  # noqa: E402
 
 
-# benchmark: (script, arguments by mode)
+# benchmark: (script, arguments by mode); a benchmark without a mode's arguments is not run in it
 SUITE = {
     "closed_form": ("bench_closed_form.py", {"quick": ["--archs", "sd15", "--concepts", "10,100"],
                                              "full": ["--archs", "sd15,sdxl", "--concepts", "1,10,100,1000"]}),
     "losses": ("bench_losses.py", {"quick": ["--quick"], "full": []}),
     "finetune": ("bench_finetune.py", {"quick": ["--model", "toy", "--steps", "5", "--cases", "esd cached,esd on-policy"],
                                        "full": ["--model", "sd15", "--steps", "20", "--memory-models", "sd15,sdxl"]}),
+    "finetune_sdxl": ("bench_finetune.py", {"full": ["--model", "sdxl", "--steps", "10", "--batch", "1",
+                                                     "--cases", "esd cached,esd on-policy,trce stage 2",
+                                                     "--memory-models", "none"]}),
     "finetune_variants": ("bench_finetune.py", {
         "quick": ["--model", "toy", "--steps", "20", "--cases", "esd cached", "--variants", "eager,channels-last",
                   "--memory-models", "none"],
@@ -134,35 +138,35 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
                      "measured": f"{worst[f'{impl}_s'] * 1e3:.3f} ms ({impl})",
                      "baseline": f"eager {worst['eager_s'] * 1e3:.3f} ms", "ratio": worst["speedup_vs_eager"],
                      "roof": f"{worst[f'{impl}_roof_fraction']:.0%} of copy bandwidth"})
-    ft = reports.get("finetune")
-    if ft:
+    rate = roofs.get("matmul_bf16_tflops", roofs["matmul_fp32_tflops"])
+    for ft in (reports.get("finetune"), reports.get("finetune_sdxl")):
+        if not ft:
+            continue
         steps = {r["case"]: r for r in ft["steps"] if r.get("variant", "eager") == "eager"}
         cached, on_policy = steps.get("esd cached"), steps.get("esd on-policy")
-        peak = roofs.get("matmul_bf16_tflops", roofs["matmul_fp32_tflops"])
         if cached and on_policy:
             per_concept = lambda r: r["prepare_s"] / r["concepts"] + SAMPLES_PER_CONCEPT / r["samples_per_s"]  # noqa: E731
             rows.append({"scenario": f"ESD per concept, {ft['model']} (cached targets, 1,000 samples)",
                          "measured": f"{per_concept(cached):.1f} s", "baseline": f"on-policy ESD {per_concept(on_policy):.1f} s",
                          "ratio": per_concept(on_policy) / per_concept(cached),
-                         "roof": f"MFU {cached['tflops'] / peak:.1%}"})
+                         "roof": f"MFU {cached['tflops'] / rate:.1%}"})
         if cached:
             hours = 100 * SAMPLES_PER_CONCEPT / cached["samples_per_s"] / 3600
             rows.append({"scenario": f"erase 100 concepts by fine-tuning, {ft['model']} (projected from the step time)",
                          "measured": f"{hours:.2f} {ft['device_type']}-hours", "baseline": "-", "ratio": None,
-                         "roof": f"MFU {cached['tflops'] / peak:.1%}"})
+                         "roof": f"MFU {cached['tflops'] / rate:.1%}"})
         for m in ft.get("optimizer_memory", []):
             if "skipped" in m:
                 measured = f"skipped: {m['skipped']}"
             else:
-                peak, kind = ((m["peak_allocated_bytes"], "allocated") if "peak_allocated_bytes" in m
-                              else (m["peak_rss_bytes"], "resident"))
-                measured = (f"{peak / 2**30:.2f} GiB peak {kind}, "
+                peak_bytes, kind = ((m["peak_allocated_bytes"], "allocated") if "peak_allocated_bytes" in m
+                                    else (m["peak_rss_bytes"], "resident"))
+                measured = (f"{peak_bytes / 2**30:.2f} GiB peak {kind}, "
                             f"optimizer state {m['optimizer_state_bytes'] / 2**30:.2f} GiB")
             rows.append({"scenario": f"full-UNet training step, {m['model']}, {m['optimizer']} (batch 1)",
                          "measured": measured, "baseline": "-", "ratio": None, "roof": "-"})
     variants = reports.get("finetune_variants")
     if variants:
-        rate = roofs.get("matmul_bf16_tflops", roofs["matmul_fp32_tflops"])
         eager = {r["case"]: r for r in variants["steps"] if r["variant"] == "eager"}
         for r in variants["steps"]:
             base = eager.get(r["case"])
@@ -222,6 +226,9 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in SUITE]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; available: {', '.join(SUITE)}")
+    names = [n for n in names if mode in SUITE[n][1]]
+    if not names:
+        parser.error(f"none of those benchmarks runs in {mode} mode")
 
     from tqdm.auto import tqdm
 
