@@ -207,10 +207,13 @@ class _RowPlan:
         texts = list(self.prompts)
         table = None
         for lo in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
-            emb, _ = encode_prompts(pipe, texts[lo : lo + batch_size], batch_size=batch_size)  # (B, 77, D)
+            batch = texts[lo : lo + batch_size]
+            mine = ((keys[:, 0] >= lo) & (keys[:, 0] < lo + len(batch))).nonzero().squeeze(1)  # rows of this batch
+            # Encode only as far as the last position asked for (at least through each end-of-text).
+            emb, _ = encode_prompts(pipe, batch, batch_size=batch_size,
+                                    min_positions=int(keys[mine, 1].max()) + 1 if len(mine) else 1)  # (B, L, D)
             if table is None:
                 table = torch.empty(len(self.rows), emb.shape[-1], dtype=torch.float32, device=emb.device)
-            mine = ((keys[:, 0] >= lo) & (keys[:, 0] < lo + emb.shape[0])).nonzero().squeeze(1)  # rows of this batch
             table[mine.to(emb.device)] = emb[(keys[mine, 0] - lo).to(emb.device), keys[mine, 1].to(emb.device)]
         return table
 

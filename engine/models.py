@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -205,16 +206,22 @@ def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def encode_prompts(
-    pipe, prompts: list[str], *, batch_size: int = 64, progress: bool = False
+    pipe, prompts: list[str], *, batch_size: int = 64, progress: bool = False, min_positions: int = MAX_LENGTH
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings float32 (N, 77, D), input_ids int64 (N, 77)) for `prompts`.
+    """(embeddings float32 (N, L, D), input_ids int64 (N, L)) for `prompts`; L = 77 by default.
 
     The embeddings are exactly the pipeline's encoder_hidden_states for each prompt (SD1/SD2: the
     text encoder's last hidden state; SDXL: both encoders' penultimate hidden states concatenated),
     computed by the pipeline's own encode_prompt without classifier-free guidance, on the text
-    encoder's device. input_ids (CPU) are `pipe.tokenizer`'s, padded to 77.
+    encoder's device. input_ids (CPU) are `pipe.tokenizer`'s, padded to L.
+
+    ``min_positions`` below 77 encodes only L = max(min_positions, the longest prompt through its
+    end-of-text) positions. CLIP's text encoders are causal, so every position up to a prompt's
+    end-of-text is the same as in the 77-token encoding (to float rounding); only the padding
+    after it changes. Callers that need the rows up to end-of-text save most of the encoder's
+    work that way: a short prompt's 77-token encoding is mostly padding.
     """
-    hidden, _, ids = _encode(pipe, prompts, batch_size, progress)
+    hidden, _, ids = _encode(pipe, prompts, batch_size, progress, min_positions)
     return hidden, ids
 
 
@@ -229,7 +236,21 @@ def encode_sdxl_prompts(
     return hidden, pooled
 
 
-def _encode(pipe, prompts, batch_size: int, progress: bool):
+@contextmanager
+def _padded_to(pipe, length: int):
+    """While open, the pipeline's tokenizers pad (and encode_prompt encodes) `length` positions."""
+    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    saved = [t.model_max_length for t in tokenizers]
+    for t in tokenizers:
+        t.model_max_length = length
+    try:
+        yield
+    finally:
+        for t, n in zip(tokenizers, saved):
+            t.model_max_length = n
+
+
+def _encode(pipe, prompts, batch_size: int, progress: bool, min_positions: int = MAX_LENGTH):
     """(hidden states, pooled embeddings or None for SD1/SD2, input_ids): see `encode_prompts`."""
     from tqdm.auto import tqdm
 
@@ -243,12 +264,16 @@ def _encode(pipe, prompts, batch_size: int, progress: bool):
         dim = pipe.unet.config.cross_attention_dim
         pooled = torch.empty(0, pipe.text_encoder_2.config.projection_dim) if sdxl else None
         return torch.empty(0, MAX_LENGTH, dim), pooled, torch.empty(0, MAX_LENGTH, dtype=torch.int64)
+    if not 1 <= min_positions <= MAX_LENGTH:
+        raise ValueError(f"min_positions must be in 1..{MAX_LENGTH}, got {min_positions}")
     # tokenizer_2 (SDXL) has the same vocabulary, so the same lengths: checking one is enough.
     ids = tokenize_prompts(pipe.tokenizer, prompts)
+    longest = int(first_eot_positions(ids, pipe.tokenizer.eos_token_id).max()) + 1
+    length = max(min_positions, longest)
 
     device = pipe.text_encoder.device
     hidden, pooled = [], []
-    with torch.no_grad():
+    with torch.no_grad(), _padded_to(pipe, length):
         for lo in tqdm(range(0, len(prompts), batch_size), desc="encode prompts", disable=not progress, unit="batch"):
             batch = prompts[lo : lo + batch_size]
             if sdxl:
@@ -257,7 +282,7 @@ def _encode(pipe, prompts, batch_size: int, progress: bool):
             else:
                 out = pipe.encode_prompt(batch, device, 1, False)  # (prompt, device, per prompt, cfg)
             hidden.append(out[0].float())  # stays on the encoder's device: the editor's kernels run there
-    return torch.cat(hidden), torch.cat(pooled) if sdxl else None, ids
+    return torch.cat(hidden), torch.cat(pooled) if sdxl else None, ids[:, :length]
 
 
 def first_eot_positions(input_ids: torch.Tensor, eot_token_id: int) -> torch.Tensor:

@@ -138,7 +138,8 @@ def test_caption_gram_is_cached_and_keyed_by_the_encoder(tiny_sd_dir, tmp_path, 
     token_rows = [emb[i, : ids[i].tolist().index(eot) + 1].double() for i in range(3)]
     expected = sum(r.T @ r for r in token_rows)
     assert gram.dtype == torch.float64  # the default accumulation
-    assert torch.allclose(gram, expected, rtol=1e-10, atol=1e-10)
+    # The rows come from an encoding only as long as the longest caption: equal to fp32 rounding.
+    torch.testing.assert_close(gram, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert rows == sum(ids[i].tolist().index(eot) + 1 for i in range(3))
     assert len(list(tmp_path.glob("caption-gram-*.safetensors"))) == 1
 

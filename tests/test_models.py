@@ -198,6 +198,25 @@ def test_embeddings_are_what_the_unet_receives(family, sd, sdxl):
     torch.testing.assert_close(seen[0].float(), emb, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_shorter_encoding_keeps_every_row_through_end_of_text(family, sd, sdxl):
+    pipe = sd if family == "sd" else sdxl
+    full, ids = encode_prompts(pipe, PROMPTS)
+    eot = first_eot_positions(ids, pipe.tokenizer.eos_token_id)
+    longest = int(eot.max()) + 1
+    short, short_ids = encode_prompts(pipe, PROMPTS, batch_size=2, min_positions=1)
+    assert short.shape[1] == longest < 77 and torch.equal(short_ids, ids[:, :longest])
+    for i, e in enumerate(eot.tolist()):  # causal encoders: padding after a row never reaches it
+        torch.testing.assert_close(short[i, : e + 1], full[i, : e + 1], rtol=1e-5, atol=1e-5)
+    # Asking for more positions than the longest prompt needs gives them (padding included).
+    wider, _ = encode_prompts(pipe, PROMPTS, min_positions=longest + 5)
+    assert wider.shape[1] == longest + 5
+    torch.testing.assert_close(wider, full[:, : longest + 5], rtol=1e-5, atol=1e-5)
+    assert pipe.tokenizer.model_max_length == 77  # the pipeline's own padding is back
+    with pytest.raises(ValueError, match="min_positions"):
+        encode_prompts(pipe, PROMPTS, min_positions=0)
+
+
 def test_first_eot_positions(sd, sdxl):
     prompts = ["a", "a photo of a cat", "", "a photo of a cat riding a bicycle"]
     for pipe in (sd, sdxl):
