@@ -52,7 +52,7 @@ from engine.export import file_slug  # noqa: E402
 
 # benchmark: (script, arguments by mode); a benchmark without a mode's arguments is not run in it
 SUITE = {
-    "closed_form": ("bench_closed_form.py", {"quick": ["--archs", "sd15", "--concepts", "10,100"],
+    "closed_form": ("bench_closed_form.py", {"quick": ["--archs", "sd15", "--concepts", "100,1000"],
                                              "full": ["--archs", "sd15,sdxl", "--concepts", "1,10,100,1000"]}),
     "losses": ("bench_losses.py", {"quick": ["--quick"], "full": []}),
     "finetune": ("bench_finetune.py", {"quick": ["--model", "toy", "--steps", "5", "--cases", "esd cached,esd on-policy"],
@@ -125,7 +125,8 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
             rows.append({"scenario": f"closed-form erase {r['concepts']} concepts, {r['arch']} (end to end)",
                          "measured": f"{end_to_end:.2f} s", "baseline": f"per-layer solve {r['per_layer_total_s']:.2f} s "
                          "(editing phases only)", "ratio": r["speedup"],
-                         "roof": f"text encoding is {r['text_encoding_s'] / end_to_end:.0%} of it"})
+                         "roof": f"text encoding is {r['text_encoding_s'] / end_to_end:.0%} of it "
+                                 f"({r['text_encoder_prompts_per_s']:.0f} prompts/s)"})
     losses = reports.get("losses")
     if losses:
         best = max(losses["results"], key=lambda r: r["speedup_vs_eager"])

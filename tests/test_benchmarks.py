@@ -1,4 +1,4 @@
-"""The benchmark instruments measure what they say: fine-tuning memory and the step profile."""
+"""The benchmark instruments measure what they say: closed-form throughput, fine-tuning memory and the step profile."""
 
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_finetune, profile_finetune  # noqa: E402
+from benchmarks import bench_closed_form, bench_finetune, profile_finetune  # noqa: E402
 
 
 def test_cpu_optimizer_memory_is_measured_in_a_fresh_process():
@@ -62,3 +62,14 @@ def test_variant_runs_the_same_step_another_way():
     row = bench_finetune.bench_case("tiny", torch.device("cpu"), "esd cached", steps=1, batch=2, sample_steps=4,
                                     trajectories=1, variant="channels-last")
     assert row["variant"] == "channels-last" and row["step_s"] > 0 and row["warmup_s"] > 0
+
+
+def test_closed_form_bench_counts_the_prompts_it_encodes(monkeypatch, tmp_path):
+    monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
+    templates = ["a photo of {}", "a portrait of {}"]
+    (r,) = bench_closed_form.run("sd15", [3], templates, torch.device("cpu"), "torch")
+    # 3 names x 2 templates as sources, the anchor in 2 templates as targets
+    assert r["prompts_encoded"] == 3 * 2 + 2
+    assert r["text_encoder_prompts_per_s"] == pytest.approx(r["prompts_encoded"] / r["text_encoding_s"])
+    assert r["max_rel_diff_engine_vs_fp64"] < 1e-5
+    assert r["speedup"] == pytest.approx(r["per_layer_total_s"] / r["engine_total_s"])
