@@ -66,7 +66,7 @@ def run(model: str, device, n: int, steps: int) -> dict:
     }
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="toy", choices=("toy", "tiny", "sd15"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,6 +76,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.concepts < 1 or args.steps < 1:
         parser.error("--concepts and --steps must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     device = torch.device(args.device)
     header = report_header("adapters", device)  # at launch: the code that runs is this sha's
     row = run(args.model, device, args.concepts, args.steps)

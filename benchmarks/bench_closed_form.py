@@ -42,7 +42,8 @@ from engine.closed_form import (  # noqa: E402
 )
 from engine.concepts import concepts_from_names  # noqa: E402
 from engine.export import package_versions, write_json  # noqa: E402
-from engine.tiny import build_pipeline, text_encoder_configs  # noqa: E402
+from engine.tiny import ARCHS, build_pipeline, text_encoder_configs  # noqa: E402
+from kernels._dispatch import BACKENDS  # noqa: E402
 
 CAPTIONS = [line.strip() for line in (ROOT / "examples" / "captions.txt").read_text().splitlines() if line.strip()]
 
@@ -204,21 +205,38 @@ def write_report(path: Path, report: dict) -> None:
     write_json(path, report)
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--archs", default="sd15,sdxl")
-    parser.add_argument("--concepts", default="1,10,100,1000")
-    parser.add_argument("--templates", default="a photo of {}|a portrait of {}")
+    parser.add_argument("--archs", default="sd15,sdxl", help=f"comma-separated, of {', '.join(ARCHS)}")
+    parser.add_argument("--concepts", default="1,10,100,1000", help="numbers of concepts, comma-separated")
+    parser.add_argument("--templates", default="a photo of {}|a portrait of {}", help="'|'-separated, each with {}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/closed_form_<device>.json)")
     args = parser.parse_args(argv)
+    unknown = set(args.archs.split(",")) - set(ARCHS)
+    if unknown:
+        parser.error(f"unknown --archs {sorted(unknown)}; choose from {', '.join(ARCHS)}")
+    try:
+        args.concepts = [int(n) for n in args.concepts.split(",")]
+    except ValueError:
+        parser.error(f"--concepts must be whole numbers, comma-separated, not {args.concepts!r}")
+    if min(args.concepts) < 1:
+        parser.error("--concepts must be >= 1")
+    args.templates = args.templates.split("|")
+    if not all("{}" in t for t in args.templates):
+        parser.error("every --templates entry needs a {} where the concept goes")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     device = torch.device(args.device)
     header = report_header("closed_form", device)  # at launch: the code that runs is this sha's
-    templates = args.templates.split("|")
+    templates = args.templates
     all_results = []
     for arch in args.archs.split(","):
-        all_results += run(arch, [int(n) for n in args.concepts.split(",")], templates, device, args.backend)
+        all_results += run(arch, args.concepts, templates, device, args.backend)
     report = {**header, "results": all_results}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"closed_form_{device.type}.json"
     write_report(out, report)

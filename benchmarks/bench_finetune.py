@@ -135,6 +135,8 @@ def prepared_case(model: str, device, case: str, batch: int, sample_steps: int =
 
 
 # Ways to run the trained UNet, compared in one run (``--variants``): kept only where they pay.
+MODELS = ("toy", "tiny", "tiny-sdxl", "sd15", "sdxl")
+
 VARIANTS = {
     "eager": lambda unet: unet,
     "channels-last": lambda unet: unet.to(memory_format=torch.channels_last),
@@ -242,7 +244,7 @@ def _optimizer_step(model: str, device, optimizer: str) -> dict:
 
 def add_case_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     """The options that set up a case's steps (shared with profile_finetune.py)."""
-    parser.add_argument("--model", default="toy", choices=("toy", "tiny", "tiny-sdxl", "sd15", "sdxl"))
+    parser.add_argument("--model", default="toy", choices=MODELS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch", type=int, default=4)
@@ -252,7 +254,8 @@ def add_case_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--out")
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The options, checked before any work starts (a typo must not cost a GPU hour)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_case_arguments(parser, steps=20)
     parser.add_argument("--memory-models", help="models of the optimizer-memory step, comma-separated: toy, tiny, "
@@ -260,14 +263,23 @@ def main(argv=None):
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--variants", default="eager", help=f"comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch < 1:
+        parser.error("--steps and --batch must be >= 1")
+    for option, given, known in (("--cases", args.cases, CASES), ("--variants", args.variants, VARIANTS),
+                                 ("--memory-models", args.memory_models or "none", (*MODELS, "none"))):
+        unknown = set(given.split(",")) - set(known)
+        if unknown:
+            parser.error(f"unknown {option} {sorted(unknown)}; choose from {', '.join(known)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     device = torch.device(args.device)
     header = report_header("finetune", device)  # at launch: the code that runs is this sha's
     # Memory first: on the CPU its fresh processes then share the machine with a lean parent.
     memory_models = [] if args.memory_models == "none" else (args.memory_models or args.model).split(",")
     memory = [optimizer_memory(m, device, opt) for m in memory_models for opt in ("adamw", "adamw8bit")]
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     rows = [r for case in args.cases.split(",") for variant in args.variants.split(",")
             if (r := bench_case(args.model, device, case, args.steps, args.batch, args.sample_steps, args.trajectories,
                                 args.gradient_checkpointing, variant))]

@@ -130,12 +130,16 @@ def run(device, quick: bool) -> list[dict]:
     return results
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes (CPU minutes)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/losses_<device>.json)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     device = torch.device(args.device)
     header = report_header("losses", device)  # at launch: the code that runs is this sha's
     roof = copy_bandwidth(device, 1 << 26 if args.quick else 1 << 28)

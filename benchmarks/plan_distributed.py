@@ -106,7 +106,7 @@ def step_seconds(counts: dict, zero: int, n: int, micro_batch: int, peak: float,
             "concepts_per_hour": 3600 * n * micro_batch / total / SAMPLES_PER_CONCEPT, "label": "computed"}
 
 
-def main(argv=None) -> int:
+def parse_arguments(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--micro-batch", type=int, default=4, help="samples per GPU and step (default 4)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default: H100 SXM)")
@@ -116,6 +116,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.micro_batch < 1 or args.peak_tflops <= 0 or not 0 < args.mfu <= 1 or args.bus_gbps <= 0:
         ap.error("--micro-batch >= 1, --peak-tflops > 0, 0 < --mfu <= 1 and --bus-gbps > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
     peak, bus = args.peak_tflops * 1e12, args.bus_gbps * 1e9
     rows, counted = [], {}
     for arch, image in ARCHS.items():

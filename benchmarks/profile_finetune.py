@@ -144,16 +144,21 @@ def profile_case(model: str, device, case: str, steps: int, batch: int, sample_s
             **summarise(prof, steps, wall, device.type == "cuda")}
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_case_arguments(parser, steps=5)
     parser.add_argument("--case", default="esd cached", choices=tuple(CASES))
     parser.add_argument("--trace", help="also write a Chrome trace to this path")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    header = report_header("profile_finetune", device)  # at launch: the code that runs is this sha's
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    device = torch.device(args.device)
+    header = report_header("profile_finetune", device)  # at launch: the code that runs is this sha's
     result = profile_case(args.model, device, args.case, args.steps, args.batch, args.sample_steps,
                           args.trajectories, args.trace, args.gradient_checkpointing)
     report = {**header, "model": args.model, **result}

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import importlib
 import subprocess
 import sys
 import tempfile
@@ -101,12 +102,24 @@ def device_roofs(device, mode: str) -> dict:
     return roofs
 
 
-def run_benchmark(name: str, mode: str, device, folder: Path) -> tuple[dict | None, float, str]:
+def benchmark_arguments(name: str, mode: str, device, out: Path) -> list[str]:
     script, args = SUITE[name]
+    return [*args[mode], "--out", str(out)] + ([] if name == "plan_distributed" else ["--device", device.type])
+
+
+def check_arguments(name: str, mode: str, device) -> str | None:
+    """Why `name`'s arguments in `mode` are refused by its own parser, or None: checked before any run."""
+    module = importlib.import_module(f"benchmarks.{Path(SUITE[name][0]).stem}")
+    try:
+        module.parse_arguments(benchmark_arguments(name, mode, device, Path("unused.json")))
+    except SystemExit:  # argparse has printed the reason
+        return f"{name}: its {mode}-mode arguments {SUITE[name][1][mode]} are refused (see above)"
+    return None
+
+
+def run_benchmark(name: str, mode: str, device, folder: Path) -> tuple[dict | None, float, str]:
     out = folder / f"{name}.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args[mode], "--out", str(out)]
-    if name != "plan_distributed":
-        cmd += ["--device", device.type]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / SUITE[name][0]), *benchmark_arguments(name, mode, device, out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
@@ -230,6 +243,9 @@ def main(argv=None) -> int:
     names = [n for n in names if mode in SUITE[n][1]]
     if not names:
         parser.error(f"none of those benchmarks runs in {mode} mode")
+    refused = [why for n in names if (why := check_arguments(n, mode, device))]
+    if refused:
+        parser.error("; ".join(refused))
 
     from tqdm.auto import tqdm
 

@@ -73,3 +73,27 @@ def test_closed_form_bench_counts_the_prompts_it_encodes(monkeypatch, tmp_path):
     assert r["text_encoder_prompts_per_s"] == pytest.approx(r["prompts_encoded"] / r["text_encoding_s"])
     assert r["max_rel_diff_engine_vs_fp64"] < 1e-5
     assert r["speedup"] == pytest.approx(r["per_layer_total_s"] / r["engine_total_s"])
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_every_suite_benchmark_accepts_its_arguments(mode):
+    # Full mode runs only on a GPU: its arguments are checked here, before a GPU hour is spent on them.
+    from benchmarks import run_all
+
+    names = [n for n in run_all.SUITE if mode in run_all.SUITE[n][1]]
+    assert names
+    assert [run_all.check_arguments(n, mode, torch.device("cuda")) for n in names] == [None] * len(names)
+
+
+def test_a_misspelled_argument_is_refused_before_anything_runs(monkeypatch, capsys):
+    from benchmarks import run_all
+
+    suite = dict(run_all.SUITE)
+    script, args = suite["finetune"]
+    suite["finetune"] = (script, {**args, "quick": [*args["quick"], "--variants", "eager,channel-last"]})
+    monkeypatch.setattr(run_all, "SUITE", suite)
+    monkeypatch.setattr(run_all, "device_roofs", lambda *a: pytest.fail("the suite started"))
+    with pytest.raises(SystemExit):
+        run_all.main(["--mode", "quick", "--device", "cpu", "--only", "finetune"])
+    err = capsys.readouterr().err
+    assert "channel-last" in err and "finetune" in err
