@@ -5,7 +5,9 @@
 Both sides train the same adapters on the same data (``engine.adapters``: adapter k of the
 batched run equals its own single-concept run) with ESD's cached targets, ``batch_size`` 1 per
 concept; the cached targets are built once per concept on both sides and timed apart from the
-training. Reports seconds per concept for the training and the speed-up of the batched run:
+training. Reports seconds per concept for the training, the speed-up of the batched run and
+its achieved FLOP/s (the FLOPs of one batched step counted with torch's flop counter, as the
+difference of a 2-step and a 1-step run, so the cached targets are not counted):
 it does the same arithmetic in one UNet call of N samples instead of N calls of one, so its
 gain is per-call overhead and better matmul shapes. Prints the result and writes
 ``benchmarks/results/adapters_<model>_<device>.json``.
@@ -36,6 +38,20 @@ def concept_names(n: int) -> list[str]:
     return cat.concepts("identity")[:n]
 
 
+def run_flops(pipe, concepts: ConceptSet, cfg: FinetuneConfig) -> int:
+    """FLOPs of a whole batched run, cached targets included (``pipe`` is left unchanged)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        train_concept_adapters(pipe, concepts, cfg)
+    return counter.get_total_flops()
+
+
+def batched_step_flops(pipe, concepts: ConceptSet, cfg: FinetuneConfig) -> int:
+    """FLOPs of one batched training step: a 2-step run minus a 1-step run (the same targets in both)."""
+    return run_flops(pipe, concepts, cfg.replace(iterations=2)) - run_flops(pipe, concepts, cfg.replace(iterations=1))
+
+
 def run(model: str, device, n: int, steps: int) -> dict:
     cfg = FinetuneConfig(params="lora", lora_rank=4, iterations=steps, lr=1e-4, batch_size=1, sample_steps=10,
                          trajectories=1, progress=False, checkpoint_every=0)
@@ -47,6 +63,7 @@ def run(model: str, device, n: int, steps: int) -> dict:
     batched = train_concept_adapters(pipe, concepts, cfg)
     sync(device)
     batched_total = time.perf_counter() - t0
+    flops = batched_step_flops(pipe, concepts, cfg)
 
     sequential_train, sequential_targets = 0.0, 0.0
     for concept in concepts.concepts:
@@ -63,6 +80,8 @@ def run(model: str, device, n: int, steps: int) -> dict:
         "sequential_train_s": sequential_train, "sequential_targets_s": sequential_targets,
         "train_s_per_concept": {"batched": batched.timings["train"] / n, "sequential": sequential_train / n},
         "speedup_train": sequential_train / batched.timings["train"],
+        "flops_per_step": flops,
+        "batched_tflops": flops * steps / batched.timings["train"] / 1e12,
     }
 
 
@@ -90,7 +109,8 @@ def main(argv=None):
     print(f"{args.concepts} per-concept adapters, {args.steps} steps each, on {args.model}:")
     print(f"  training: batched {row['batched_train_s']:.2f} s vs sequential {row['sequential_train_s']:.2f} s "
           f"({row['speedup_train']:.2f}x); cached targets {row['batched_targets_s']:.2f} s vs "
-          f"{row['sequential_targets_s']:.2f} s")
+          f"{row['sequential_targets_s']:.2f} s; batched {row['flops_per_step'] / 1e9:.2f} GFLOP/step, "
+          f"{row['batched_tflops']:.3f} TFLOP/s")
     print(f"device: {report['device']}; wrote {out}")
 
 

@@ -4,26 +4,28 @@
 
 ``quick`` (the default without a GPU) uses small settings that finish in minutes on a CPU;
 ``full`` (the default on a GPU) the headline sizes. The suite first measures the device's own
-roofs (matmul rate and copy bandwidth, below), then runs each benchmark script in its own
+roofs (matmul rate, copy bandwidth and memory size, below), then runs each benchmark script in its own
 process, each writing its JSON, and reads them back:
 
 * ``bench_closed_form``: the shared-solve closed-form editor vs the per-layer reference
   algorithm (same run); end-to-end seconds include text encoding, the floor of closed-form
-  erasure, so the roof fraction is text-encoding time / end-to-end time;
+  erasure, so the roof is text-encoding time / end-to-end time and its prompts per second;
 * ``bench_losses``: the fused loss kernels (GPU) or ``torch.compile`` (CPU) vs eager torch;
   roof: achieved / measured copy bandwidth (the losses are memory-bound);
 * ``bench_finetune``: ESD with cached targets vs on-policy ESD, time per erased concept at
   equal iterations; roof: achieved FLOP/s / measured matmul rate (MFU); full mode also on SDXL
-  (``finetune_sdxl``: ESD both ways and TRCE stage 2, batch 1);
+  (``finetune_sdxl``: ESD both ways and TRCE stage 2, batch 1); the peak memory of a
+  full-UNet step per optimizer, as a fraction of the device's memory;
 * ``bench_finetune --variants`` (``finetune_variants``): ESD's cached-target step with the
   trained UNet channels-last and (full) compiled vs eager;
 * ``profile_finetune``: where that step's time goes (kinds of work; the Python and dispatch
   share on a CPU, the GPU's busy fraction on a GPU);
-* ``bench_adapters``: N per-concept adapters in one batched run vs N sequential runs;
+* ``bench_adapters``: N per-concept adapters in one batched run vs N sequential runs; roof: MFU
+  of the batched run;
 * ``plan_distributed``: the computed memory and throughput plan for 1-8 GPUs.
 
-Headlines: closed-form erasure of 100 (and, full, 1,000) concepts end to end on SD1.5 (and,
-full, SDXL); 100 concepts by fine-tuning projected from the measured step time (ESD's 1,000
+Headlines: closed-form erasure of 100 and 1,000 concepts end to end on SD1.5 (and, full,
+SDXL); 100 concepts by fine-tuning projected from the measured step time (ESD's 1,000
 iterations of batch 1 per concept); the per-GPU memory of full-UNet fine-tuning per optimizer
 and ZeRO stage (computed). Writes ``benchmarks/results/<device>/<date>-<sha>.json``.
 """
@@ -34,6 +36,7 @@ import argparse
 import json
 import statistics
 import importlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -99,6 +102,9 @@ def device_roofs(device, mode: str) -> dict:
              "matmul_n": n, "label": "measured"}
     if device.type == "cuda":
         roofs["matmul_bf16_tflops"] = matmul_rate(device, torch.bfloat16, n) / 1e12
+        roofs["memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    else:
+        roofs["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return roofs
 
 
@@ -177,8 +183,9 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
                                     else (m["peak_rss_bytes"], "resident"))
                 measured = (f"{peak_bytes / 2**30:.2f} GiB peak {kind}, "
                             f"optimizer state {m['optimizer_state_bytes'] / 2**30:.2f} GiB")
+            roof = "-" if "skipped" in m else f"{peak_bytes / roofs['memory_bytes']:.0%} of the device's memory"
             rows.append({"scenario": f"full-UNet training step, {m['model']}, {m['optimizer']} (batch 1)",
-                         "measured": measured, "baseline": "-", "ratio": None, "roof": "-"})
+                         "measured": measured, "baseline": "-", "ratio": None, "roof": roof})
     variants = reports.get("finetune_variants")
     if variants:
         eager = {r["case"]: r for r in variants["steps"] if r["variant"] == "eager"}
@@ -209,7 +216,7 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
         r = ad["result"]
         rows.append({"scenario": f"{r['concepts']} per-concept adapters, {r['model']} ({r['steps']} steps)",
                      "measured": f"{r['batched_train_s']:.2f} s batched", "baseline": f"{r['sequential_train_s']:.2f} s sequential",
-                     "ratio": r["speedup_train"], "roof": "-"})
+                     "ratio": r["speedup_train"], "roof": f"MFU {r['batched_tflops'] / rate:.1%}"})
     plan = reports.get("plan_distributed")
     if plan:
         gib = 2**30

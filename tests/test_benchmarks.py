@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_closed_form, bench_finetune, profile_finetune  # noqa: E402
+from benchmarks import bench_adapters, bench_closed_form, bench_finetune, profile_finetune  # noqa: E402
 
 
 def test_cpu_optimizer_memory_is_measured_in_a_fresh_process():
@@ -97,3 +97,17 @@ def test_a_misspelled_argument_is_refused_before_anything_runs(monkeypatch, caps
         run_all.main(["--mode", "quick", "--device", "cpu", "--only", "finetune"])
     err = capsys.readouterr().err
     assert "channel-last" in err and "finetune" in err
+
+
+def test_adapters_bench_counts_the_flops_of_a_training_step_only():
+    cpu = torch.device("cpu")
+    concepts = bench_adapters.concepts_from_names(["Alice Example", "Bob Example"], anchor="a person",
+                                                  templates=["a photo of {}"])
+    cfg = bench_adapters.FinetuneConfig(params="lora", lora_rank=2, batch_size=1, sample_steps=4, trajectories=1,
+                                        progress=False, checkpoint_every=0, loss_backend="torch")  # not interpreted
+    pipe, _ = bench_adapters.load_model("tiny", cpu)
+    f1, f2, f3 = (bench_adapters.run_flops(pipe, concepts, cfg.replace(iterations=n)) for n in (1, 2, 3))
+    step = f2 - f1
+    # every step costs the same, and a run's cached targets cost more than nothing on top of its steps
+    assert f3 - f2 == step > 0
+    assert f1 > step
