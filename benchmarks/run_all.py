@@ -275,7 +275,7 @@ def main(argv=None) -> int:
 
     print(f"device: {result['device']} ({mode} mode); measured roofs: matmul fp32 {roofs['matmul_fp32_tflops']:.3f} TFLOP/s"
           + (f", bf16 {roofs['matmul_bf16_tflops']:.1f} TFLOP/s" if "matmul_bf16_tflops" in roofs else "")
-          + f", copy {roofs['copy_bandwidth_GBps']:.1f} GB/s")
+          + f", copy {roofs['copy_bandwidth_GBps']:.1f} GB/s, memory {roofs['memory_bytes'] / 2**30:.1f} GiB")
     print("| scenario | measured | baseline | ratio | distance to the roof |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
