@@ -4,7 +4,8 @@
 
 For each architecture (random weights, real shapes) and each number of concepts N, both
 implementations start from the same selected token embeddings (text encoding is shared and
-timed once; its prompts per second are the floor of closed-form erasure), then:
+timed once; its prompts per second are the floor of closed-form erasure, and its FLOPs are
+counted in a second, untimed pass), then:
 
 * engine: one fused Gram/cross-Gram accumulation, one fp64 Cholesky solve of a D x D system,
   one stacked `W T` update of every K/V matrix (engine.closed_form);
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -137,6 +139,9 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
         with torch.no_grad():
             caption_gram(pipe, CAPTIONS, cfg)
             rows, t_enc = timed(device, lambda: collect_rows(pipe, concepts, cfg))
+            with FlopCounterMode(display=False) as counter:  # an untimed second pass: the counter slows it
+                collect_rows(pipe, concepts, cfg)
+            enc_flops = counter.get_total_flops()
             if not results:  # warm-up: first calls pay for allocator and kernel set-up
                 engine_edit(rows, kv, cfg, backend, device)
                 per_layer_reference(rows, kv, cfg.ridge)
@@ -156,6 +161,7 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
             "arch": arch, "D": D, "kv_matrices": len(kv), "concepts": n, "templates": len(templates),
             "edit_rows": rows.n_edit, "preserve_rows": len(rows.src_index) - rows.n_edit, "caption_rows": rows.caption_rows,
             "prompts_encoded": prompts, "text_encoder_prompts_per_s": prompts / t_enc,
+            "text_encoding_flops": enc_flops, "text_encoding_tflops": enc_flops / t_enc / 1e12,
             "text_encoding_s": t_enc, "engine_s": engine_t, "per_layer_fp32_s": ref_t, "per_layer_fp64_s": exact_t,
             "engine_total_s": eng_total, "per_layer_total_s": ref_total, "speedup": ref_total / eng_total,
             "max_rel_diff_engine_vs_fp64": rel_diff(edited, exact),

@@ -9,7 +9,8 @@ process, each writing its JSON, and reads them back:
 
 * ``bench_closed_form``: the shared-solve closed-form editor vs the per-layer reference
   algorithm (same run); end-to-end seconds include text encoding, the floor of closed-form
-  erasure, so the roof is text-encoding time / end-to-end time and its prompts per second;
+  erasure, so the roof is text-encoding time / end-to-end time, its prompts per second and
+  its MFU (the encoders run in fp32: against the fp32 matmul rate);
 * ``bench_losses``: the fused loss kernels (GPU) or ``torch.compile`` (CPU) vs eager torch;
   roof: achieved / measured copy bandwidth (the losses are memory-bound);
 * ``bench_finetune``: ESD with cached targets vs on-policy ESD, time per erased concept at
@@ -145,7 +146,7 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
                          "measured": f"{end_to_end:.2f} s", "baseline": f"per-layer solve {r['per_layer_total_s']:.2f} s "
                          "(editing phases only)", "ratio": r["speedup"],
                          "roof": f"text encoding is {r['text_encoding_s'] / end_to_end:.0%} of it "
-                                 f"({r['text_encoder_prompts_per_s']:.0f} prompts/s)"})
+                                 f"({r['text_encoder_prompts_per_s']:.0f} prompts/s, MFU {r['text_encoding_tflops'] / roofs['matmul_fp32_tflops']:.0%})"})
     losses = reports.get("losses")
     if losses:
         best = max(losses["results"], key=lambda r: r["speedup_vs_eager"])

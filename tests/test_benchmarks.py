@@ -71,6 +71,8 @@ def test_closed_form_bench_counts_the_prompts_it_encodes(monkeypatch, tmp_path):
     # 3 names x 2 templates as sources, the anchor in 2 templates as targets
     assert r["prompts_encoded"] == 3 * 2 + 2
     assert r["text_encoder_prompts_per_s"] == pytest.approx(r["prompts_encoded"] / r["text_encoding_s"])
+    assert r["text_encoding_flops"] > 0
+    assert r["text_encoding_tflops"] == pytest.approx(r["text_encoding_flops"] / r["text_encoding_s"] / 1e12)
     assert r["max_rel_diff_engine_vs_fp64"] < 1e-5
     assert r["speedup"] == pytest.approx(r["per_layer_total_s"] / r["engine_total_s"])
 
