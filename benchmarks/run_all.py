@@ -4,8 +4,8 @@
 
 ``quick`` (the default without a GPU) uses small settings that finish in minutes on a CPU;
 ``full`` (the default on a GPU) the headline sizes. The suite first measures the device's own
-roofs (matmul rate, copy bandwidth and memory size, below), then runs each benchmark script in its own
-process, each writing its JSON, and reads them back:
+roofs (matmul rate, copy bandwidth and memory size, below), then runs each benchmark script in
+its own process, each writing its JSON, and reads them back:
 
 * ``bench_closed_form``: the shared-solve closed-form editor vs the per-layer reference
   algorithm (same run); end-to-end seconds include text encoding, the floor of closed-form
@@ -34,10 +34,10 @@ and ZeRO stage (computed). Writes ``benchmarks/results/<device>/<date>-<sha>.jso
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import importlib
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,7 +146,8 @@ def summarise(reports: dict, roofs: dict) -> list[dict]:
                          "measured": f"{end_to_end:.2f} s", "baseline": f"per-layer solve {r['per_layer_total_s']:.2f} s "
                          "(editing phases only)", "ratio": r["speedup"],
                          "roof": f"text encoding is {r['text_encoding_s'] / end_to_end:.0%} of it "
-                                 f"({r['text_encoder_prompts_per_s']:.0f} prompts/s, MFU {r['text_encoding_tflops'] / roofs['matmul_fp32_tflops']:.0%})"})
+                                 f"({r['text_encoder_prompts_per_s']:.0f} prompts/s, "
+                                 f"MFU {r['text_encoding_tflops'] / roofs['matmul_fp32_tflops']:.0%})"})
     losses = reports.get("losses")
     if losses:
         best = max(losses["results"], key=lambda r: r["speedup_vs_eager"])
