@@ -134,9 +134,9 @@ def prepared_case(model: str, device, case: str, batch: int, sample_steps: int =
                            sum(p.numel() for p in trained.values()), torch.Generator().manual_seed(0))
 
 
-# Ways to run the trained UNet, compared in one run (``--variants``): kept only where they pay.
 MODELS = ("toy", "tiny", "tiny-sdxl", "sd15", "sdxl")
 
+# Ways to run the trained UNet, compared in one run (``--variants``): kept only where they pay.
 VARIANTS = {
     "eager": lambda unet: unet,
     "channels-last": lambda unet: unet.to(memory_format=torch.channels_last),
@@ -258,8 +258,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     """The options, checked before any work starts (a typo must not cost a GPU hour)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_case_arguments(parser, steps=20)
-    parser.add_argument("--memory-models", help="models of the optimizer-memory step, comma-separated: toy, tiny, "
-                        "tiny-sdxl, sd15, sdxl, or none (default: --model; SDXL's full UNet is a GPU job)")
+    parser.add_argument("--memory-models", help=f"models of the optimizer-memory step, comma-separated: "
+                        f"{', '.join(MODELS)}, or none (default: --model; SDXL's full UNet is a GPU job)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--variants", default="eager", help=f"comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
