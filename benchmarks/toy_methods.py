@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_closed_form import device_name, git_sha  # noqa: E402
 from engine.api import erase  # noqa: E402
+from engine.closed_form import METHODS  # noqa: E402
 from engine.cli import parse_sets  # noqa: E402
 from engine.concepts import concepts_from_names  # noqa: E402
 from engine.evaluation.toy import evaluate_toy  # noqa: E402
@@ -90,7 +91,7 @@ def scenario(name: str):
 
 def method_settings(method: str, scenario_name: str, iterations: int | None = None,
                     overrides: dict | None = None) -> dict:
-    if method in ("uce", "trce-stage1"):
+    if method in METHODS:  # closed form: no fine-tuning settings
         return {}
     settings = {**TOY_FINETUNE, "iterations": TOY_ITERATIONS[scenario_name], **TOY_METHOD.get(method, {})}
     if iterations is not None:

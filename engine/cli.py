@@ -185,7 +185,7 @@ def _demo_random_weights(args) -> int:
         captions=captions,
     )
     start = time.perf_counter()
-    result = erase(str(model), concepts, method="uce", progress=not args.quiet)
+    result = erase(str(model), concepts, method="uce-plus", progress=not args.quiet)
     erased = out / "erased"
     result.save(erased, export_lora=True, overwrite=True)
     seconds = time.perf_counter() - start
@@ -233,10 +233,10 @@ def cmd_demo(args) -> int:
         preserve=kept, captions=captions,
     )
     out = Path(args.out)
-    print(f"demo: erasing {len(erased_names)} identities from the toy world ({model}) with uce; "
+    print(f"demo: erasing {len(erased_names)} identities from the toy world ({model}) with uce-plus; "
           f"preserving {len(kept)} identities and {len(captions)} captions")
     start = time.perf_counter()
-    result = erase(str(model), concept_set, method="uce", progress=not args.quiet)
+    result = erase(str(model), concept_set, method="uce-plus", progress=not args.quiet)
     erased_dir = out / "erased"
     result.save(erased_dir, overwrite=True)
     erase_seconds = time.perf_counter() - start
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("erase", help="erase concepts (closed-form or fine-tuning)")
     model_args(p)
     p.add_argument("--concepts", required=True, help="concept file: .yaml/.yml/.json, or .txt/.csv list of names")
-    p.add_argument("--method", default="uce", help="uce | trce-stage1 | esd | co-erasing | bi-erasing | trce (see `erasure methods`)")
+    p.add_argument("--method", default="uce", help="uce | uce-plus | trce-stage1 | esd | co-erasing | bi-erasing | trce (see `erasure methods`)")
     p.add_argument("--checkpoint-dir", help="fine-tuning checkpoints (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue a killed fine-tuning run from its checkpoint")
     p.add_argument("--distributed", choices=["deepspeed"],
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list methods and their default hyper-parameters")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("demo", help="erase toy-world identities with uce and measure the erasure")
+    p = sub.add_parser("demo", help="erase toy-world identities with uce-plus and measure the erasure")
     p.add_argument("--out", default="build/demo")
     p.add_argument("--erase", type=int, default=10, help="how many identities to erase (default 10)")
     p.add_argument("--images-per-prompt", type=int, default=1)

@@ -14,6 +14,9 @@ Rows e_i are source token embeddings (a concept's prompt), e'_i the aligned targ
 (the same template with the anchor), p_j preservation rows (retained concepts, captions).
 Which token positions carry the edit is `tokens` (the config's, or a concept's own):
 
+* ``last``: the last token before the first end-of-text -> the target prompt's own last token
+  before its end-of-text (the start token for an empty anchor). UCE's rows (Gandikota et al.,
+  WACV 2024, `trainscripts/uce_sd_erase.py`: ``attention_mask.sum() - 2`` of each string).
 * ``eot``: the first end-of-text position of the source prompt -> that of the target.
 * ``concept``: the concept's own tokens and every later token up to the first end-of-text
   (CLIP's causal attention lets all of them see the concept), aligned to the target from the
@@ -60,7 +63,7 @@ GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 class ClosedFormConfig:
     """Hyper-parameters of one closed-form edit. Validated on construction."""
 
-    tokens: str = "concept"  # which token positions carry the edit: eot | concept | all
+    tokens: str = "concept"  # which token positions carry the edit: last | eot | concept | all
     erase_weight: float = 1.0  # multiplies every concept's own weight (w_i)
     preserve_weight: float | None = None  # lam; None: UCE's max(0.1, 1 / #preservation prompts)
     ridge: float = 0.1  # mu, pulls W' towards W; keeps the system well posed
@@ -108,11 +111,18 @@ class ClosedFormConfig:
         return dataclasses.replace(self, **overrides)
 
 
-# Published defaults. UCE (Gandikota et al. 2024): tokens from the concept onwards, erase scale 1,
-# preserve scale max(0.1, 1/n), ridge 0.1. TRCE stage 1 (Chen et al. 2025): only the first [EoT]
-# row with weight 1, a tiny preservation weight (1e-6 per outer product); ridge as UCE.
+# Named presets. `uce` is the published UCE code's edit (Gandikota et al., WACV 2024,
+# trainscripts/uce_sd_erase.py): one row per concept, its last token before [EoT] -> the guide's
+# last token before [EoT] (the start token for guide ""), erase and preserve scales 1, lambda 0.5
+# on the identity term; with the bare concept string as the prompt (the concept files' default
+# template "{}") and guide "" (the default anchor) it gives UCE's weights.
+# `uce-plus` is the engine's richer row choice on the same solve: every concept token and the
+# [EoT] (what the concept's context reaches), preservation max(0.1, 1/#prompts), ridge 0.1.
+# TRCE stage 1 (Chen et al. 2025): only the first [EoT] row with weight 1, a tiny preservation
+# weight (1e-6 per outer product); deviations from the released code are listed in the README.
 METHODS: dict[str, ClosedFormConfig] = {
-    "uce": ClosedFormConfig(tokens="concept", erase_weight=1.0, preserve_weight=None, ridge=0.1),
+    "uce": ClosedFormConfig(tokens="last", erase_weight=1.0, preserve_weight=1.0, ridge=0.5),
+    "uce-plus": ClosedFormConfig(tokens="concept", erase_weight=1.0, preserve_weight=None, ridge=0.1),
     "trce-stage1": ClosedFormConfig(tokens="eot", erase_weight=1.0, preserve_weight=1e-6, ridge=0.1),
 }
 
@@ -121,13 +131,13 @@ METHODS: dict[str, ClosedFormConfig] = {
 class ClosedFormEdit:
     """What one solve produced: the transform, the changed weights and how well it fits."""
 
-    transform: torch.Tensor  # (D, D) float32, W' = W @ transform
+    transform: torch.Tensor  # (D, D) float64, W' = W @ transform
     changed: dict[str, torch.Tensor]  # UNet state-dict key -> edited weight
     concept_residual: dict[str, float]  # ||W T e - W e'|| / ||W e'|| over the concept's rows, all layers
     concept_residual_before: dict[str, float]  # ||W e - W e'|| / ||W e'||: how far the concept started
-    preserve_drift: float  # ||W (T - I) p|| / ||W p|| over all preservation rows, all layers
+    preserve_drift: float  # ||W (T - I) p|| / ||W p|| over all preservation and caption rows, all layers
     solver: str  # "cholesky" or "eigen-clamped"
-    condition: float  # estimate from the Cholesky diagonal (a lower bound), or exact after a fallback
+    condition: float  # the solved system's condition number, lambda_max / lambda_min
     rows: dict[str, int]  # how many edit / preservation / caption rows entered the sums
     preserve_weight: float  # the lam actually used
     timings: dict[str, float]  # seconds per phase
@@ -202,7 +212,7 @@ class _RowPlan:
         return self.rows.setdefault((prompt_idx, position), len(self.rows))
 
     def encode(self, pipe, batch_size: int, progress: bool, desc: str) -> torch.Tensor:
-        """The selected rows' embeddings, (n_rows, D) float32, in row order."""
+        """The selected rows' embeddings, (n_rows, D) float32 (float64 from a float64 encoder), in row order."""
         keys = torch.tensor(list(self.rows), dtype=torch.int64).reshape(-1, 2)  # (n_rows, [prompt, position])
         texts = list(self.prompts)
         table = None
@@ -213,7 +223,7 @@ class _RowPlan:
             emb, _ = encode_prompts(pipe, batch, batch_size=batch_size,
                                     min_positions=int(keys[mine, 1].max()) + 1 if len(mine) else 1)  # (B, L, D)
             if table is None:
-                table = torch.empty(len(self.rows), emb.shape[-1], dtype=torch.float32, device=emb.device)
+                table = torch.empty(len(self.rows), emb.shape[-1], dtype=emb.dtype, device=emb.device)
             table[mine.to(emb.device)] = emb[(keys[mine, 0] - lo).to(emb.device), keys[mine, 1].to(emb.device)]
         return table
 
@@ -224,6 +234,8 @@ def _tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 def _positions(mode: str, tokenizer, template: str, fill: str, ids: list[int], eot_id: int, where: str) -> list[int]:
     eot = ids.index(eot_id)
+    if mode == "last":
+        return [eot - 1]
     if mode == "eot":
         return [eot]
     if mode == "all":
@@ -275,46 +287,54 @@ def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[t
     return gram, table.shape[0]
 
 
+@contextmanager
+def single_threaded():
+    """One CPU thread while open. MKL's threaded symmetric eigensolver stalls when a core is busy
+    (a 768 x 768 eigvalsh: 0.08 s on one thread, 11 s on two with the other core loaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def solve_transform(S: torch.Tensor, C: torch.Tensor, ridge: float, max_condition: float):
     """T = (C + ridge I) (S + ridge I)^-1 in float64 (preservation already inside S and C).
 
-    Cholesky when the system is well conditioned; otherwise an eigen-solve with eigenvalues
-    clamped at lambda_max / max_condition, with a warning. Returns (T float32, solver, cond).
+    The system's condition number is exact: lambda_max / lambda_min of the symmetric D x D matrix
+    (its eigenvalues; D <= 2,048, a small part of a run). Cholesky when it is at most
+    `max_condition`; otherwise an eigen-solve with eigenvalues clamped at
+    lambda_max / max_condition, with a warning. Returns (T float64, solver, condition).
     """
     D = S.shape[0]
     eye = torch.eye(D, dtype=torch.float64)
     A = S.detach().double().cpu() + ridge * eye  # a D x D solve: the CPU in fp64 is exact and cheap
     A = 0.5 * (A + A.T)  # the kernel's accumulation order can leave last-bit asymmetries
     B = C.detach().double().cpu() + ridge * eye
-    L, info = torch.linalg.cholesky_ex(A)
-    diag = L.diagonal()
-    cond = float((diag.max() / diag.min()) ** 2) if info == 0 and bool(diag.min() > 0) else math.inf
-    if cond <= max_condition:
+    with single_threaded():
+        evals = torch.linalg.eigvalsh(A)  # ascending
+    cond = float(evals[-1] / evals[0]) if evals[0] > 0 else math.inf
+    L, info = torch.linalg.cholesky_ex(A) if cond <= max_condition else (None, 1)
+    if info == 0:
         T = torch.cholesky_solve(B.T.contiguous(), L).T
         solver = "cholesky"
     else:
-        evals, evecs = torch.linalg.eigh(A)
+        with single_threaded():
+            evals, evecs = torch.linalg.eigh(A)
         floor = evals.max().clamp_min(1e-300) / max_condition
         warnings.warn(
-            f"closed-form system is ill-conditioned (condition estimate {cond:.3g} > {max_condition:.3g}); "
+            f"closed-form system is ill-conditioned (condition number {cond:.3g} > {max_condition:.3g}); "
             f"solving with eigenvalues clamped at {float(floor):.3g}. Raise 'ridge' or add preservation data.",
             RuntimeWarning,
             stacklevel=2,
         )
-        cond = float(evals.max() / evals.min()) if evals.min() > 0 else math.inf
         inv = (evecs / evals.clamp_min(floor)) @ evecs.T
         T = B @ inv
         solver = "eigen-clamped"
     if not torch.isfinite(T).all():
         raise FloatingPointError("closed-form solve produced non-finite values; nothing was changed")
-    return T.float(), solver, cond
-
-
-def _relative_error(W_gram: torch.Tensor, diff: torch.Tensor, ref: torch.Tensor) -> float:
-    """||W diff|| / ||W ref|| summed over rows and all layers, using W^T W (D x D)."""
-    num = ((diff.double() @ W_gram) * diff.double()).sum()
-    den = ((ref.double() @ W_gram) * ref.double()).sum()
-    return float(torch.sqrt(num / den.clamp_min(1e-300)))
+    return T, solver, cond
 
 
 # --------------------------------------------------------------------------- the edit
@@ -324,7 +344,7 @@ def _relative_error(W_gram: torch.Tensor, diff: torch.Tensor, ref: torch.Tensor)
 class EditRows:
     """Every row entering the sums, encoded once and kept compactly."""
 
-    table: torch.Tensor  # (n_rows, D) float32: unique selected token embeddings
+    table: torch.Tensor  # (n_rows, D) float32 (float64 from a float64 encoder): unique selected token embeddings
     src_index: torch.Tensor  # (N,) int64 rows of e_i (edit) and p_j (preservation) in `table`
     tgt_index: torch.Tensor  # (N,) int64 rows of e'_i; equal to src_index for preservation rows
     weight: torch.Tensor  # (N,) float32: w_i for edit rows, lam for preservation rows
@@ -357,6 +377,8 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
                     else _prefix_end(tokenizer, template)
                 )
                 tgt_pos = _aligned_targets(src_pos, ids_s.index(eot_id), ids_t.index(eot_id), tgt_lo)
+            elif mode == "last":
+                tgt_pos = [ids_t.index(eot_id) - 1]
             elif mode == "eot":
                 tgt_pos = [ids_t.index(eot_id)]
             else:
@@ -425,7 +447,10 @@ def apply_transform(kv: list[tuple[str, torch.nn.Linear]], T: torch.Tensor, back
     Nothing is written unless every edited value is finite.
     """
     weights = [m.weight.detach() for _, m in kv]
-    edited = transform_each(weights, T.to(weights[0].device), backend=backend)
+    if weights[0].dtype == torch.float64:  # an exact model (reference runs): the kernels take fp32/16/bf16
+        edited = [w @ T.to(w.device) for w in weights]
+    else:
+        edited = transform_each(weights, T.to(weights[0].device), backend=backend)
     # One reduction per matrix instead of a boolean mask: any NaN/inf makes the sum non-finite,
     # and finite weights cannot sum past fp32's range.
     if not all(torch.isfinite(e.float().sum()) for e in edited):
@@ -451,11 +476,12 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
         S, C = accumulate(rows, config.backend, config.gram_dtype)
     with timer("solve"):
         T, solver, cond = solve_transform(S, C, config.ridge, config.max_condition)
-    original = torch.cat([m.weight.detach().double() for _, m in kv])  # (R, D), for the report
+    with timer("report"):
+        G = kv_gram(kv)  # of the weights before the edit
     with timer("weight_update"):
         changed = apply_transform(kv, T, config.backend)
     with timer("report"):
-        residual, before, drift = _fit_report(rows, T, original, concepts)
+        residual, before, drift = _fit_report(rows, T, G, concepts)
     return ClosedFormEdit(
         transform=T,
         changed=changed,
@@ -470,22 +496,63 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     )
 
 
-def _fit_report(rows: EditRows, T: torch.Tensor, W: torch.Tensor, concepts: ConceptSet):
+def kv_gram(kv: list[tuple[str, torch.nn.Linear]]) -> torch.Tensor:
+    """G = sum_l W_l^T W_l over every K/V matrix, (D, D) float64 on the CPU: ||W x||^2 summed over
+    the layers is x^T G x. fp32 products (a report's precision), summed in fp64."""
+    G = None
+    for _, module in kv:
+        w = module.weight.detach()
+        g = (w.T @ w if w.dtype in (torch.float32, torch.float64) else w.float().T @ w.float()).double().cpu()
+        G = g if G is None else G + g
+    return G
+
+
+def _fit_report(rows: EditRows, T: torch.Tensor, G: torch.Tensor, concepts: ConceptSet):
     """Per-concept residual after (and distance before) the edit, and the preservation drift.
 
-    All layers together: ||W x||^2 summed over layers is x^T (W^T W) x with W the stacked K/V.
+    All layers together: ||W x||^2 summed over layers is x^T G x (G from `kv_gram`). With
+    G = R^T R (R = L^T, G's Cholesky factor), every quadratic form is a squared norm of R x, so
+    all rows go through two (rows, D) x (D, D) products at once: R e and R (T - I) e. The caption rows enter through their Gram: sum_j ||R M p_j||^2 =
+    tr(M^T G M P_cap).
     """
-    W_gram = (W.T @ W).cpu()  # (D, D)
-    T64 = T.double().cpu()
-    table, src_index, tgt_index = rows.table.cpu(), rows.src_index.cpu(), rows.tgt_index.cpu()
-    residual, before = {}, {}
-    for ci, concept in enumerate(concepts.concepts):
-        sel = (rows.owner == ci).nonzero().squeeze(1)
-        e = table[src_index[sel]].double()
-        e_t = table[tgt_index[sel]].double()
-        residual[concept.name] = _relative_error(W_gram, e @ T64.T - e_t, e_t)
-        before[concept.name] = _relative_error(W_gram, e - e_t, e_t)
-    pres = table[src_index[rows.n_edit :]].double()
-    eye = torch.eye(T.shape[0], dtype=torch.float64)
-    drift = _relative_error(W_gram, pres @ (T64 - eye).T, pres) if len(pres) else 0.0
-    return residual, before, drift
+    dev = rows.table.device
+    # G is singular where the K/V matrices have fewer rows than D (tiny models): a jitter at the
+    # level of G's fp32 rounding keeps it factorizable and moves each form by ~1e-6 relative.
+    jitter = 1e-6 * float(G.diagonal().mean().clamp_min(1e-300))
+    L, info = torch.linalg.cholesky_ex(G + jitter * torch.eye(G.shape[0], dtype=torch.float64))
+    if info == 0:
+        R = L.T  # (D, D): R^T R = G
+    else:
+        with single_threaded():
+            evals, evecs = torch.linalg.eigh(G)
+        R = (evecs * evals.clamp_min(0).sqrt()).T
+    M = T.double().cpu() - torch.eye(T.shape[0], dtype=torch.float64)  # T - I
+    table = rows.table.double()
+    Re = table @ R.T.to(dev)  # (n_rows, D): R e for every encoded row
+    RMe = table @ (R @ M).T.to(dev)  # (n_rows, D): R (T - I) e
+    src, tgt = rows.src_index, rows.tgt_index
+    # Edit rows: before = R (e - e'), after = R (T e - e') = before + R (T - I) e, reference = R e'.
+    edit_src, edit_tgt = src[: rows.n_edit], tgt[: rows.n_edit]
+    before = Re[edit_src] - Re[edit_tgt]
+    after = before + RMe[edit_src]
+    owner = rows.owner[: rows.n_edit].to(dev)
+    n = len(concepts.concepts)
+
+    def per_concept(x):  # (n_edit, D) -> (n,) sums of squared norms
+        return torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, x.square().sum(1)).cpu()
+
+    ref = per_concept(Re[edit_tgt]).clamp_min(1e-300)
+    after_rel, before_rel = (per_concept(after) / ref).sqrt(), (per_concept(before) / ref).sqrt()
+    names = [c.name for c in concepts.concepts]
+    residual = dict(zip(names, after_rel.tolist()))
+    before_d = dict(zip(names, before_rel.tolist()))
+    # Preservation drift ||W (T - I) p|| / ||W p|| over retained-concept rows and caption rows.
+    pres = src[rows.n_edit :]
+    num = float(RMe[pres].square().sum()) if len(pres) else 0.0
+    den = float(Re[pres].square().sum()) if len(pres) else 0.0
+    if rows.caption_gram is not None:
+        P = rows.caption_gram.double().cpu()
+        num += float(torch.trace(M.T @ G @ M @ P))
+        den += float(torch.trace(G @ P))
+    drift = math.sqrt(num / den) if den > 0 else 0.0
+    return residual, before_d, drift

@@ -77,7 +77,7 @@ FILE_KEYS = ("defaults", "concepts", "preserve")
 DEFAULTS_KEYS = ("anchor", "templates", "weight")
 ENTRY_KEYS = ("name", "anchor", "templates", "prompts", "weight", "tokens")
 # Which token positions carry a concept's edit in the closed-form methods (engine.closed_form).
-TOKEN_MODES = ("eot", "concept", "all")
+TOKEN_MODES = ("last", "eot", "concept", "all")
 PRESERVE_KEYS = ("concepts", "captions")
 PRESERVE_ENTRY_KEYS = ("name", "templates")  # what to_dict writes when preserved templates differ
 CSV_COLUMNS = ("name", "anchor", "weight", "templates")
@@ -150,7 +150,7 @@ class Concept:
     anchor: str = ""
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     weight: float = 1.0
-    tokens: str | None = None  # eot | concept | all; None: the method's setting
+    tokens: str | None = None  # last | eot | concept | all; None: the method's setting
 
     def __post_init__(self):
         def fail(field, problem):

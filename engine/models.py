@@ -208,7 +208,8 @@ def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
 def encode_prompts(
     pipe, prompts: list[str], *, batch_size: int = 64, progress: bool = False, min_positions: int = MAX_LENGTH
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings float32 (N, L, D), input_ids int64 (N, L)) for `prompts`; L = 77 by default.
+    """(embeddings float32 (N, L, D), float64 from a float64 encoder; input_ids int64 (N, L)) for
+    `prompts`; L = 77 by default.
 
     The embeddings are exactly the pipeline's encoder_hidden_states for each prompt (SD1/SD2: the
     text encoder's last hidden state; SDXL: both encoders' penultimate hidden states concatenated),
@@ -278,11 +279,16 @@ def _encode(pipe, prompts, batch_size: int, progress: bool, min_positions: int =
             batch = prompts[lo : lo + batch_size]
             if sdxl:
                 out = pipe.encode_prompt(batch, device=device, do_classifier_free_guidance=False)
-                pooled.append(out[2].float())
+                pooled.append(_at_least_fp32(out[2]))
             else:
                 out = pipe.encode_prompt(batch, device, 1, False)  # (prompt, device, per prompt, cfg)
-            hidden.append(out[0].float())  # stays on the encoder's device: the editor's kernels run there
+            hidden.append(_at_least_fp32(out[0]))  # stays on the encoder's device: the editor's kernels run there
     return torch.cat(hidden), torch.cat(pooled) if sdxl else None, ids[:, :length]
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 (an exact reference encoder) unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def first_eot_positions(input_ids: torch.Tensor, eot_token_id: int) -> torch.Tensor:

@@ -74,7 +74,7 @@ def test_manifest_records_the_run(saved, tiny_sd_dir):
     result, out = saved
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["method"] == "uce"
-    assert manifest["config"]["tokens"] == "concept"
+    assert manifest["config"]["tokens"] == "last"  # UCE's rows
     assert [c["name"] for c in manifest["concepts"]["concepts"]] == NAMES
     assert manifest["versions"]["torch"] == metadata.version("torch")
     assert {"text_encoding", "gram", "solve", "weight_update", "save"} <= set(manifest["timings"])

@@ -100,7 +100,7 @@ def test_uce_maps_concept_rows_onto_anchor_rows_and_preserves_others(pipe):
 def test_concept_token_mode_edits_every_selected_row(pipe):
     before = kv_weights(pipe)
     concepts = ConceptSet(concepts=(Concept("Arlen Corrance", anchor="a person", templates=("a photo of {}",)),))
-    edit = closed_form_edit(pipe, concepts, METHODS["uce"].replace(ridge=1e-4, progress=False))
+    edit = closed_form_edit(pipe, concepts, METHODS["uce-plus"].replace(ridge=1e-4, progress=False))
     after = kv_weights(pipe)
     tok = pipe.tokenizer
     ids_s = tok("a photo of Arlen Corrance").input_ids
@@ -158,9 +158,10 @@ def test_captions_enter_the_preservation_sum(tiny_sd_dir, tmp_path):
         concepts=CONCEPTS.concepts[:1],
         preserve_captions=("a dog on a beach", "a bowl of fruit"),
     )
-    edit = closed_form_edit(load_pipeline(tiny_sd_dir), concepts, METHODS["uce"].replace(cache_dir=str(tmp_path), progress=False))
+    cfg = METHODS["uce-plus"].replace(cache_dir=str(tmp_path), progress=False)
+    edit = closed_form_edit(load_pipeline(tiny_sd_dir), concepts, cfg)
     assert edit.rows["caption"] > 0
-    assert edit.preserve_weight == pytest.approx(0.5)  # UCE: max(0.1, 1/2 prompts)
+    assert edit.preserve_weight == pytest.approx(0.5)  # max(0.1, 1/2 prompts)
 
 
 def test_ill_conditioned_system_falls_back_with_a_warning():
@@ -171,7 +172,7 @@ def test_ill_conditioned_system_falls_back_with_a_warning():
     with pytest.warns(RuntimeWarning, match="ill-conditioned"):
         T, solver, cond = solve_transform(S, C, ridge=0.0, max_condition=1e8)
     assert solver == "eigen-clamped" and torch.isfinite(T).all()
-    assert torch.allclose(e @ T.T, e_t, rtol=1e-3, atol=1e-3)  # the edit still holds on its rows
+    assert torch.allclose(e @ T.T.float(), e_t, rtol=1e-3, atol=1e-3)  # the edit still holds on its rows
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         T2, solver2, cond2 = solve_transform(S, C, ridge=1.0, max_condition=1e8)
@@ -223,8 +224,42 @@ def test_a_concept_can_choose_its_own_token_rows(pipe):
             Concept("Bexley Holloway", anchor="a person", templates=("a photo of {}",)),
         )
     )
-    edit = closed_form_edit(pipe, concepts, METHODS["uce"].replace(progress=False))
+    edit = closed_form_edit(pipe, concepts, METHODS["uce-plus"].replace(progress=False))
     tok = pipe.tokenizer
     ids = tok("a photo of Bexley Holloway").input_ids
     concept_rows = _positions("concept", tok, "a photo of {}", "Bexley Holloway", ids, tok.eos_token_id, "t")
     assert edit.rows["edit"] == 1 + len(concept_rows)  # one [EoT] row, then the name and what follows
+
+
+def test_fit_report_matches_a_direct_per_layer_computation(tiny_sd_dir, tmp_path):
+    """Residuals per concept and the drift of every preserved row, captions included, recomputed
+    layer by layer from the weights before and after the edit."""
+    from engine.closed_form import collect_rows
+
+    pipe = load_pipeline(tiny_sd_dir)
+    captions = ("a dog on a beach", "a bowl of fruit")
+    concepts = ConceptSet(concepts=CONCEPTS.concepts, preserve_concepts=CONCEPTS.preserve_concepts,
+                          preserve_captions=captions)
+    cfg = METHODS["uce-plus"].replace(cache_dir=str(tmp_path), progress=False, backend="torch")
+    rows = collect_rows(pipe, concepts, cfg)
+    before = {k: w.double() for k, w in kv_weights(pipe).items()}
+    edit = closed_form_edit(pipe, concepts, cfg)
+    after = {k: w.double() for k, w in kv_weights(pipe).items()}
+
+    def rel(x_new, x_ref, W_new, W_ref):  # sqrt(sum_l ||x_new W_new^T - x_ref W_ref^T||^2 / sum_l ||x_ref W_ref^T||^2)
+        num = sum((x_new @ W_new[k].T - x_ref @ W_ref[k].T).square().sum() for k in W_ref)
+        return math.sqrt(num / sum((x_ref @ W_ref[k].T).square().sum() for k in W_ref))
+
+    table = rows.table.double()
+    for ci, concept in enumerate(concepts.concepts):
+        sel = rows.owner == ci
+        e, e_t = table[rows.src_index[sel]], table[rows.tgt_index[sel]]
+        assert edit.concept_residual[concept.name] == pytest.approx(rel(e, e_t, after, before), rel=1e-3)
+        assert edit.concept_residual_before[concept.name] == pytest.approx(rel(e, e_t, before, before), rel=1e-4)
+    emb, ids = encode_prompts(pipe, list(captions))
+    eot = pipe.tokenizer.eos_token_id
+    caption_rows = torch.cat([emb[i, : ids[i].tolist().index(eot) + 1] for i in range(len(captions))]).double()
+    p = torch.cat([table[rows.src_index[rows.n_edit :]], caption_rows])
+    assert edit.rows["caption"] == len(caption_rows)
+    assert edit.preserve_drift == pytest.approx(rel(p, p, after, before), rel=1e-3)
+    assert edit.preserve_drift > 0
