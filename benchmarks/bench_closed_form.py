@@ -1,6 +1,7 @@
 """Closed-form multi-concept erasure: the engine vs a per-layer implementation of the same equations.
 
     python benchmarks/bench_closed_form.py [--archs sd15,sdxl] [--concepts 1,10,100,1000] [--device cuda]
+        [--sequential-max 1000]
 
 For each architecture (random weights, real shapes) and each number of concepts N, both
 implementations start from the same selected token embeddings (text encoding is shared and
@@ -10,7 +11,14 @@ counted in a second, untimed pass), then:
 * engine: one fused Gram/cross-Gram accumulation, one fp64 Cholesky solve of a D x D system,
   one stacked `W T` update of every K/V matrix (engine.closed_form);
 * per-layer: the way published reference code does it: for every K/V matrix, project the
-  targets through that layer, accumulate its two sums and invert its own D x D system.
+  targets through that layer, accumulate its two sums and invert its own D x D system;
+* published-style end to end: the published UCE code's whole pipeline, every prompt encoded
+  one at a time at 77 positions, then the per-layer solve (`--sequential-max` bounds the
+  concept counts it runs for: it is the slow baseline).
+
+The engine's fit report (per-concept residuals, preservation drift: `engine.closed_form.kv_gram`
+and `fit_report`) is timed on the same rows, and its share of the engine's end-to-end run
+(text encoding, sums, solve, update, report) is reported.
 
 Reports time per phase, the speed-up, and the maximum relative difference between the edited
 weights. Prints a table and writes JSON (device, versions, git sha) to benchmarks/results/.
@@ -21,6 +29,7 @@ the meta device): the closed-form edit reads and writes nothing else.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -40,10 +49,13 @@ from engine.closed_form import (  # noqa: E402
     caption_gram,
     collect_rows,
     cross_attention_kv,
+    fit_report,
+    kv_gram,
     solve_transform,
 )
 from engine.concepts import concepts_from_names  # noqa: E402
 from engine.export import package_versions, write_json  # noqa: E402
+from engine.models import encode_prompts  # noqa: E402
 from engine.tiny import ARCHS, build_pipeline, text_encoder_configs  # noqa: E402
 from kernels._dispatch import BACKENDS  # noqa: E402
 
@@ -89,11 +101,31 @@ def per_layer_reference(rows, kv, ridge, dtype=torch.float32):
     return out, {"gram": t_gram, "solve": t_solve, "weight_update": t_update}
 
 
-def engine_edit(rows, kv, cfg, backend, device):
+def engine_edit(rows, kv, cfg, backend, device, concepts=None):
+    """The engine's phases after text encoding; with `concepts`, its fit report too (as
+    closed_form_edit runs it: the K/V Gram before the update, the residuals after)."""
     (S, C), t_gram = timed(device, lambda: accumulate(rows, backend, cfg.gram_dtype))
     (T, solver, _), t_solve = timed(device, lambda: solve_transform(S, C, cfg.ridge, cfg.max_condition))
+    G, t_report = timed(device, lambda: kv_gram(kv)) if concepts is not None else (None, 0.0)
     edited, t_update = timed(device, lambda: apply_transform(kv, T, backend))
-    return edited, solver, {"gram": t_gram, "solve": t_solve, "weight_update": t_update}
+    phases = {"gram": t_gram, "solve": t_solve, "weight_update": t_update}
+    if concepts is not None:
+        _, t_fit = timed(device, lambda: fit_report(rows, T, G, concepts))
+        phases["report"] = t_report + t_fit
+    return edited, solver, phases
+
+
+def sequential_77_encoding(pipe, concepts) -> float:
+    """Seconds to encode every distinct concept and guide prompt one at a time at 77 positions,
+    as the published UCE code does (one encode_prompt call per string)."""
+    prompts = dict.fromkeys(p for c in concepts.concepts for _, src, tgt in c.prompt_pairs() for p in (src, tgt))
+    device = pipe.text_encoder.device
+    sync(device)
+    start = time.perf_counter()
+    for prompt in prompts:
+        encode_prompts(pipe, [prompt], batch_size=1)  # min_positions defaults to all 77
+    sync(device)
+    return time.perf_counter() - start
 
 
 def rel_diff(a: dict, b: dict) -> float:
@@ -122,13 +154,14 @@ def restore(kv, originals):
             module.weight.copy_(originals[key])
 
 
-def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.device, backend: str):
+def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.device, backend: str,
+        sequential_max: int = 0):
     pipe = build_for_bench(arch, device)
     kv = cross_attention_kv(pipe.unet)
     D = kv[0][1].in_features
     originals = {k: m.weight.detach().clone() for k, m in kv}
     results = []
-    cfg = METHODS["uce"].replace(progress=False, backend=backend, batch_size=128)
+    cfg = METHODS["uce-plus"].replace(progress=False, backend=backend, batch_size=128)  # the rows of earlier records
     with torch.no_grad():  # the captions' Gram cached before any timing, as on any repeated run
         caption_gram(pipe, CAPTIONS, cfg)
     for n in n_concepts:
@@ -146,7 +179,8 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
                 engine_edit(rows, kv, cfg, backend, device)
                 per_layer_reference(rows, kv, cfg.ridge)
             restore(kv, originals)
-            edited, solver, engine_t = engine_edit(rows, kv, cfg, backend, device)
+            edited, solver, engine_t = engine_edit(rows, kv, cfg, backend, device, concepts)
+            report_s = engine_t.pop("report")
             restore(kv, originals)
             ref, ref_t = per_layer_reference(rows, kv, cfg.ridge)
             exact, exact_t = per_layer_reference(rows, kv, cfg.ridge, torch.float64)
@@ -156,7 +190,10 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
             S, _ = accumulate(rows, "torch", "float64")
             evals = torch.linalg.eigvalsh(S.cpu() + cfg.ridge * torch.eye(D, dtype=torch.float64))
             condition = float(evals.max() / evals.min())
+            seq_enc = sequential_77_encoding(pipe, concepts) if n <= sequential_max else None
         eng_total, ref_total = sum(engine_t.values()), sum(ref_t.values())
+        end_to_end = t_enc + eng_total + report_s
+        published = None if seq_enc is None else seq_enc + ref_total
         results.append({
             "arch": arch, "D": D, "kv_matrices": len(kv), "concepts": n, "templates": len(templates),
             "edit_rows": rows.n_edit, "preserve_rows": len(rows.src_index) - rows.n_edit, "caption_rows": rows.caption_rows,
@@ -164,6 +201,9 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
             "text_encoding_flops": enc_flops, "text_encoding_tflops": enc_flops / t_enc / 1e12,
             "text_encoding_s": t_enc, "engine_s": engine_t, "per_layer_fp32_s": ref_t, "per_layer_fp64_s": exact_t,
             "engine_total_s": eng_total, "per_layer_total_s": ref_total, "speedup": ref_total / eng_total,
+            "report_s": report_s, "engine_end_to_end_s": end_to_end, "report_share": report_s / end_to_end,
+            "sequential_77_encoding_s": seq_enc, "published_style_end_to_end_s": published,
+            "end_to_end_speedup_vs_published_style": None if published is None else published / end_to_end,
             "max_rel_diff_engine_vs_fp64": rel_diff(edited, exact),
             "max_rel_diff_per_layer_fp32_vs_fp64": rel_diff(ref, exact),
             "max_rel_diff_engine_vs_per_layer_fp32": rel_diff(edited, ref),
@@ -176,7 +216,10 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
               f"({', '.join(f'{k} {v:.4f}' for k, v in engine_t.items())}) | per-layer fp32 {ref_total:.4f}s | "
               f"x{r['speedup']:.1f} | vs fp64: engine {r['max_rel_diff_engine_vs_fp64']:.1e}, "
               f"per-layer fp32 {r['max_rel_diff_per_layer_fp32_vs_fp64']:.1e}, engine with fp32 Gram "
-              f"{r['max_rel_diff_engine_fp32_gram_vs_fp64']:.1e} | condition {condition:.2e}", flush=True)
+              f"{r['max_rel_diff_engine_fp32_gram_vs_fp64']:.1e} | condition {condition:.2e} | report {report_s:.3f}s "
+              f"({100 * r['report_share']:.1f}% of {end_to_end:.2f}s end to end)"
+              + ("" if published is None else f" | published-style {published:.1f}s: x{published / end_to_end:.1f}"),
+              flush=True)
     return results
 
 
@@ -203,7 +246,8 @@ def device_name(device: torch.device) -> str:
 def report_header(benchmark: str, device: torch.device) -> dict:
     """What every benchmark's JSON starts with: which benchmark, device, versions, git sha, date."""
     return {"benchmark": benchmark, "device": device_name(device), "device_type": device.type,
-            "versions": package_versions(), "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "versions": package_versions(), "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "load_average_at_start": os.getloadavg()[0]}  # other work on the machine skews CPU timings
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -218,6 +262,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--templates", default="a photo of {}|a portrait of {}", help="'|'-separated, each with {}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--sequential-max", type=int, default=1000,
+                        help="run the published-style baseline (one prompt at a time, 77 positions) up to this many "
+                             "concepts (0: never)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/closed_form_<device>.json)")
     args = parser.parse_args(argv)
     args.archs = args.archs.split(",")
@@ -230,6 +277,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         parser.error(f"--concepts must be whole numbers, comma-separated, not {args.concepts!r}")
     if min(args.concepts) < 1:
         parser.error("--concepts must be >= 1")
+    if args.sequential_max < 0:
+        parser.error("--sequential-max must be >= 0")
     args.templates = args.templates.split("|")
     if not all("{}" in t for t in args.templates):
         parser.error("every --templates entry needs a {} where the concept goes")
@@ -242,18 +291,22 @@ def main(argv=None):
     header = report_header("closed_form", device)  # at launch: the code that runs is this sha's
     all_results = []
     for arch in args.archs:
-        all_results += run(arch, args.concepts, args.templates, device, args.backend)
+        all_results += run(arch, args.concepts, args.templates, device, args.backend, args.sequential_max)
     report = {**header, "results": all_results}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"closed_form_{device.type}.json"
     write_report(out, report)
     print("\n| arch | N | edit rows | text encoding (s) | engine: gram / solve / update (s) | per-layer fp32: gram / solve / update (s) "
-          "| speed-up | max rel. diff. vs fp64 per-layer: engine / per-layer fp32 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| speed-up | max rel. diff. vs fp64 per-layer: engine / per-layer fp32 | report (s, share of the run) "
+          "| end to end: engine / published-style (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    published = lambda r: "-" if r["published_style_end_to_end_s"] is None else (  # noqa: E731
+        f"{r['published_style_end_to_end_s']:.1f} (x{r['end_to_end_speedup_vs_published_style']:.1f})")
     phases = lambda t: " / ".join(f"{t[k]:.3f}" for k in ("gram", "solve", "weight_update"))  # noqa: E731
     for r in all_results:
         print(f"| {r['arch']} | {r['concepts']} | {r['edit_rows']} | {r['text_encoding_s']:.2f} | {phases(r['engine_s'])} | "
               f"{phases(r['per_layer_fp32_s'])} | {r['speedup']:.1f}x | "
-              f"{r['max_rel_diff_engine_vs_fp64']:.1e} / {r['max_rel_diff_per_layer_fp32_vs_fp64']:.1e} |")
+              f"{r['max_rel_diff_engine_vs_fp64']:.1e} / {r['max_rel_diff_per_layer_fp32_vs_fp64']:.1e} | "
+              f"{r['report_s']:.3f} ({100 * r['report_share']:.1f}%) | {r['engine_end_to_end_s']:.2f} / {published(r)} |")
     print(f"device: {report['device']}; wrote {out}")
 
 

@@ -67,7 +67,7 @@ def test_variant_runs_the_same_step_another_way():
 def test_closed_form_bench_counts_the_prompts_it_encodes(monkeypatch, tmp_path):
     monkeypatch.setenv("ERASURE_CACHE", str(tmp_path))
     templates = ["a photo of {}", "a portrait of {}"]
-    (r,) = bench_closed_form.run("sd15", [3], templates, torch.device("cpu"), "torch")
+    (r,) = bench_closed_form.run("sd15", [3], templates, torch.device("cpu"), "torch", sequential_max=3)
     # 3 names x 2 templates as sources, the anchor in 2 templates as targets
     assert r["prompts_encoded"] == 3 * 2 + 2
     assert r["text_encoder_prompts_per_s"] == pytest.approx(r["prompts_encoded"] / r["text_encoding_s"])
@@ -75,6 +75,9 @@ def test_closed_form_bench_counts_the_prompts_it_encodes(monkeypatch, tmp_path):
     assert r["text_encoding_tflops"] == pytest.approx(r["text_encoding_flops"] / r["text_encoding_s"] / 1e12)
     assert r["max_rel_diff_engine_vs_fp64"] < 1e-5
     assert r["speedup"] == pytest.approx(r["per_layer_total_s"] / r["engine_total_s"])
+    end_to_end = r["text_encoding_s"] + r["engine_total_s"] + r["report_s"]
+    assert r["engine_end_to_end_s"] == pytest.approx(end_to_end) and 0 < r["report_share"] < 1
+    assert r["published_style_end_to_end_s"] == pytest.approx(r["sequential_77_encoding_s"] + r["per_layer_total_s"])
 
 
 @pytest.mark.parametrize("mode", ["quick", "full"])
