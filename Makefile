@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test bench clean
 
 venv: $(VENV)/.installed
 
@@ -22,10 +22,7 @@ demo: venv
 	$(PY) -m engine demo --out build/demo
 
 test: venv
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow"
-
-test-slow: venv
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 bench: venv
 	$(PY) benchmarks/run_all.py
