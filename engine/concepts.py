@@ -26,7 +26,7 @@ Four file forms, chosen by suffix (case-insensitive). Text is read as UTF-8.
 
   ``defaults`` keys: ``anchor``, ``templates``, ``weight``. A concept is a bare name or a mapping
   with the keys ``name`` (required), ``anchor``, ``templates``, ``weight``, ``tokens`` (which
-  token positions carry its closed-form edit: ``eot``, ``concept`` or ``all``; default: the
+  token positions carry its closed-form edit: ``last``, ``eot``, ``concept`` or ``all``; default: the
   method's) and ``prompts``:
   literal prompts that contain the name exactly once (case-sensitive); each is turned into a
   template (the name replaced by ``{}``, any braces kept literally) and added to the concept's
