@@ -141,3 +141,23 @@ def test_max_condition_switches_the_solver():
     with pytest.warns(RuntimeWarning, match="ill-conditioned"):
         _, solver, reported = solve_transform(S, C, ridge=ridge, max_condition=cond / 1.5)
     assert solver == "eigen-clamped" and reported == pytest.approx(cond, rel=1e-6)
+
+
+def test_the_cli_one_liner_gives_uce_on_a_names_file(tiny_sd_dir, tmp_path):
+    """`erasure erase --model M --concepts names.txt --method uce --out O` on an SD1.x folder."""
+    from safetensors.torch import load_file
+
+    from engine.cli import main
+
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(ERASE) + "\n")
+    out = tmp_path / "out"
+    assert main(["erase", "--model", str(tiny_sd_dir), "--concepts", str(names), "--method", "uce", "--out", str(out),
+                 "--no-pipeline", "--quiet"]) == 0
+    pipe = load_pipeline(tiny_sd_dir)
+    original = {k: m.weight.detach().double().clone() for k, m in cross_attention_kv(pipe.unet)}
+    reference = uce_reference(pipe, ERASE, [""] * len(ERASE), [])
+    edited = load_file(str(out / "delta.safetensors"))
+    worst = max(float(((edited[k].double() - original[k]) - (ref - original[k])).norm() / (ref - original[k]).norm())
+                for k, ref in reference.items())
+    assert worst < 1e-4
