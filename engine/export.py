@@ -275,8 +275,10 @@ def _remove_stale_temporaries(out: Path) -> None:
         print(f"erasure: removed {tmp}, a temporary folder left by {who}", file=sys.stderr)
 
 
-def _parent_ready(out: Path) -> None:
-    """Create `out`'s parent folder and check that a folder can be made in it."""
+def check_writable_parent(out: str | os.PathLike) -> None:
+    """Create the parent folder of the output path `out` and check that a folder can be made in
+    it: a read-only destination is found before any work, not after."""
+    out = Path(os.path.abspath(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = out.parent / f".{out.name}.probe-{os.getpid()}-{secrets.token_hex(4)}"
@@ -300,7 +302,7 @@ def output_lock(out_dir: str | os.PathLike):
         finally:
             _HELD[out] -= 1
         return
-    _parent_ready(out)
+    check_writable_parent(out)
     lock = out.parent / f".{out.name}.lock"
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)

@@ -222,8 +222,13 @@ def _load_errors(path: Path):
     from safetensors import SafetensorError
 
     try:
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+    except ImportError:  # older diffusers raise ValueError for a missing component
+        SingleFileComponentError = ValueError
+    try:
         yield
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, SafetensorError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, SafetensorError,
+            SingleFileComponentError) as err:
         text = " ".join(str(err).split())
         raise ValueError(f"cannot load the model {path}: {type(err).__name__}: "
                          f"{text[:300] + ' ...' if len(text) > 300 else text}") from err
