@@ -656,6 +656,9 @@ def _load_ip_adapter(pipe, path: str | None) -> None:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"IP-Adapter file not found: {file}")
+    if file.suffix.lower() != ".safetensors":
+        raise ValueError(f"IP-Adapter {file}: only .safetensors files are loaded (other formats are pickles, which "
+                         "can run code); convert it")
     if getattr(pipe, "image_encoder", None) is None:
         raise ValueError("the pipeline has no image_encoder for the IP-Adapter (save one in its image_encoder/ folder)")
     try:
