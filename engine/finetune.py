@@ -879,7 +879,7 @@ def _save_checkpoint(folder: Path, step: int, trained: dict, opt, rng_state: dic
     os.replace(tmp, folder / tag)
     (folder / (LATEST_NAME + ".tmp")).write_text(tag)
     os.replace(folder / (LATEST_NAME + ".tmp"), folder / LATEST_NAME)
-    for old in folder.glob("step*"):
+    for old in [*folder.glob("step*"), *folder.glob(".step*.tmp-*")]:  # the folder is this run's (locked)
         if old.name != tag and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
 
