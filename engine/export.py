@@ -276,16 +276,19 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def check_writable_parent(out: str | os.PathLike) -> None:
-    """Create the parent folder of the output path `out` and check that a folder can be made in
-    it: a read-only destination is found before any work, not after."""
+    """Check that the output path `out` can be created: its nearest existing ancestor is a folder
+    in which a folder can be made (nothing is left behind). A read-only destination is found
+    before any work, not after."""
     out = Path(os.path.abspath(out))
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".{out.name}.probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe = parent / f".{out.name}.probe-{os.getpid()}-{secrets.token_hex(4)}"
         probe.mkdir()
         probe.rmdir()
     except OSError as err:
-        raise PermissionError(f"cannot write the output {out}: {err.strerror} in {err.filename or out.parent}; "
+        raise PermissionError(f"cannot write the output {out}: {err.strerror} in {parent}; "
                               "choose an --out in a folder you can write to") from None
 
 
@@ -303,6 +306,7 @@ def output_lock(out_dir: str | os.PathLike):
             _HELD[out] -= 1
         return
     check_writable_parent(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
