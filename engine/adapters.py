@@ -225,6 +225,16 @@ def load_concept_adapters(pipe, folder: str | os.PathLike, concepts: list[str] |
         raise ValueError(f"no adapter for {unknown[:5]} in {folder}; it has {list(by_name)[:10]}")
     if weights is not None and len(weights) != len(wanted):
         raise ValueError(f"weights: one per adapter ({len(wanted)}), got {len(weights)}")
+    from engine.export import sha256_file
+
+    for concept in wanted:  # every file checked before any is loaded
+        file = by_name[concept].get("file")
+        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+            raise ValueError(f"{index_file}: the adapter of {concept!r} must be a .safetensors file in {root}, got "
+                             f"{str(file)[:80]!r}")
+        if not (root / file).is_file() or sha256_file(root / file) != by_name[concept].get("sha256"):
+            raise ValueError(f"{root / file} is missing or differs from the sha256 in {index_file}: changed after it "
+                             "was written; refusing it")
     loaded = []
     for concept in wanted:
         entry = by_name[concept]

@@ -451,3 +451,25 @@ def test_11_output_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+# --------------------------------------------------------------------------- beyond the list
+
+
+def test_per_concept_adapter_files_are_checked_before_loading(tmp_path):
+    from engine.adapters import ADAPTER_DIR, INDEX_NAME, ConceptAdapters, load_concept_adapters
+
+    state = {"unet.x.lora_A.weight": torch.ones(1, 2), "unet.x.lora_B.weight": torch.ones(2, 1)}
+    run = ConceptAdapters(concepts=["Van Gogh"], adapters=[state], rank=1, losses=[], timings={}, steps_run=0,
+                          resumed_from=0, manifest={})
+    out = run.save(tmp_path / "out")
+    index_file = out / ADAPTER_DIR / INDEX_NAME
+    index = json.loads(index_file.read_text())
+    file = out / ADAPTER_DIR / index["adapters"][0]["file"]
+    file.write_bytes(file.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ValueError, match="differs from the sha256"):
+        load_concept_adapters(None, out)
+    index["adapters"][0]["file"] = "../../evil.bin"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="must be a .safetensors file"):
+        load_concept_adapters(None, out)
