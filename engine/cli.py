@@ -292,7 +292,6 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     """Evaluate an edited model; write report.json, report.md and grid.png."""
     from engine.evaluation.report import write_report
-
     from engine.export import check_writable_parent
 
     out = Path(args.out)
