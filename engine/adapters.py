@@ -36,9 +36,10 @@ from engine.finetune import (
     _load_checkpoint,
     _save_checkpoint,
     checkpoint_due,
+    checkpoint_lock,
+    checkpoint_signature,
     lora_parameters,
     restore_checkpoint,
-    run_signature,
     sdxl_conditioning,
     start_training,
     track_loss,
@@ -121,11 +122,12 @@ class ConceptAdapters:
 
 
 def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: str | os.PathLike | None = None,
-                           resume: bool = False) -> ConceptAdapters:
+                           resume: bool = False, model_fingerprint: str | None = None) -> ConceptAdapters:
     """Train one LoRA adapter per concept of ``concepts`` in one batched ESD run (module docstring).
 
     ``cfg``: ESD's ``FinetuneConfig`` with ``params="lora"``; ``batch_size`` samples per concept
-    and step. ``pipe`` is left unchanged. Checkpoints and ``resume`` as in ``engine.finetune``.
+    and step. ``pipe`` is left unchanged. Checkpoints, ``resume`` and ``model_fingerprint`` as in
+    ``engine.finetune.finetune``.
     """
     if cfg.params != "lora":
         raise ValueError(f"per-concept adapters are LoRA adapters: params must be 'lora', not {cfg.params!r}")
@@ -138,9 +140,15 @@ def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, chec
         raise ValueError("per-concept adapters run in one process (distributed='none')")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
-    names = [c.name for c in concepts.concepts]
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    signature = run_signature("esd-per-concept-adapters", cfg, concepts)
+    with checkpoint_lock(folder, cfg):
+        return _train(pipe, concepts, cfg, folder, resume, model_fingerprint)
+
+
+def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, folder: Path | None, resume: bool,
+           model_fingerprint: str | None) -> ConceptAdapters:
+    names = [c.name for c in concepts.concepts]
+    signature = checkpoint_signature(pipe, "esd-per-concept-adapters", cfg, concepts, folder, model_fingerprint)
     state = _load_checkpoint(folder, signature) if resume else None
 
     with sdxl_conditioning(pipe):  # SDXL: the pooled embedding rides with the text conditions
@@ -217,6 +225,16 @@ def load_concept_adapters(pipe, folder: str | os.PathLike, concepts: list[str] |
         raise ValueError(f"no adapter for {unknown[:5]} in {folder}; it has {list(by_name)[:10]}")
     if weights is not None and len(weights) != len(wanted):
         raise ValueError(f"weights: one per adapter ({len(wanted)}), got {len(weights)}")
+    from engine.export import sha256_file
+
+    for concept in wanted:  # every file checked before any is loaded
+        file = by_name[concept].get("file")
+        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+            raise ValueError(f"{index_file}: the adapter of {concept!r} must be a .safetensors file in {root}, got "
+                             f"{str(file)[:80]!r}")
+        if not (root / file).is_file() or sha256_file(root / file) != by_name[concept].get("sha256"):
+            raise ValueError(f"{root / file} is missing or differs from the sha256 in {index_file}: changed after it "
+                             "was written; refusing it")
     loaded = []
     for concept in wanted:
         entry = by_name[concept]

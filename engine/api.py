@@ -10,8 +10,13 @@ Everything listed in `__all__` of `engine/__init__.py` is the public API; other 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.closed_form import METHODS, ClosedFormEdit, closed_form_edit, cross_attention_kv
-from engine.concepts import ConceptSet, concepts_from_names, load_concepts
+from engine.concepts import ConceptFileError, ConceptSet, concepts_from_names, load_concepts
 from engine.export import (
     DELTA_NAME,
     LORA_DIR,
@@ -36,7 +41,7 @@ from engine.export import (
 )
 from engine.export import apply_delta as _apply_delta_to_pipe
 from engine.finetune import FINETUNE_METHODS, IMAGE_METHODS, FinetuneConfig, finetune, trainable_parameters
-from engine.models import load_pipeline, text_encoder_fingerprint
+from engine.models import PromptTooLongError, check_pipeline, load_pipeline, text_encoder_fingerprint
 
 
 @dataclass
@@ -92,7 +97,18 @@ def _resolve_model(model, *, model_config=None, allow_pickle=False):
         return load_pipeline(model, config=model_config, allow_pickle=allow_pickle), str(model)
     if not hasattr(model, "unet") or not hasattr(model, "tokenizer"):
         raise TypeError(f"model must be a diffusers Stable Diffusion pipeline or a path, got {type(model).__name__}")
+    check_pipeline(model, "passed in")  # load_pipeline checks the ones it loads
     return model, None
+
+
+@contextlib.contextmanager
+def _naming_prompts(concept_set: ConceptSet):
+    """A prompt over 77 tokens, reported with the concept file and entry it comes from."""
+    try:
+        yield
+    except PromptTooLongError as err:
+        entry, field_name = concept_set.locate(err.prompt)
+        raise ConceptFileError(concept_set.source, entry, field_name, f"{err}; shorten it") from None
 
 
 def _resolve_concepts(concepts, anchor, templates) -> tuple[ConceptSet, str | None]:
@@ -115,10 +131,54 @@ def method_config(method: str, config=None, **overrides):
     if isinstance(config, type(base)):
         base = config
     elif isinstance(config, dict):
-        base = base.replace(**config)
+        base = base.replace(**_checked_types(type(base), config))
     elif config is not None:
         raise TypeError(f"config must be a {type(base).__name__}, a dict or None")
-    return base.replace(**overrides)
+    return base.replace(**_checked_types(type(base), overrides))
+
+
+def _checked_types(cls, values: dict) -> dict:
+    """Refuse a config value of the wrong type (e.g. --set seed=abc) before it reaches the run,
+    where it would fail deep inside torch; an int is accepted where a float is expected."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name not in names:
+            continue  # the config's own replace() reports unknown fields
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        ok = (value is None and type(None) in allowed) or any(
+            isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in allowed if t is not type(None)
+        ) or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"config field {name!r} must be {kinds}, got {type(value).__name__} {str(value)[:80]!r}")
+    return values
+
+
+def _model_fingerprint(pipe, inputs: dict) -> str | None:
+    """The model's fingerprint for checkpoints and caches, from the hashes the manifest already
+    holds (the model's files and text encoders, the trained tensors) so the model is not hashed
+    twice; None for a pipeline passed in memory (``finetune`` then hashes its weights)."""
+    if "model_files" not in inputs:
+        return None
+    parts = [inputs["model_files"], inputs["text_encoder_fingerprint"]]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _check_cache_dir(cfg) -> None:
+    """A cache folder set in the config must be writable: found now, not after the text encoding."""
+    folder = getattr(cfg, "cache_dir", None)
+    if not folder:
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"config field 'cache_dir': cannot write to {folder} ({err.strerror}); "
+                         "choose a writable folder or leave cache_dir unset") from None
 
 
 def _inputs(pipe, model_path, concept_path, original, progress, fingerprint_key) -> dict:
@@ -182,6 +242,7 @@ def erase(
     Fine-tuning runs checkpoint into `checkpoint_dir` and continue from it with resume=True.
     """
     cfg = method_config(method, config, **overrides)
+    _check_cache_dir(cfg)
     start = time.perf_counter()
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
     if method in IMAGE_METHODS and cfg.ip_adapter is None and model_path is not None:
@@ -199,7 +260,9 @@ def erase(
             touched |= {key for key, _ in cross_attention_kv(pipe.unet)}
         original = {k: p.detach().clone() for k, p in params.items() if k in touched}
         manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, "trained_fingerprint")
-        run = finetune(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume, method=method)
+        with _naming_prompts(concept_set):
+            run = finetune(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume, method=method,
+                           model_fingerprint=_model_fingerprint(pipe, manifest["inputs"]))
         if cfg.distributed != "none":
             from engine import distributed
 
@@ -217,7 +280,8 @@ def erase(
     kv_keys = [key for key, _ in cross_attention_kv(pipe.unet)]
     original = {k: params[k].detach().clone() for k in kv_keys}
     manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, "kv_fingerprint")
-    edit = closed_form_edit(pipe, concept_set, cfg)
+    with _naming_prompts(concept_set):
+        edit = closed_form_edit(pipe, concept_set, cfg)
     manifest.update(
         seed=None,  # the closed-form solve is deterministic
         solve={
@@ -263,7 +327,9 @@ def erase_with_adapters(
     concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
     base = {k: p.detach() for k, p in trainable_parameters(pipe.unet, "lora").items()}  # what the adapters add to
     inputs = _inputs(pipe, model_path, concept_path, base, cfg.progress, "base_fingerprint")
-    run = train_concept_adapters(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume)
+    with _naming_prompts(concept_set):
+        run = train_concept_adapters(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
+                                     model_fingerprint=_model_fingerprint(pipe, inputs))
     run.manifest = {
         **_manifest_head("esd", cfg, concept_set, pipe),
         "per_concept_adapters": True,
@@ -276,8 +342,10 @@ def erase_with_adapters(
     return run
 
 
-def apply_delta(model, delta_path, *, model_config=None, allow_pickle=False):
-    """Load `model` (path or pipeline), apply a saved delta.safetensors, return the pipeline."""
+def apply_delta(model, delta_path, *, model_config=None, allow_pickle=False, force=False):
+    """Load `model` (path or pipeline), apply a saved delta.safetensors, return the pipeline.
+    The delta is verified first (``engine.export.apply_delta``); ``force=True`` applies one made
+    for other base weights, with a warning."""
     pipe, _ = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
-    _apply_delta_to_pipe(pipe, delta_path)
+    _apply_delta_to_pipe(pipe, delta_path, force=force)
     return pipe

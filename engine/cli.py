@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from engine.concepts import load_yaml
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -29,7 +32,10 @@ def parse_sets(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {pair!r}")
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        try:
+            parsed = load_yaml(value, f"--set {key.strip()}") if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key.strip()}: cannot read the value {value[:80]!r} ({' '.join(str(err).split())})") from None
         if isinstance(parsed, str):
             try:  # YAML 1.1 reads 1e-3 (no dot) as a string; a number is meant
                 parsed = float(parsed)
@@ -46,7 +52,7 @@ def _load_config_file(path: str | None) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())  # JSON is valid YAML
+        data = load_yaml(p.read_text(), str(p))  # JSON is valid YAML
     except yaml.YAMLError as err:
         raise ValueError(f"{p}: invalid YAML/JSON: {err}") from err
     if not isinstance(data, dict):
@@ -54,15 +60,32 @@ def _load_config_file(path: str | None) -> dict:
     return data
 
 
-def cmd_erase(args) -> int:
-    from engine.api import erase
-    from engine.finetune import FINETUNE_METHODS
+def _reserve(args):
+    """Lock --out and check it can be written before any work (the process that writes it: rank
+    0 of a distributed run, whose launcher sets RANK)."""
+    import contextlib
 
+    from engine.export import reserve_output
+
+    if getattr(args, "distributed", None) and os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return reserve_output(args.out, overwrite=getattr(args, "overwrite", False))
+
+
+def cmd_erase(args) -> int:
     config = {**_load_config_file(args.config), **parse_sets(args.set)}
     if args.quiet:
         config["progress"] = False
-    if args.per_concept_adapters:
-        return _erase_with_adapters(args, config)
+    with _reserve(args):
+        if args.per_concept_adapters:
+            return _erase_with_adapters(args, config)
+        return _erase(args, config)
+
+
+def _erase(args, config) -> int:
+    from engine.api import erase
+    from engine.finetune import FINETUNE_METHODS
+
     if args.distributed:
         if args.method not in FINETUNE_METHODS:
             raise SystemExit(f"--distributed trains a fine-tuning method ({', '.join(FINETUNE_METHODS)}), not {args.method}")
@@ -79,7 +102,8 @@ def cmd_erase(args) -> int:
         **({"checkpoint_dir": args.checkpoint_dir or f"{args.out}.checkpoints", "resume": args.resume}
            if args.method in FINETUNE_METHODS else {}),
     )
-    out = result.save(args.out, export_lora=args.export_lora, lora_rank=args.lora_rank, save_pipeline=not args.no_pipeline)
+    out = result.save(args.out, export_lora=args.export_lora, lora_rank=args.lora_rank, save_pipeline=not args.no_pipeline,
+                      overwrite=args.overwrite)
     if args.distributed:
         from engine import distributed
 
@@ -121,7 +145,7 @@ def _erase_with_adapters(args, config) -> int:
         model_config=args.model_config, allow_pickle=args.allow_pickle,
         checkpoint_dir=args.checkpoint_dir or f"{args.out}.checkpoints", resume=args.resume,
     )
-    out = run.save(args.out)
+    out = run.save(args.out, overwrite=args.overwrite)
     tr = run.manifest["training"]
     print(f"trained {tr['adapters']} per-concept adapter(s) (rank {tr['rank']}): {tr['steps_run']} steps "
           f"(resumed from step {tr['resumed_from']})")
@@ -134,9 +158,11 @@ def cmd_apply(args) -> int:
     from engine.api import apply_delta
     from engine.export import atomic_output_dir
 
-    pipe = apply_delta(args.model, args.delta, model_config=args.model_config, allow_pickle=args.allow_pickle)
-    with atomic_output_dir(args.out) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+    with _reserve(args):
+        pipe = apply_delta(args.model, args.delta, model_config=args.model_config, allow_pickle=args.allow_pickle,
+                           force=args.force)
+        with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
     print(f"wrote {args.out}")
     return 0
 
@@ -266,10 +292,12 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     """Evaluate an edited model; write report.json, report.md and grid.png."""
     from engine.evaluation.report import write_report
+    from engine.export import check_writable_parent
 
     out = Path(args.out)
     if out.is_dir():  # fail before generating anything
         raise FileExistsError(f"--out {out} is a folder; give a file name such as {out / 'report.json'}")
+    check_writable_parent(out)
     if args.suite == "toy":
         from engine.evaluation.toy import DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_PROMPT, evaluate_toy
 
@@ -340,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-concept-adapters", action="store_true",
                    help="esd: one LoRA adapter per concept, trained together in one batched run (adapters/ + index)")
     p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2, help="ZeRO stage with --distributed (default 2)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically, locked while the run lasts)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
     p.add_argument("--config", help="YAML/JSON file of hyper-parameters")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one hyper-parameter")
     p.add_argument("--anchor", help="anchor for concepts that set none (e.g. 'a person')")
@@ -355,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--delta", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
+    p.add_argument("--force", action="store_true",
+                   help="apply a delta made for other base weights, without a checksum, or with an implausible change "
+                        "(a warning each); a checksum mismatch is never overridden")
     p.set_defaults(func=cmd_apply)
 
     from engine.tiny import ARCHS
@@ -405,16 +438,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Bad input: exit code 2 with one line that says what is wrong (the messages name the file,
+# entry or tensor). Other failures of the system (a full disk) exit 1, also in one line.
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
+             ImportError, FloatingPointError)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"erasure: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # optional-backend notices are noise for CLI users
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as err:
-        print(f"erasure: error: {err}", file=sys.stderr)
+    except BAD_INPUT as err:
+        print(f"erasure: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"erasure: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

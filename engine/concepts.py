@@ -65,6 +65,8 @@ import csv
 import json
 import math
 import os
+import reprlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
@@ -98,8 +100,67 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+# What a concept file may be and expand to. A few hundred bytes of YAML aliases can stand for
+# billions of nodes (an "alias bomb"); the largest real concept sets are far below both bounds.
+MAX_FILE_BYTES = 32 << 20
+MAX_NODES = 1_000_000
+SHOW_CHARS = 200
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = SHOW_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
 def _show(value) -> str:
-    return f"{type(value).__name__} {value!r}"
+    """A value for an error message, cut short: a nested value can be huge (see MAX_NODES)."""
+    return f"{type(value).__name__} {_REPR.repr(value)}"
+
+
+def _node_count(node, source: str) -> int:
+    """How many nodes a YAML node graph stands for once every alias is expanded, stopping as
+    soon as that passes MAX_NODES. Linear in the graph (shared nodes are counted once each)."""
+    sizes: dict[int, int] = {}
+    pending: set[int] = set()
+
+    def size(n) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in pending:
+            raise ConceptFileError(source, None, None, "a YAML alias refers to a node that contains it (a recursive "
+                                   "structure); concept files must be plain trees")
+        pending.add(key)
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [part for pair in n.value for part in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                raise ConceptFileError(source, None, None, f"the YAML expands to more than {MAX_NODES:,} values "
+                                       "(through aliases: '*name'); write the concepts out instead")
+        pending.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def load_yaml(text: str, source: str):
+    """yaml.safe_load with a bound on what the document may expand to (MAX_NODES)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _node_count(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _template_problem(template) -> str | None:
@@ -199,6 +260,22 @@ def _check_unique(concepts: list, preserve: list, source: str) -> None:
         kept[key] = label
 
 
+def _warn_contradictions(concept_set) -> None:
+    """Warn when a caption to preserve is also a prompt to erase: the edit is then asked to both
+    keep and change the same prompt, and does neither fully."""
+    erased = {}
+    for c in concept_set.concepts:
+        for _, src, _ in c.prompt_pairs():
+            erased.setdefault(_norm(src), c.name)
+    clashes = [(i, cap) for i, cap in enumerate(concept_set.preserve_captions) if _norm(cap) in erased]
+    if clashes:
+        i, caption = clashes[0]
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        warnings.warn(f"{concept_set.source}: preserve.captions[{i}] {caption!r}{more} is also a prompt of the erased "
+                      f"concept {erased[_norm(caption)]!r}: it is asked to be both erased and kept; remove it from "
+                      "the captions", UserWarning, stacklevel=4)
+
+
 @dataclass(frozen=True)
 class ConceptSet:
     """The concepts to erase, the concepts and captions to preserve, and where they came from."""
@@ -231,10 +308,27 @@ class ConceptSet:
             [(f"preserve_concepts[{i}] ({c.name!r})", c) for i, c in enumerate(self.preserve_concepts)],
             self.source,
         )
+        _warn_contradictions(self)
 
     def names(self) -> list[str]:
         """Names of the concepts to erase, in order."""
         return [c.name for c in self.concepts]
+
+    def locate(self, prompt: str) -> tuple[str, str | None]:
+        """(entry, field) of the set that makes ``prompt``: for an error about that prompt."""
+        for i, c in enumerate(self.concepts):
+            for template, src, tgt in c.prompt_pairs():
+                if prompt in (src, tgt):
+                    field = "templates" if prompt == src else "anchor"
+                    return f"concepts[{i}] ({c.name!r}), template {template!r}", field
+        for i, c in enumerate(self.preserve_concepts):
+            for template, src, _ in c.prompt_pairs():
+                if prompt == src:
+                    return f"preserve.concepts[{i}] ({c.name!r}), template {template!r}", None
+        for i, caption in enumerate(self.preserve_captions):
+            if prompt == caption:
+                return f"preserve.captions[{i}]", None
+        return "a prompt", None
 
     def to_dict(self) -> dict:
         """A JSON-able dict in the YAML/JSON file form (captions inline); from_dict reads it back."""
@@ -498,6 +592,9 @@ def load_concepts(path, *, anchor: str | None = None, templates: list[str] | Non
     if suffix not in SUFFIXES:
         problem = f"unsupported concept file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
         raise ConceptFileError(source, None, None, problem)
+    if path.stat().st_size > MAX_FILE_BYTES:
+        problem = f"the file is {path.stat().st_size:,} bytes; concept files are limited to {MAX_FILE_BYTES:,}"
+        raise ConceptFileError(source, None, None, problem)
     text = _read_text(path, source)
     if not text.strip():
         raise ConceptFileError(source, None, None, "the file is empty: no concepts to erase")
@@ -508,7 +605,7 @@ def load_concepts(path, *, anchor: str | None = None, templates: list[str] | Non
         load = _load_txt if suffix == ".txt" else _load_csv
         return load(text, source, d_anchor, d_templates)
     try:
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if suffix == ".json" else load_yaml(text, source)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConceptFileError(source, None, None, f"invalid {'JSON' if suffix == '.json' else 'YAML'}: {err}") from None
     if data is None:

@@ -23,8 +23,10 @@ complete one); only rank 0 writes the outputs (``engine.api.Result.save``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -121,6 +123,37 @@ def deepspeed_config(batch_size: int, zero_stage: int, bf16: bool) -> dict:
     }
 
 
+def _checkpoint_globals() -> list:
+    """The classes besides tensors and plain containers that DeepSpeed's checkpoints hold."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    found = [LossScaler, fragment_address]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        found.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """While open, torch.load reads weights-only whatever its caller asks. DeepSpeed's checkpoint
+    engine unpickles the files of a checkpoint folder with weights_only off, which would
+    run any code a crafted file holds; weights-only unpickling builds only tensors, containers and
+    the allow-listed DeepSpeed classes (their data set, none of their code run)."""
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    with torch.serialization.safe_globals(_checkpoint_globals()), mock.patch.object(torch, "load", load):
+        yield
+
+
 class EngineAsUNet:
     """The DeepSpeed engine seen by the objectives as the UNet they call. Floating-point inputs
     but the timestep are cast to the module's dtype (bf16 under DeepSpeed's bf16 mode, where no
@@ -173,10 +206,12 @@ class DeepSpeedTrainer:
         self.engine.save_checkpoint(str(folder / CHECKPOINT_SUBDIR), tag=f"step{step:08d}", client_state=client_state)
 
     def load(self, folder: Path) -> dict | None:
-        """The client state of the last complete checkpoint, after loading it; None if there is none."""
+        """The client state of the last complete checkpoint, after loading it (weights-only: see
+        ``weights_only_loads``); None if there is none."""
         if not (folder / CHECKPOINT_SUBDIR / "latest").is_file():
             return None
-        path, client_state = self.engine.load_checkpoint(str(folder / CHECKPOINT_SUBDIR))
+        with weights_only_loads():
+            path, client_state = self.engine.load_checkpoint(str(folder / CHECKPOINT_SUBDIR))
         if path is None:
             raise RuntimeError(f"could not load the DeepSpeed checkpoint in {folder / CHECKPOINT_SUBDIR}")
         return client_state

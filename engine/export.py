@@ -7,19 +7,26 @@ An output folder holds
     lora/pytorch_lora_weights.safetensors         optional; `pipe.load_lora_weights(OUT / "lora")`
     manifest.json                                 what was run, on what, with which versions
 
-It is written into a hidden temporary sibling folder and renamed into place at the end, so an
-interrupted run leaves either the complete folder or nothing.
+It is written into a hidden temporary sibling folder (``.OUT.tmp-<pid>-<random>``) and renamed
+into place at the end, so an interrupted run leaves either the complete folder or nothing. The
+output path is locked (``fcntl.flock`` on ``.OUT.lock`` beside it) from ``reserve_output`` (before
+any work) until the rename: a second run on the same path is refused at once, and an existing
+folder is only ever replaced with ``overwrite=True``. Temporary folders left by a killed process
+are removed by the next run on that path.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import re
+import secrets
 import shutil
-import tempfile
+import sys
 import warnings
 from contextlib import contextmanager
 from importlib import metadata
@@ -80,47 +87,114 @@ def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of the tensors holding a NaN or an inf. One float64 sum per tensor (NaN and inf
+    propagate through it, and float64 cannot overflow on float32 or narrower values), stacked
+    per device so that a GPU is synchronised once: no per-element mask is allocated."""
+    by_device: dict[torch.device, list[str]] = {}
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append(key)
+    bad = []
+    for keys in by_device.values():
+        sums = torch.stack([tensors[k].detach().sum(dtype=torch.float64) for k in keys])
+        finite = torch.isfinite(sums).cpu().tolist()
+        bad += [k for k, ok in zip(keys, finite) if not ok]
+    return bad
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str, consequence: str = "nothing written") -> None:
+    bad = non_finite(tensors)
     if bad:
-        raise FloatingPointError(f"{what} contains NaN or inf in {len(bad)} tensor(s), e.g. {bad[0]}; nothing written")
+        raise FloatingPointError(f"{what} contains NaN or inf in {len(bad)} tensor(s), e.g. {bad[0]}; {consequence}")
 
 
 # --------------------------------------------------------------------------- delta
 
 
 def save_delta(path: str | os.PathLike, changed: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> None:
-    """Write the edited tensors with the fingerprint of the weights they replace."""
+    """Write the edited tensors with the fingerprint of the weights they replace and their own."""
     check_finite(changed, "delta")
-    meta = {"format": DELTA_FORMAT, "component": "unet", "base_fingerprint": tensors_fingerprint(original)}
     # copy=True: the edited matrices may be views of one stacked buffer, which safetensors refuses.
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in changed.items()}, str(path), metadata=meta)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in changed.items()}
+    meta = {"format": DELTA_FORMAT, "component": "unet", "base_fingerprint": tensors_fingerprint(original),
+            "delta_fingerprint": tensors_fingerprint(tensors)}
+    save_file(tensors, str(path), metadata=meta)
 
 
-def apply_delta(pipe, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Copy a delta's tensors into `pipe.unet`. Every key and shape is checked before any write.
+# A delta changes weights by a fraction of their size; one that changes a tensor by more than this
+# many times its norm (or zeroes it) is damaged or hostile, whatever its checksum says.
+MAX_RELATIVE_CHANGE = 100.0
 
-    Returns the replaced (original) tensors. Warns when the base weights differ from those the
-    delta was made from: the edit is then applied to a different model than it was solved for.
-    """
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; a truncated or malformed file is a ValueError
+    that names it (safetensors' own error is not)."""
+    from safetensors import SafetensorError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"delta file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != DELTA_FORMAT:
-            raise ValueError(f"{path}: not an erasure-engine delta (format {meta.get('format')!r})")
-        delta = {k: f.get_tensor(k) for k in f.keys()}
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{what} {path} is not a readable .safetensors file (truncated or corrupt?): {err}") from None
+
+
+def apply_delta(pipe, path: str | os.PathLike, force: bool = False) -> dict[str, torch.Tensor]:
+    """Copy a delta's tensors into `pipe.unet`. Everything is checked before any write: keys and
+    shapes, finite values, the delta's own checksum, the sha256 that a manifest.json beside it
+    lists for it, that it was made from these base weights, and that no tensor is zeroed or
+    changed by more than MAX_RELATIVE_CHANGE times its norm. ``force=True`` applies a delta made
+    for other base weights, without a checksum, or with an implausible change, with a warning
+    for each; a checksum that does not match is always refused (the file is not what was written).
+
+    Returns the replaced (original) tensors.
+    """
+    path = Path(path)
+    delta, meta = read_safetensors(path, "delta file")
+    if meta.get("format") != DELTA_FORMAT:
+        raise ValueError(f"{path}: not an erasure-engine delta (format {meta.get('format')!r})")
+
+    def refuse(problem: str) -> None:
+        if not force:
+            raise ValueError(f"{path}: {problem}; refusing to apply it (--force / force=True applies it anyway)")
+        warnings.warn(f"{path}: {problem}; applying it anyway because of --force", RuntimeWarning, stacklevel=3)
+
+    manifest = path.parent / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text()).get("outputs", {}).get(path.name)
+        except (ValueError, AttributeError):
+            listed = None
+        if listed is not None and listed != sha256_file(path):
+            raise ValueError(f"{path}: its sha256 differs from the one {manifest} lists: the file was changed "
+                             "after it was written; refusing it")
+    if "delta_fingerprint" not in meta:
+        refuse("the delta has no checksum (delta_fingerprint) to verify it by")
+    elif tensors_fingerprint(delta) != meta["delta_fingerprint"]:
+        raise ValueError(f"{path}: the tensors do not match the checksum stored with them: the file was changed "
+                         "or damaged after it was written; refusing it")
     params = dict(pipe.unet.named_parameters())
     for key, value in delta.items():
         if key not in params:
             raise ValueError(f"{path}: tensor {key!r} does not exist in this model's UNet")
         if tuple(params[key].shape) != tuple(value.shape):
             raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model's is {tuple(params[key].shape)}")
-    check_finite(delta, str(path))
+    check_finite(delta, str(path), "nothing applied")
     original = {k: params[k].detach().clone() for k in delta}
     if tensors_fingerprint(original) != meta.get("base_fingerprint"):
-        warnings.warn(f"{path} was made from different base weights; applying it anyway", RuntimeWarning, stacklevel=2)
+        refuse("it was made from different base weights than this model's (fingerprint mismatch)")
+    for key, value in delta.items():
+        before, after = original[key].detach().cpu().double(), value.double()
+        norm = float(before.norm())
+        if norm > 0 and float(after.norm()) == 0:
+            refuse(f"tensor {key!r} would be zeroed")
+            break
+        if norm > 0 and float((after - before).norm()) > MAX_RELATIVE_CHANGE * norm:
+            refuse(f"tensor {key!r} would change by {float((after - before).norm()) / norm:.3g} times its norm")
+            break
     with torch.no_grad():
         for key, value in delta.items():
             params[key].copy_(value.to(params[key].dtype))
@@ -172,24 +246,151 @@ def lora_from_delta(
 # --------------------------------------------------------------------------- atomic folder
 
 
+_HELD: dict[Path, int] = {}  # output paths this process has locked -> nesting depth
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporary folders of `out` whose process is gone (a run killed while saving).
+    Called with the lock held, so no live run is writing any of them."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(.+)")
+    for tmp in out.parent.iterdir():
+        match = pattern.fullmatch(tmp.name)
+        if not match or not tmp.is_dir():
+            continue
+        owner = match.group(2).split("-")[0]
+        if owner.isdigit() and (int(owner) == os.getpid() or _pid_running(int(owner))):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        who = f"process {owner}, no longer running" if owner.isdigit() else "an interrupted run"
+        print(f"erasure: removed {tmp}, a temporary folder left by {who}", file=sys.stderr)
+
+
+def check_writable_parent(out: str | os.PathLike) -> None:
+    """Check that the output path `out` can be created: its nearest existing ancestor is a folder
+    in which a folder can be made (nothing is left behind). A read-only destination is found
+    before any work, not after."""
+    out = Path(os.path.abspath(out))
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        probe = parent / f".{out.name}.probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise PermissionError(f"cannot write the output {out}: {err.strerror} in {parent}; "
+                              "choose an --out in a folder you can write to") from None
+
+
 @contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder that becomes `out_dir` only if the block finishes."""
-    out = Path(out_dir)
+def output_lock(out_dir: str | os.PathLike):
+    """Hold an exclusive lock on the output path `out_dir` (``.OUT.lock`` beside it) while open;
+    re-entrant within a process. Refuses at once (FileExistsError) if another process holds it.
+    On entry, temporary folders of `out_dir` left by killed processes are removed."""
+    out = Path(os.path.abspath(out_dir))
+    if out in _HELD:
+        _HELD[out] += 1
+        try:
+            yield
+        finally:
+            _HELD[out] -= 1
+        return
+    check_writable_parent(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise FileExistsError(f"{out} is being written by another run (process {owner}; lock {lock}); "
+                                  "wait for it to finish or choose another --out") from None
+        try:  # the previous holder may have removed the file between our open and our lock
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[out] = 1
+    try:
+        _remove_stale_temporaries(out)
+        yield
+    finally:
+        del _HELD[out]
+        try:
+            os.unlink(lock)  # while still locked: a waiting run then sees a new inode and retries
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path exists and is not a folder: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder is not empty: {out} (choose another --out, or remove it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+@contextmanager
+def reserve_output(out_dir: str | os.PathLike, overwrite: bool = False):
+    """Lock the output path and check it can be written (absent or empty unless `overwrite`, in
+    a writable folder) BEFORE any work; the `atomic_output_dir` opened inside reuses the lock."""
+    with output_lock(out_dir):
+        _check_target(Path(out_dir), overwrite)
+        yield
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder that becomes `out_dir` only if the block finishes. The path is
+    locked meanwhile; an existing folder is replaced only with `overwrite=True`."""
+    out = Path(out_dir)
+    with output_lock(out):
+        _check_target(out, overwrite)
+        # mkdir (not mkdtemp, which makes it 0700): the output's mode follows the umask.
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _move_into_place(tmp, out, overwrite)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if overwrite and out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        os.rename(tmp, out)  # replaces an empty folder at most; a non-empty one makes it fail
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        kept = out.parent / f"{out.name}.unsaved-{os.getpid()}"
+        os.rename(tmp, kept)
+        raise FileExistsError(f"{out} was filled by something else while this run worked; it was left as it is "
+                              f"and this run's result is in {kept}") from None
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

@@ -33,9 +33,12 @@ delta is then exactly rank r per layer and ``export_lora`` writes it losslessly)
 IP-Adapter's own weights are never trained.
 
 Checkpoints: every ``checkpoint_every`` steps the trained tensors, the optimizer state, the RNG
-states and the step are written atomically to ``checkpoint_dir``; ``resume=True`` continues from
-the last one exactly as if the run had not stopped (the trajectory cache is rebuilt
-deterministically from the seed, or read back from the checkpoint folder).
+states and the step are written to ``checkpoint_dir`` as safetensors and JSON (never a pickle), in
+a folder per step (``stepNNNNNNNN/``) that ``latest`` names once it is complete; ``resume=True``
+continues from the last one exactly as if the run had not stopped (the trajectory cache is
+rebuilt deterministically from the seed, or read back from the checkpoint folder). Checkpoints
+and caches carry the run's signature (method, settings, concepts and the fingerprint of the
+model's weights) and are refused, naming what differs, by a run with another one.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +64,12 @@ PARAM_SETS = ("xattn", "noxattn", "full", "selfattn-q", "lora")
 LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # ESD-x's layers
 XT_SOURCES = ("cached", "on-policy")
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
-CHECKPOINT_NAME = "checkpoint.pt"
-CACHE_NAME = "trajectories.pt"
+LATEST_NAME = "latest"  # names the newest complete checkpoint folder (stepNNNNNNNN)
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+CACHE_NAME = "trajectories.safetensors"
+CHECKPOINT_FORMAT = "erasure-engine/checkpoint-v2"
+LEGACY_NAMES = ("checkpoint.pt", "trajectories.pt")  # pickles of older versions: never loaded
 
 
 @dataclass(frozen=True)
@@ -647,6 +656,9 @@ def _load_ip_adapter(pipe, path: str | None) -> None:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"IP-Adapter file not found: {file}")
+    if file.suffix.lower() != ".safetensors":
+        raise ValueError(f"IP-Adapter {file}: only .safetensors files are loaded (other formats are pickles, which "
+                         "can run code); convert it")
     if getattr(pipe, "image_encoder", None) is None:
         raise ValueError("the pipeline has no image_encoder for the IP-Adapter (save one in its image_encoder/ folder)")
     try:
@@ -821,20 +833,68 @@ IMAGE_METHODS = ("co-erasing", "bi-erasing")
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _encode(obj, tensors: dict[str, torch.Tensor]):
+    """A JSON-able form of nested dicts / lists / tuples / numbers / strings / tensors (an
+    optimizer's state_dict, RNG states); tensors go into ``tensors`` and are named in the JSON."""
+    if isinstance(obj, torch.Tensor):
+        name = f"state.{len(tensors)}"
+        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"tensor": name}
+    if isinstance(obj, dict):
+        return {"dict": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"tuple" if isinstance(obj, tuple) else "list": [_encode(v, tensors) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"a checkpoint cannot hold a {type(obj).__name__}")
+
+
+def _decode(obj, tensors: dict[str, torch.Tensor]):
+    if not isinstance(obj, dict):
+        return obj
+    (kind, value), = obj.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
+    items = [_decode(v, tensors) for v in value]
+    return tuple(items) if kind == "tuple" else items
+
+
 def _save_checkpoint(folder: Path, step: int, trained: dict, opt, rng_state: dict, signature: dict) -> None:
+    """Write the step's folder completely, then point ``latest`` at it, then drop older ones."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CHECKPOINT_NAME + ".tmp")
-    torch.save({"step": step, "trained": {k: p.detach().cpu().clone() for k, p in trained.items()},
-                "optimizer": opt.state_dict(), "rng": rng_state, "signature": signature}, tmp)
-    os.replace(tmp, folder / CHECKPOINT_NAME)
+    tag = f"step{step:08d}"
+    tensors = {f"trained.{k}": p.detach().to("cpu", copy=True).contiguous() for k, p in trained.items()}
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "signature": signature, "trained": list(trained),
+             "optimizer": _encode(opt.state_dict(), tensors), "rng": _encode(rng_state, tensors)}
+    tmp = folder / f".{tag}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    (tmp / STATE_JSON).write_text(json.dumps(state))
+    shutil.rmtree(folder / tag, ignore_errors=True)
+    os.replace(tmp, folder / tag)
+    (folder / (LATEST_NAME + ".tmp")).write_text(tag)
+    os.replace(folder / (LATEST_NAME + ".tmp"), folder / LATEST_NAME)
+    for old in [*folder.glob("step*"), *folder.glob(".step*.tmp-*")]:  # the folder is this run's (locked)
+        if old.name != tag and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def run_signature(method: str, cfg: FinetuneConfig, concepts: ConceptSet, **extra) -> dict:
-    """What a checkpoint must match to be resumed: method, settings (but progress and checkpoint
-    cadence), concepts and ``extra``."""
-    return {"method": method,
-            "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "checkpoint_every")},
-            "concepts": concepts.to_dict(), **extra}
+def run_signature(method: str, cfg: FinetuneConfig, concepts: ConceptSet, model: str, **extra) -> dict:
+    """What a checkpoint or cache must match to be used: method, settings (but progress and
+    checkpoint cadence), concepts, the fingerprint of the model's weights (``model``; see
+    ``engine.models.weights_fingerprint``) and ``extra``. In its JSON form, as stored."""
+    from engine.export import sha256_file
+
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "checkpoint_every")}
+    if cfg.ip_adapter is not None and Path(cfg.ip_adapter).is_file():
+        extra["ip_adapter_sha256"] = sha256_file(cfg.ip_adapter)
+    signature = {"method": method, "config": config, "concepts": concepts.to_dict(), "model": model, **extra}
+    return json.loads(json.dumps(signature))
 
 
 def restore_checkpoint(state: dict, trained: dict[str, torch.nn.Parameter], opt) -> int:
@@ -861,27 +921,77 @@ def track_loss(losses: list[float], value: float, step: int, bar) -> None:
     bar.update()
 
 
-def _check_signature(folder: Path, found: dict, signature: dict) -> None:
-    if found != signature:
-        changed = sorted(k for k in signature if found.get(k) != signature[k])
-        raise ValueError(f"the checkpoint in {folder} belongs to another run (different {', '.join(changed)}); "
-                         "use another checkpoint folder or drop --resume")
+def _check_signature(what: str, found, signature: dict) -> None:
+    """Refuse a checkpoint or cache of another run, naming what differs."""
+    if found == signature:
+        return
+    if not isinstance(found, dict):
+        raise ValueError(f"{what} carries no run signature; use another checkpoint folder or drop --resume")
+    changed = []
+    for key in signature:
+        if key == "config" and isinstance(found.get(key), dict):
+            fields = [k for k in signature[key] if found[key].get(k) != signature[key][k]]
+            changed += [f"setting {k} ({found[key].get(k)!r} there, {signature[key][k]!r} now)" for k in fields]
+        elif found.get(key) != signature[key]:
+            changed.append({"model": "model weights", "concepts": "concepts"}.get(key, key))
+    raise ValueError(f"{what} belongs to another run (different {', '.join(changed) or 'signature'}); "
+                     "use another checkpoint folder or drop --resume")
+
+
+def refuse_legacy(folder: Path) -> None:
+    """Refuse a checkpoint folder holding an older version's pickles: unpickling can run code."""
+    old = [name for name in LEGACY_NAMES if (folder / name).exists()]
+    if old:
+        raise ValueError(f"{folder} holds {' and '.join(old)}, a checkpoint in the old pickle format, which is never "
+                         "loaded (unpickling a file can run code); delete it and start without --resume")
 
 
 def _load_checkpoint(folder: Path, signature: dict) -> dict | None:
-    path = folder / CHECKPOINT_NAME
-    if not path.is_file():
+    """The last complete checkpoint in ``folder`` (tensors via safetensors, the rest JSON), after
+    checking it belongs to this run; None if there is none."""
+    from engine.export import read_safetensors
+
+    refuse_legacy(folder)
+    latest = folder / LATEST_NAME
+    if not latest.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    _check_signature(folder, state["signature"], signature)
+    where = folder / latest.read_text().strip()
+    try:
+        state = json.loads((where / STATE_JSON).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the checkpoint {where} is unreadable ({err}); delete {folder} or drop --resume") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{where / STATE_JSON} is not an erasure-engine checkpoint ({CHECKPOINT_FORMAT})")
+    _check_signature(f"the checkpoint in {folder}", state.get("signature"), signature)
+    tensors, _ = read_safetensors(where / STATE_TENSORS, "checkpoint tensors")
+    state["trained"] = {k: tensors[f"trained.{k}"] for k in state["trained"]}
+    state["optimizer"] = _decode(state["optimizer"], tensors)
+    state["rng"] = _decode(state["rng"], tensors)
     return state
 
 
-def _save_cache(folder: Path, cache: dict) -> None:
+def _save_cache(folder: Path, cache: dict, signature: dict) -> None:
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CACHE_NAME + ".tmp")
-    torch.save(cache, tmp)
+    tmp = folder / f".{CACHE_NAME}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in cache.items()}, str(tmp), metadata={"signature": json.dumps(signature)})
     os.replace(tmp, folder / CACHE_NAME)
+
+
+def _load_cache(folder: Path, signature: dict) -> dict | None:
+    """The targets cached by an earlier start of this run (refused if it was another run's)."""
+    from engine.export import read_safetensors
+
+    if not (folder / CACHE_NAME).is_file():
+        return None
+    cache, meta = read_safetensors(folder / CACHE_NAME, "target cache")
+    try:
+        found = json.loads(meta.get("signature", "null"))
+    except ValueError:
+        found = None
+    _check_signature(f"the target cache {folder / CACHE_NAME}", found, signature)
+    return cache
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -909,7 +1019,7 @@ class FinetuneRun:
 
 
 def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: str | os.PathLike | None = None,
-             resume: bool = False, method: str = "esd") -> FinetuneRun:
+             resume: bool = False, method: str = "esd", model_fingerprint: str | None = None) -> FinetuneRun:
     """Train ``pipe.unet`` in place to erase ``concepts`` with ``method``: "esd", "co-erasing",
     "bi-erasing" (with an IP-Adapter, removed again afterwards) or "trce" (whose stage-1
     closed-form edit is applied first); see the objectives above.
@@ -919,6 +1029,8 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
     ``cfg.checkpoint_every`` steps; ``resume=True`` continues from its last checkpoint.
     ``cfg.distributed == "deepspeed"``: data-parallel ZeRO training under a launcher
     (``engine.distributed``); every rank calls this function and gets the same result.
+    ``model_fingerprint`` keys the checkpoints to the model (default:
+    ``engine.models.weights_fingerprint(pipe)``, computed when there is a checkpoint folder).
     """
     from engine.models import pipeline_family
 
@@ -931,11 +1043,32 @@ def finetune(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: st
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
     if method != "esd" and cfg.xt_source != "cached":
         raise ValueError(f"{method} takes x_t from cached trajectories; xt_source='{cfg.xt_source}' is ESD's option")
-    with sdxl_conditioning(pipe):
-        return _train(pipe, concepts, cfg, checkpoint_dir, resume, method)
+    with sdxl_conditioning(pipe), checkpoint_lock(checkpoint_dir, cfg):
+        return _train(pipe, concepts, cfg, checkpoint_dir, resume, method, model_fingerprint)
 
 
-def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir, resume: bool, method: str) -> FinetuneRun:
+def checkpoint_lock(checkpoint_dir, cfg: FinetuneConfig):
+    """One run at a time per checkpoint folder: its lock, held by the process that writes it
+    (rank 0 of a distributed run; the launcher sets RANK before the process group exists)."""
+    from engine.export import output_lock
+
+    if checkpoint_dir is None or (cfg.distributed != "none" and os.environ.get("RANK", "0") != "0"):
+        return contextlib.nullcontext()
+    return output_lock(checkpoint_dir)
+
+
+def checkpoint_signature(pipe, method: str, cfg: FinetuneConfig, concepts: ConceptSet, folder: Path | None,
+                         model_fingerprint: str | None, **extra) -> dict | None:
+    """The run signature of a run that checkpoints into ``folder`` (None without one)."""
+    from engine.models import weights_fingerprint
+
+    if folder is None:
+        return None
+    return run_signature(method, cfg, concepts, model_fingerprint or weights_fingerprint(pipe), **extra)
+
+
+def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir, resume: bool, method: str,
+           model_fingerprint: str | None) -> FinetuneRun:
     deepspeed = cfg.distributed == "deepspeed"
     if deepspeed:
         from engine import distributed
@@ -947,11 +1080,12 @@ def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir, resu
         pipe.to(device)
     main = not deepspeed or distributed.is_main()
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    signature = run_signature(method, cfg, concepts, ranks=distributed.world_size() if deepspeed else 1)
+    signature = checkpoint_signature(pipe, method, cfg, concepts, folder, model_fingerprint,
+                                     ranks=distributed.world_size() if deepspeed else 1)
+    if resume:
+        refuse_legacy(folder)
     state = _load_checkpoint(folder, signature) if resume and not deepspeed else None
-    cache = None
-    if resume and (folder / CACHE_NAME).is_file():
-        cache = torch.load(folder / CACHE_NAME, map_location="cpu", weights_only=True)
+    cache = _load_cache(folder, signature) if resume else None
 
     start = time.perf_counter()
     objective = OBJECTIVES[method](pipe, concepts, cfg, cache)
@@ -959,7 +1093,7 @@ def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir, resu
         objective.part = part
     timings = {"targets": time.perf_counter() - start}
     if main and folder is not None and cfg.checkpoint_every and cache is None and objective.cache is not None:
-        _save_cache(folder, objective.cache)
+        _save_cache(folder, objective.cache, signature)
 
     unet = pipe.unet
     unet.requires_grad_(False)
@@ -983,7 +1117,7 @@ def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir, resu
 
         client = trainer.load(folder) if resume else None
         if client is not None:
-            _check_signature(folder, client["signature"], signature)
+            _check_signature(f"the DeepSpeed checkpoint in {folder}", client.get("signature"), signature)
             gen.set_state(client["generator"])
             first = client["step"]
     else:

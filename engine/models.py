@@ -3,8 +3,14 @@
 Supported: a diffusers folder (model_index.json) of a StableDiffusionPipeline or
 StableDiffusionXLPipeline; a single original-format `.safetensors` file together with `config=`, a
 local diffusers folder of the same architecture (its configs, tokenizers and scheduler are used);
-and, only with allow_pickle=True, a pickled single file (.ckpt/.pt/.pth/.bin), read with
-torch.load(weights_only=True) so that no code in it is run.
+and, only with allow_pickle=True, pickled weights (a single .ckpt/.pt/.pth/.bin file, or a folder
+whose components hold .bin files), read with torch.load(weights_only=True) so that no code in them
+is run. Without allow_pickle a folder is read from its .safetensors files only, as diffusers does
+by default.
+
+Every loaded pipeline is checked before use (``check_pipeline``): safetensors files whole (not
+truncated, a readable header), every weight finite, and the text encoders' width equal to the
+UNet's cross-attention width. Each failure is a one-line error naming the file or tensor.
 """
 
 from __future__ import annotations
@@ -68,6 +74,46 @@ def _sd_only_kwargs(cls) -> dict:
     return {}
 
 
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a truncated .safetensors file or one with a malformed header, by its size and header
+    alone (nothing is read but the header)."""
+    size = path.stat().st_size
+    problem = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            problem = f"its header is {'missing' if n < 0 else 'malformed'} ({size} bytes in all)"
+        else:
+            try:
+                header = json.loads(f.read(n))
+                end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                problem = f"its header is not valid ({type(err).__name__}: {str(err)[:100]})"
+            else:
+                if 8 + n + end != size:
+                    problem = f"it is {size} bytes long but its header describes {8 + n + end} (truncated?)"
+    if problem:
+        raise ValueError(f"{path} is not a usable .safetensors file: {problem}; re-download or re-save it")
+
+
+def _check_folder_files(folder: Path, allow_pickle: bool) -> None:
+    """A diffusers folder: every .safetensors file whole; pickled weights only with allow_pickle
+    (a component without .safetensors weights would otherwise be unpickled by diffusers)."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [p for p in sub.iterdir() if p.is_file()]
+        for f in files:
+            if f.suffix.lower() == ".safetensors":
+                check_safetensors_file(f)
+        pickled = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+        if pickled and not allow_pickle and not any(f.suffix.lower() == ".safetensors" for f in files):
+            raise ValueError(
+                f"{pickled[0]} is pickled weights, which can run code when loaded; refusing it. Convert the "
+                "folder to .safetensors (save_pretrained(..., safe_serialization=True)); if you trust it pass "
+                "allow_pickle=True (CLI: --allow-pickle), it is then read with torch.load(weights_only=True)"
+            )
+
+
 def _load_pickled_state_dict(path: Path) -> dict:
     """A pickled checkpoint's tensors, unpickled with weights_only=True (no code runs)."""
     try:
@@ -125,9 +171,12 @@ def load_pipeline(
 
     if path.is_dir():
         cls = _pipeline_class_of(path, "model folder")
-        pipe = cls.from_pretrained(
-            str(path), local_files_only=True, **_dtype_kwargs(torch_dtype), **_sd_only_kwargs(cls)
-        )
+        _check_folder_files(path, allow_pickle)
+        with _load_errors(path):
+            pipe = cls.from_pretrained(
+                str(path), local_files_only=True, use_safetensors=None if allow_pickle else True,
+                **_dtype_kwargs(torch_dtype), **_sd_only_kwargs(cls),
+            )
         components_from = path
     else:
         suffix = path.suffix.lower()
@@ -151,14 +200,73 @@ def load_pipeline(
             )
         components_from = Path(config)
         cls = _pipeline_class_of(components_from, "config")  # before reading a multi-GB file
+        if not pickled:
+            check_safetensors_file(path)
         state_dict = _load_pickled_state_dict(path) if pickled else None
-        pipe = _from_single_file(cls, path, components_from, torch_dtype, state_dict)
+        with _load_errors(path):
+            pipe = _from_single_file(cls, path, components_from, torch_dtype, state_dict)
 
     for name in TOKENIZER_NAMES:
         tok = getattr(pipe, name, None)
         if tok is not None:
             check_tokenizer(tok, str(components_from / name))
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    check_pipeline(pipe, str(path))
+    return pipe
+
+
+@contextmanager
+def _load_errors(path: Path):
+    """diffusers' and transformers' loading failures (a missing component, a bad config, a
+    malformed file) as one ValueError naming the model."""
+    from safetensors import SafetensorError
+
+    try:
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+    except ImportError:  # older diffusers raise ValueError for a missing component
+        SingleFileComponentError = ValueError
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, SafetensorError,
+            SingleFileComponentError) as err:
+        text = " ".join(str(err).split())
+        raise ValueError(f"cannot load the model {path}: {type(err).__name__}: "
+                         f"{text[:300] + ' ...' if len(text) > 300 else text}") from err
+
+
+def _text_width(pipe) -> int:
+    return sum(getattr(pipe, name).config.hidden_size for name in TEXT_ENCODER_NAMES if getattr(pipe, name, None))
+
+
+def check_pipeline(pipe, where: str) -> None:
+    """Refuse a pipeline whose text encoders do not fit its UNet, or whose weights hold NaN or
+    inf (one reduction per tensor: see ``engine.export.non_finite``)."""
+    from engine.export import non_finite
+
+    width = pipe.unet.config.cross_attention_dim
+    text = _text_width(pipe)
+    widths = set(width) if isinstance(width, (list, tuple)) else {width}
+    if widths != {text}:
+        names = " + ".join(n for n in TEXT_ENCODER_NAMES if getattr(pipe, n, None))
+        raise ValueError(f"the model {where} does not fit together: its {names} output {text} features, its UNet's "
+                         f"cross-attention takes {width}; use the text encoder of the UNet's model")
+    for name in ("unet", *TEXT_ENCODER_NAMES, "vae"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        bad = non_finite(module.state_dict())
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise FloatingPointError(f"the model {where} has NaN or inf in {name} tensor {bad[0]}{more}: its weights "
+                                     "are damaged; nothing was done")
+
+
+def weights_fingerprint(pipe) -> str:
+    """sha256 over the UNet's tensors and the text encoders' (``text_encoder_fingerprint``): the
+    key of everything a fine-tuning run derives from the model (checkpoints, cached targets)."""
+    from engine.export import tensors_fingerprint
+
+    return hashlib.sha256((tensors_fingerprint(pipe.unet.state_dict()) + text_encoder_fingerprint(pipe)).encode()).hexdigest()
 
 
 def pipeline_family(pipe) -> str:
@@ -192,6 +300,15 @@ def text_encoder_fingerprint(pipe) -> str:
 # --------------------------------------------------------------------------- prompts
 
 
+class PromptTooLongError(ValueError):
+    """A prompt over the text encoder's 77 tokens; ``engine.api`` names the concept it came from."""
+
+    def __init__(self, prompt: str, tokens: int):
+        self.prompt, self.tokens = prompt, tokens
+        shown = prompt if len(prompt) <= 120 else prompt[:100] + "..."
+        super().__init__(f"prompt is {tokens} tokens long, over the {MAX_LENGTH}-token limit: {shown!r}")
+
+
 def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
     """input_ids (N, 77) int64, padded with the tokenizer's pad token; raises on a prompt over 77 tokens.
 
@@ -201,7 +318,7 @@ def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
     rows = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=False).input_ids
     for text, ids in zip(prompts, rows):
         if len(ids) > MAX_LENGTH:
-            raise ValueError(f"prompt is {len(ids)} tokens long, over the {MAX_LENGTH}-token limit: {text!r}")
+            raise PromptTooLongError(text, len(ids))
     return torch.tensor(rows, dtype=torch.int64).reshape(len(prompts), MAX_LENGTH)
 
 

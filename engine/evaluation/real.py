@@ -672,9 +672,12 @@ class ClipScorer:
                 f"{folder} has no config.json: not a transformers CLIP model folder "
                 "(expected config.json, the weights, the tokenizer files and preprocessor_config.json)"
             )
+        if not any(folder.glob("*.safetensors")):
+            raise ValueError(f"{folder} has no .safetensors weights; pickled weights (.bin) are not loaded, as they "
+                             "can run code: convert the model (save_pretrained(..., safe_serialization=True))")
         self.folder = folder
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(self.device).eval()
+        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).to(self.device).eval()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as err:

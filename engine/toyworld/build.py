@@ -387,7 +387,7 @@ class _TextCache:
 def _text_encoder_from_clip(clip_dir: Path):
     from transformers import CLIPModel, CLIPTextModel
 
-    clip = CLIPModel.from_pretrained(clip_dir)
+    clip = CLIPModel.from_pretrained(clip_dir, use_safetensors=True)
     text = CLIPTextModel(clip.config.text_config)
     # transformers 5 flattens CLIPTextModel (no .text_model); its keys are CLIPModel.text_model's.
     text.load_state_dict(clip.text_model.state_dict())
@@ -437,7 +437,7 @@ def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out:
 
     from transformers import CLIPModel
 
-    clip = CLIPModel.from_pretrained(clip_dir)
+    clip = CLIPModel.from_pretrained(clip_dir, use_safetensors=True)
     clip.requires_grad_(False)
     text_encoder = clip.text_model  # trained in place, so clip.save_pretrained keeps the changes
     vision = _vision_encoder_from_clip(clip).requires_grad_(False)
@@ -445,7 +445,7 @@ def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out:
     projection = clip.text_projection
     for module in (*tuned, projection):
         module.requires_grad_(True)
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
     latent_mean, latent_std = _encode_latents(vae, data["images"], progress)
     scaling = vae.config.scaling_factor
     tokenizer, token_cache = build_clip_tokenizer(), {}
@@ -570,8 +570,8 @@ def stage_ip_adapter(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path
 
     text_encoder, clip = _text_encoder_from_clip(clip_dir)
     vision = _vision_encoder_from_clip(clip)
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True).eval()
     unet.requires_grad_(False)
     unet._load_ip_adapter_weights([_initial_ip_adapter(unet, vision.config.projection_dim, cfg.seed + 8)],
                                   low_cpu_mem_usage=False)
@@ -631,10 +631,10 @@ def assemble_pipeline(clip_dir: Path, vae_dir: Path, unet_dir: Path):
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
     )
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae_dir).eval(),
+        vae=AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval(),
         text_encoder=text_encoder,
         tokenizer=build_clip_tokenizer(),
-        unet=UNet2DConditionModel.from_pretrained(unet_dir).eval(),
+        unet=UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True).eval(),
         scheduler=DDIMScheduler(**TOY_SCHEDULER),
         safety_checker=None,
         feature_extractor=feature_extractor,
@@ -677,10 +677,15 @@ def build_world(out_dir: str | os.PathLike, config: BuildConfig | None = None, p
     Rerunning with the same ``out_dir`` and config resumes after the last finished stage; a
     different config is refused (remove ``out_dir/.stages`` to start over).
     """
+    from engine.export import output_lock
+
+    with output_lock(out_dir):  # one build at a time per folder: stages are written in place
+        return _build_world(Path(out_dir), config or BuildConfig(), progress)
+
+
+def _build_world(out: Path, cfg: BuildConfig, progress: bool) -> Path:
     from engine.export import package_versions, sha256_tree, write_json
 
-    cfg = config or BuildConfig()
-    out = Path(out_dir)
     if (out / "world.json").exists():
         raise FileExistsError(f"{out} already holds a toy world; choose another folder or remove it")
     stages = out / ".stages"

@@ -72,7 +72,7 @@ def load_toy_pipeline(path: str | os.PathLike | None = None, ip_adapter: bool = 
     from diffusers import StableDiffusionPipeline
 
     root = world_path(path)
-    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", torch_dtype=None).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", torch_dtype=None, use_safetensors=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     if ip_adapter:
         load_toy_ip_adapter(pipe, root)
