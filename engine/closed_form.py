@@ -40,15 +40,16 @@ import os
 import string
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from engine.concepts import TOKEN_MODES, ConceptSet
+from engine.export import read_safetensors
 from engine.models import encode_prompts, text_encoder_fingerprint, tokenize_prompts
 from engine.tokenizer import MAX_LENGTH
 from kernels import transform_each, weighted_gram
@@ -266,8 +267,11 @@ def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[t
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     path = _cache_dir(config) / f"caption-gram-{key}.safetensors"
     if path.exists():
-        cached = load_file(str(path))
-        return cached["gram"], int(cached["rows"].item())
+        try:
+            cached, _ = read_safetensors(path, "caption Gram cache")
+            return cached["gram"], int(cached["rows"].item())
+        except (ValueError, KeyError) as err:  # a truncated or foreign file: recompute and replace it
+            warnings.warn(f"ignoring an unreadable cache file ({err}); recomputing it", RuntimeWarning, stacklevel=2)
 
     tokenizer = pipe.tokenizer
     eot_id = tokenizer.eos_token_id
@@ -280,10 +284,16 @@ def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[t
     index = torch.arange(table.shape[0], device=table.device)
     ones = torch.ones(table.shape[0], device=table.device)
     gram, _ = weighted_gram(table, table, ones, index, index, out_dtype=GRAM_DTYPES[config.gram_dtype], backend=config.backend)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"gram": gram.contiguous(), "rows": torch.tensor([table.shape[0]])}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"gram": gram.contiguous(), "rows": torch.tensor([table.shape[0]])}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as err:  # a cache is an optimisation: an unwritable folder must not fail the edit
+        with suppress(OSError):
+            tmp.unlink()
+        warnings.warn(f"cannot write the caption Gram cache in {path.parent} ({err.strerror}); continuing "
+                      "without it (set cache_dir or $ERASURE_CACHE to a writable folder)", RuntimeWarning, stacklevel=2)
     return gram, table.shape[0]
 
 

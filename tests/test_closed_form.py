@@ -263,3 +263,21 @@ def test_fit_report_matches_a_direct_per_layer_computation(tiny_sd_dir, tmp_path
     assert edit.rows["caption"] == len(caption_rows)
     assert edit.preserve_drift == pytest.approx(rel(p, p, after, before), rel=1e-3)
     assert edit.preserve_drift > 0
+
+
+def test_a_broken_or_unwritable_caption_cache_is_only_a_warning(tiny_sd_dir, tmp_path):
+    pipe = load_pipeline(tiny_sd_dir)
+    captions = ["a dog on a beach", "a bowl of fruit"]
+    cfg = METHODS["uce-plus"].replace(cache_dir=str(tmp_path / "cache"), progress=False)
+    gram, rows = caption_gram(pipe, captions, cfg)
+    (cached,) = (tmp_path / "cache").glob("caption-gram-*.safetensors")
+    cached.write_bytes(cached.read_bytes()[:40])  # truncated, e.g. by a full disk
+    with pytest.warns(RuntimeWarning, match="unreadable cache"):
+        again, rows_again = caption_gram(pipe, captions, cfg)
+    assert torch.equal(again, gram) and rows_again == rows
+    caption_gram(pipe, captions, cfg)  # the recomputed file replaced the broken one
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.warns(RuntimeWarning, match="cannot write the caption Gram cache"):
+        third, _ = caption_gram(pipe, captions, cfg.replace(cache_dir=str(blocked / "sub")))
+    assert torch.equal(third, gram)
