@@ -459,8 +459,8 @@ def apply_transform(kv: list[tuple[str, torch.nn.Linear]], T: torch.Tensor, back
     weights = [m.weight.detach() for _, m in kv]
     if weights[0].dtype == torch.float64:  # an exact model (reference runs): the kernels take fp32/16/bf16
         edited = [w @ T.to(w.device) for w in weights]
-    else:
-        edited = transform_each(weights, T.to(weights[0].device), backend=backend)
+    else:  # the kernels multiply by an fp32 transform: round it once, not once per matrix
+        edited = transform_each(weights, T.to(weights[0].device, torch.float32), backend=backend)
     # One reduction per matrix instead of a boolean mask: any NaN/inf makes the sum non-finite,
     # and finite weights cannot sum past fp32's range.
     if not all(torch.isfinite(e.float().sum()) for e in edited):
