@@ -1,4 +1,9 @@
-# Metadata lives in pyproject.toml; this file lets older tools run `python setup.py develop`.
-from setuptools import setup
+# Metadata lives in pyproject.toml. The package list lives here because the Triton kernels
+# sit in the top-level kernels/ folder but install as `engine.kernels`: no import name of this
+# project shadows Hugging Face's published `kernels` package.
+from setuptools import find_packages, setup
 
-setup()
+setup(
+    packages=find_packages(include=["engine", "engine.*"]) + ["engine.kernels"],
+    package_dir={"engine.kernels": "kernels"},
+)

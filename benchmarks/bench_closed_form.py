@@ -57,7 +57,7 @@ from engine.concepts import concepts_from_names  # noqa: E402
 from engine.export import package_versions, write_json  # noqa: E402
 from engine.models import encode_prompts  # noqa: E402
 from engine.tiny import ARCHS, build_pipeline, text_encoder_configs  # noqa: E402
-from kernels._dispatch import BACKENDS  # noqa: E402
+from engine.kernels._dispatch import BACKENDS  # noqa: E402
 
 CAPTIONS = [line.strip() for line in (ROOT / "examples" / "captions.txt").read_text().splitlines() if line.strip()]
 

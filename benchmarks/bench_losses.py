@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_closed_form import report_header, write_report  # noqa: E402
-from kernels import contrastive_hinge, guidance_loss  # noqa: E402
-from kernels._dispatch import triton_can_run  # noqa: E402
+from engine.kernels import contrastive_hinge, guidance_loss  # noqa: E402
+from engine.kernels._dispatch import triton_can_run  # noqa: E402
 
 SHAPES = {"sd15": 4 * 64 * 64, "sdxl": 4 * 128 * 128}
 

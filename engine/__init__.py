@@ -17,10 +17,6 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-# bitsandbytes' CPU backend probes Hugging Face's `kernels` package at import; this project's
-# top-level `kernels` package answers instead and the probe logs a failure that means nothing
-# here (the probed 4-bit CPU kernel is optional and unused).
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("kernels-community"))
 # DeepSpeed, imported by transformers whenever it is installed, warns on machines without a GPU.
 logging.getLogger("DeepSpeed").addFilter(_DropMessage("Setting accelerator to CPU"))
 

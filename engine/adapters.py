@@ -46,7 +46,7 @@ from engine.finetune import (
     unwrap_lora_targets,
     wrap_lora_targets,
 )
-from kernels import guidance_loss
+from engine.kernels import guidance_loss
 
 ADAPTER_DIR = "adapters"
 INDEX_NAME = "index.json"

@@ -52,7 +52,7 @@ from engine.concepts import TOKEN_MODES, ConceptSet
 from engine.export import read_safetensors
 from engine.models import encode_prompts, text_encoder_fingerprint, tokenize_prompts
 from engine.tokenizer import MAX_LENGTH
-from kernels import transform_each, weighted_gram
+from engine.kernels import transform_each, weighted_gram
 
 # The solve multiplies the Gram's relative rounding error by its condition number (2e5 to 8e7 for
 # 1 to 1000 concepts on SD1.5-size encoders in benchmarks/bench_closed_form.py), where fp32 sums

@@ -58,7 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
-from kernels import contrastive_hinge, guidance_loss
+from engine.kernels import contrastive_hinge, guidance_loss
 
 PARAM_SETS = ("xattn", "noxattn", "full", "selfattn-q", "lora")
 LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # ESD-x's layers

@@ -6,10 +6,10 @@ The entry points pick Triton where it can run (CUDA tensors, or CPU tensors unde
 `TRITON_INTERPRET=1`) and the reference otherwise; `backend=` forces either.
 """
 
-from kernels.contrastive_hinge import contrastive_hinge, contrastive_hinge_reference
-from kernels.gram import weighted_gram, weighted_gram_reference
-from kernels.guidance_loss import guidance_loss, guidance_loss_reference, guidance_target
-from kernels.kv_update import stacked_transform, stacked_transform_reference, transform_each
+from .contrastive_hinge import contrastive_hinge, contrastive_hinge_reference
+from .gram import weighted_gram, weighted_gram_reference
+from .guidance_loss import guidance_loss, guidance_loss_reference, guidance_target
+from .kv_update import stacked_transform, stacked_transform_reference, transform_each
 
 __all__ = [
     "contrastive_hinge",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import triton_importable, use_triton
+from ._dispatch import triton_importable, use_triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

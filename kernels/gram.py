@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import triton_importable, use_triton
+from ._dispatch import triton_importable, use_triton
 
 _TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

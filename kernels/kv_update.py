@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import triton_importable, use_triton
+from ._dispatch import triton_importable, use_triton
 
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRANSFORM_DTYPES = (torch.float32, torch.float64)

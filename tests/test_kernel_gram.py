@@ -1,11 +1,11 @@
-"""kernels.gram.weighted_gram: the Triton path (the interpreter on CPU) against the torch reference."""
+"""engine.kernels.gram.weighted_gram: the Triton path (the interpreter on CPU) against the torch reference."""
 
 import pytest
 import torch
 
-import kernels._dispatch as dispatch
-import kernels.gram as gram
-from kernels import weighted_gram, weighted_gram_reference
+import engine.kernels._dispatch as dispatch
+import engine.kernels.gram as gram
+from engine.kernels import weighted_gram, weighted_gram_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,11 +1,11 @@
-"""kernels.kv_update.stacked_transform: the Triton path (interpreter on CPU) against the torch reference."""
+"""engine.kernels.kv_update.stacked_transform: the Triton path (interpreter on CPU) against the torch reference."""
 
 import pytest
 import torch
 
-import kernels._dispatch as dispatch
-import kernels.kv_update as kv_update
-from kernels import stacked_transform, stacked_transform_reference
+import engine.kernels._dispatch as dispatch
+import engine.kernels.kv_update as kv_update
+from engine.kernels import stacked_transform, stacked_transform_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,12 +1,12 @@
-"""kernels.guidance_loss and kernels.contrastive_hinge: Triton (interpreter on CPU) against the
+"""engine.kernels.guidance_loss and kernels.contrastive_hinge: Triton (interpreter on CPU) against the
 torch references and against direct formulas, forward and gradients, on fresh random inputs."""
 
 import pytest
 import torch
 
-import kernels._dispatch as dispatch
-from kernels.contrastive_hinge import contrastive_hinge, contrastive_hinge_reference
-from kernels.guidance_loss import guidance_loss, guidance_loss_reference
+import engine.kernels._dispatch as dispatch
+from engine.kernels.contrastive_hinge import contrastive_hinge, contrastive_hinge_reference
+from engine.kernels.guidance_loss import guidance_loss, guidance_loss_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

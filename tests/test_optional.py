@@ -21,3 +21,14 @@ def test_present_module_is_returned():
     import json
 
     assert require("json") is json
+
+
+def test_kernels_install_under_the_engine_namespace(tmp_path):
+    """The only top-level import name is `engine`: the kernels/ folder must not shadow Hugging
+    Face's `kernels` package (transformers and bitsandbytes probe for it)."""
+    import subprocess
+
+    code = "import importlib.util, engine.kernels as k; s = importlib.util.find_spec('kernels'); print(k.weighted_gram.__module__, s and s.origin)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "engine.kernels.gram"
+    assert out[1] == "None" or "site-packages" in out[1]  # absent, or the published package
