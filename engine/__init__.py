@@ -20,9 +20,10 @@ class _DropMessage(logging.Filter):
 # DeepSpeed, imported by transformers whenever it is installed, warns on machines without a GPU.
 logging.getLogger("DeepSpeed").addFilter(_DropMessage("Setting accelerator to CPU"))
 
-from engine.adapters import load_concept_adapters
 from engine.api import Result, apply_delta, erase, erase_with_adapters, method_config
-from engine.closed_form import METHODS, ClosedFormConfig
+from engine.closed_form import ClosedFormConfig
+from engine.finetune.adapters import load_concept_adapters
+from engine.methods import Method, available_methods, get_method, register_method
 from engine.concepts import Concept, ConceptFileError, ConceptSet, concepts_from_names, load_concepts
 from engine.models import load_pipeline
 
@@ -35,7 +36,10 @@ __all__ = [
     "apply_delta",
     "method_config",
     "Result",
-    "METHODS",
+    "Method",
+    "available_methods",
+    "get_method",
+    "register_method",
     "ClosedFormConfig",
     "Concept",
     "ConceptSet",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.closed_form import METHODS, ClosedFormEdit, closed_form_edit, cross_attention_kv
+from engine.closed_form import ClosedFormEdit
 from engine.concepts import ConceptFileError, ConceptSet, concepts_from_names, load_concepts
 from engine.export import (
     DELTA_NAME,
@@ -40,7 +40,8 @@ from engine.export import (
     write_json,
 )
 from engine.export import apply_delta as _apply_delta_to_pipe
-from engine.finetune import FINETUNE_METHODS, IMAGE_METHODS, FinetuneConfig, finetune, trainable_parameters
+from engine.finetune.params import trainable_parameters
+from engine.methods import DEFAULT_METHOD, get_method, training_summary
 from engine.models import PromptTooLongError, check_pipeline, load_pipeline, text_encoder_fingerprint
 
 
@@ -122,12 +123,10 @@ def _resolve_concepts(concepts, anchor, templates) -> tuple[ConceptSet, str | No
 
 
 def method_config(method: str, config=None, **overrides):
-    """The named method's published defaults, then `config` (a dict or config), then overrides:
-    a ClosedFormConfig for closed-form methods, a FinetuneConfig for fine-tuning ones."""
-    defaults = {**METHODS, **FINETUNE_METHODS}
-    if method not in defaults:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(defaults))}")
-    base = defaults[method]
+    """The named method's published defaults, then `config` (a dict or settings), then overrides:
+    the method's settings dataclass (ClosedFormConfig for closed-form methods, e.g. ESDConfig
+    for fine-tuning ones; `erasure methods` lists them)."""
+    base = get_method(method).defaults
     if isinstance(config, type(base)):
         base = config
     elif isinstance(config, dict):
@@ -209,17 +208,10 @@ def _manifest_head(method: str, cfg, concept_set: ConceptSet, pipe) -> dict:
     }
 
 
-def _training_summary(losses: list[float], steps_run: int, resumed_from: int, **extra) -> dict:
-    """Steps, the first loss and the mean of the last tenth of the losses."""
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"steps_run": steps_run, "resumed_from": resumed_from, "first_loss": losses[0] if losses else None,
-            "final_loss": sum(tail) / len(tail) if tail else None, **extra}
-
-
 def erase(
     model,
     concepts,
-    method: str = "uce",
+    method: str = DEFAULT_METHOD,
     *,
     config=None,
     anchor: str | None = None,
@@ -230,72 +222,34 @@ def erase(
     resume: bool = False,
     **overrides,
 ) -> Result:
-    """Erase `concepts` from `model`: closed-form ("uce", "trce-stage1"; one solve) or by
-    fine-tuning ("esd", "co-erasing", "bi-erasing"; "trce": the stage-1 solve, then stage-2
-    fine-tuning). The image-branch methods need an IP-Adapter (ip_adapter=PATH; a toy world's is
-    found beside its pipeline).
+    """Erase `concepts` from `model` with the registered method named `method` (engine.methods;
+    `erasure methods` lists them with their defaults): a closed-form solve, or fine-tuning. The
+    image-branch methods need an IP-Adapter (ip_adapter=PATH; a toy world's is found beside its
+    pipeline).
 
     model: a loaded StableDiffusion(XL)Pipeline (edited in place) or a local path (folder,
     single-file .safetensors with `model_config`). concepts: a ConceptSet, a concept file path
     or a list of names. Hyper-parameters: `config` and keyword overrides of the method's config
-    fields (ClosedFormConfig, e.g. ridge=0.5; FinetuneConfig, e.g. iterations=200).
+    fields (ClosedFormConfig, e.g. ridge=0.5; a fine-tuning method's, e.g. iterations=200).
     Fine-tuning runs checkpoint into `checkpoint_dir` and continue from it with resume=True.
     """
+    chosen = get_method(method)
     cfg = method_config(method, config, **overrides)
     _check_cache_dir(cfg)
     start = time.perf_counter()
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
-    if method in IMAGE_METHODS and cfg.ip_adapter is None and model_path is not None:
-        # A toy world's pipeline: its IP-Adapter lies beside it (world/ip_adapter/).
-        beside = Path(model_path).parent / "ip_adapter" / "ip_adapter.safetensors"
-        if beside.is_file():
-            cfg = cfg.replace(ip_adapter=str(beside))
+    cfg = chosen.prepare(cfg, model_path)
     load_seconds = time.perf_counter() - start
     concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
     manifest = _manifest_head(method, cfg, concept_set, pipe)
-    params = dict(pipe.unet.named_parameters())
-    if isinstance(cfg, FinetuneConfig):
-        touched = set(trainable_parameters(pipe.unet, cfg.params))
-        if method == "trce":  # stage 1 edits the cross-attention K/V first
-            touched |= {key for key, _ in cross_attention_kv(pipe.unet)}
-        original = {k: p.detach().clone() for k, p in params.items() if k in touched}
-        manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, "trained_fingerprint")
-        with _naming_prompts(concept_set):
-            run = finetune(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume, method=method,
-                           model_fingerprint=_model_fingerprint(pipe, manifest["inputs"]))
-        if cfg.distributed != "none":
-            from engine import distributed
-
-            manifest["distributed"] = {"backend": cfg.distributed, "zero_stage": cfg.zero_stage,
-                                       "ranks": distributed.world_size()}
-            manifest["device"] = str(pipe.unet.device)  # the rank's device, where training moved the pipeline
-        manifest.update(
-            seed=cfg.seed,
-            training=_training_summary(run.losses, run.steps_run, run.resumed_from,
-                                       parameters_trained=sum(v.numel() for v in run.changed.values())),
-            timings={"load": load_seconds, **run.timings},
-        )
-        return Result(pipeline=pipe, delta=run.changed, original=original, manifest=manifest)
-
-    kv_keys = [key for key, _ in cross_attention_kv(pipe.unet)]
-    original = {k: params[k].detach().clone() for k in kv_keys}
-    manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, "kv_fingerprint")
+    touched = chosen.touched(pipe.unet, cfg)
+    original = {k: p.detach().clone() for k, p in pipe.unet.named_parameters() if k in touched}
+    manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, chosen.fingerprint_key)
     with _naming_prompts(concept_set):
-        edit = closed_form_edit(pipe, concept_set, cfg)
-    manifest.update(
-        seed=None,  # the closed-form solve is deterministic
-        solve={
-            "solver": edit.solver,
-            "condition": edit.condition,
-            "rows": edit.rows,
-            "preserve_weight": edit.preserve_weight,
-            "preserve_drift": edit.preserve_drift,
-            "concept_residual": edit.concept_residual,
-            "layers_changed": len(edit.changed),
-        },
-        timings={"load": load_seconds, **edit.timings},
-    )
-    return Result(pipeline=pipe, delta=edit.changed, original=original, manifest=manifest, edit=edit)
+        outcome = chosen.run(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
+                             model_fingerprint=_model_fingerprint(pipe, manifest["inputs"]))
+    manifest.update(outcome.manifest, timings={"load": load_seconds, **outcome.timings})
+    return Result(pipeline=pipe, delta=outcome.changed, original=original, manifest=manifest, edit=outcome.edit)
 
 
 def erase_with_adapters(
@@ -312,14 +266,14 @@ def erase_with_adapters(
     **overrides,
 ):
     """Train one ESD LoRA adapter per concept, concurrently in one batched run
-    (``engine.adapters``); returns a ``ConceptAdapters`` whose ``save(out)`` writes one loadable
-    LoRA per concept and an index. The model is left unchanged. Hyper-parameters as ``erase``'s
-    for "esd", with ``params="lora"`` (the default here)."""
-    from engine.adapters import train_concept_adapters
+    (``engine.finetune.adapters``); returns a ``ConceptAdapters`` whose ``save(out)`` writes one
+    loadable LoRA per concept and an index. The model is left unchanged. Hyper-parameters as
+    ``erase``'s for ESD, with ``params="lora"`` (the default here)."""
+    from engine.finetune.adapters import ADAPTER_METHOD, train_concept_adapters
 
     explicit = "params" in overrides or (isinstance(config, dict) and "params" in config)
-    cfg = method_config("esd", config, **overrides)
-    if not explicit and not isinstance(config, FinetuneConfig):
+    cfg = method_config(ADAPTER_METHOD, config, **overrides)
+    if not explicit and not isinstance(config, type(cfg)):
         cfg = cfg.replace(params="lora")
     start = time.perf_counter()
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
@@ -331,11 +285,11 @@ def erase_with_adapters(
         run = train_concept_adapters(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
                                      model_fingerprint=_model_fingerprint(pipe, inputs))
     run.manifest = {
-        **_manifest_head("esd", cfg, concept_set, pipe),
+        **_manifest_head(ADAPTER_METHOD, cfg, concept_set, pipe),
         "per_concept_adapters": True,
         "inputs": inputs,
         "seed": cfg.seed,
-        "training": _training_summary(run.losses, run.steps_run, run.resumed_from, adapters=len(run.adapters),
+        "training": training_summary(run.losses, run.steps_run, run.resumed_from, adapters=len(run.adapters),
                                       rank=run.rank),
         "timings": {"load": load_seconds, **run.timings},
     }

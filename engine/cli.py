@@ -84,11 +84,13 @@ def cmd_erase(args) -> int:
 
 def _erase(args, config) -> int:
     from engine.api import erase
-    from engine.finetune import FINETUNE_METHODS
+    from engine.methods import available_methods, get_method
 
+    trains = get_method(args.method).trains
     if args.distributed:
-        if args.method not in FINETUNE_METHODS:
-            raise SystemExit(f"--distributed trains a fine-tuning method ({', '.join(FINETUNE_METHODS)}), not {args.method}")
+        if not trains:
+            training = ", ".join(name for name, m in available_methods().items() if m.trains)
+            raise SystemExit(f"--distributed trains a fine-tuning method ({training}), not {args.method}")
         config.update(distributed=args.distributed, zero_stage=args.zero_stage)
     result = erase(
         args.model,
@@ -100,7 +102,7 @@ def _erase(args, config) -> int:
         model_config=args.model_config,
         allow_pickle=args.allow_pickle,
         **({"checkpoint_dir": args.checkpoint_dir or f"{args.out}.checkpoints", "resume": args.resume}
-           if args.method in FINETUNE_METHODS else {}),
+           if trains else {}),
     )
     out = result.save(args.out, export_lora=args.export_lora, lora_rank=args.lora_rank, save_pipeline=not args.no_pipeline,
                       overwrite=args.overwrite)
@@ -136,10 +138,11 @@ def _print_timings(manifest: dict) -> None:
 
 def _erase_with_adapters(args, config) -> int:
     from engine.api import erase_with_adapters
+    from engine.finetune.adapters import ADAPTER_METHOD
 
-    if args.method != "esd" or args.distributed or args.export_lora or args.no_pipeline:
-        raise SystemExit("--per-concept-adapters trains ESD LoRA adapters in one process: use --method esd, "
-                         "without --distributed, --export-lora or --no-pipeline")
+    if args.method != ADAPTER_METHOD or args.distributed or args.export_lora or args.no_pipeline:
+        raise SystemExit(f"--per-concept-adapters trains {ADAPTER_METHOD} LoRA adapters in one process: use --method "
+                         f"{ADAPTER_METHOD}, without --distributed, --export-lora or --no-pipeline")
     run = erase_with_adapters(
         args.model, args.concepts, config=config or None, anchor=args.anchor, templates=args.template or None,
         model_config=args.model_config, allow_pickle=args.allow_pickle,
@@ -176,11 +179,12 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from engine.closed_form import METHODS
-    from engine.finetune import FINETUNE_METHODS
+    from engine.methods import available_methods
 
-    for name, cfg in {**METHODS, **FINETUNE_METHODS}.items():
-        print(f"{name}: {json.dumps(cfg.to_dict())}")
+    for name, method in available_methods().items():
+        kind = "fine-tuning" if method.trains else "one pass"
+        print(f"{name} ({kind}): {method.summary}")
+        print(f"    {type(method.defaults).__name__} {json.dumps(method.defaults.to_dict())}")
     return 0
 
 
@@ -349,6 +353,8 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.methods import DEFAULT_METHOD
+
     parser = argparse.ArgumentParser(prog="erasure", description="Concept erasure for Stable Diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -360,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("erase", help="erase concepts (closed-form or fine-tuning)")
     model_args(p)
     p.add_argument("--concepts", required=True, help="concept file: .yaml/.yml/.json, or .txt/.csv list of names")
-    p.add_argument("--method", default="uce", help="uce | uce-plus | trce-stage1 | esd | co-erasing | bi-erasing | trce (see `erasure methods`)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"a registered method (default {DEFAULT_METHOD}); `erasure methods` lists them")
     p.add_argument("--checkpoint-dir", help="fine-tuning checkpoints (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue a killed fine-tuning run from its checkpoint")
     p.add_argument("--distributed", choices=["deepspeed"],
@@ -398,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("methods", help="list methods and their default hyper-parameters")
+    p = sub.add_parser("methods", help="list the registered methods and their default settings")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("demo", help="erase toy-world identities with uce-plus and measure the erasure")

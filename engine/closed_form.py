@@ -112,20 +112,7 @@ class ClosedFormConfig:
         return dataclasses.replace(self, **overrides)
 
 
-# Named presets. `uce` is the published UCE code's edit (Gandikota et al., WACV 2024,
-# trainscripts/uce_sd_erase.py): one row per concept, its last token before [EoT] -> the guide's
-# last token before [EoT] (the start token for guide ""), erase and preserve scales 1, lambda 0.5
-# on the identity term; with the bare concept string as the prompt (the concept files' default
-# template "{}") and guide "" (the default anchor) it gives UCE's weights.
-# `uce-plus` is the engine's richer row choice on the same solve: every concept token and the
-# [EoT] (what the concept's context reaches), preservation max(0.1, 1/#prompts), ridge 0.1.
-# TRCE stage 1 (Chen et al. 2025): only the first [EoT] row with weight 1, a tiny preservation
-# weight (1e-6 per outer product); deviations from the released code are listed in the README.
-METHODS: dict[str, ClosedFormConfig] = {
-    "uce": ClosedFormConfig(tokens="last", erase_weight=1.0, preserve_weight=1.0, ridge=0.5),
-    "uce-plus": ClosedFormConfig(tokens="concept", erase_weight=1.0, preserve_weight=None, ridge=0.1),
-    "trce-stage1": ClosedFormConfig(tokens="eot", erase_weight=1.0, preserve_weight=1e-6, ridge=0.1),
-}
+# The named presets of this solve (uce, uce-plus, trce-stage1) live in engine/methods/.
 
 
 @dataclass
@@ -176,7 +163,7 @@ def cross_attention_kv(unet) -> list[tuple[str, torch.nn.Linear]]:
     return found
 
 
-def _prefix_end(tokenizer, template: str) -> int:
+def prefix_end(tokenizer, template: str) -> int:
     """Position right after the template's text before {} (1 counts the start token)."""
     prefix = ""
     for literal, field, _, _ in string.Formatter().parse(template):  # braces come back unescaped
@@ -186,9 +173,9 @@ def _prefix_end(tokenizer, template: str) -> int:
     return 1 + len(tokenizer(prefix, add_special_tokens=False).input_ids)
 
 
-def _span_start(tokenizer, template: str, fill: str, ids: list[int], where: str) -> int:
+def span_start(tokenizer, template: str, fill: str, ids: list[int], where: str) -> int:
     """Position of the first token of `fill` inside template.format(fill), from real ids."""
-    start = _prefix_end(tokenizer, template)
+    start = prefix_end(tokenizer, template)
     fill_ids = tokenizer(fill, add_special_tokens=False).input_ids
     if ids[start : start + len(fill_ids)] == fill_ids:
         return start
@@ -233,7 +220,7 @@ def _tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
     return tokenize_prompts(tokenizer, prompts).tolist()
 
 
-def _positions(mode: str, tokenizer, template: str, fill: str, ids: list[int], eot_id: int, where: str) -> list[int]:
+def token_positions(mode: str, tokenizer, template: str, fill: str, ids: list[int], eot_id: int, where: str) -> list[int]:
     eot = ids.index(eot_id)
     if mode == "last":
         return [eot - 1]
@@ -241,10 +228,10 @@ def _positions(mode: str, tokenizer, template: str, fill: str, ids: list[int], e
         return [eot]
     if mode == "all":
         return list(range(MAX_LENGTH))
-    return list(range(_span_start(tokenizer, template, fill, ids, where), eot + 1))
+    return list(range(span_start(tokenizer, template, fill, ids, where), eot + 1))
 
 
-def _aligned_targets(src_pos: list[int], src_eot: int, tgt_eot: int, tgt_lo: int) -> list[int]:
+def aligned_targets(src_pos: list[int], src_eot: int, tgt_eot: int, tgt_lo: int) -> list[int]:
     """Align source rows to target rows counting back from each end-of-text."""
     return [max(tgt_eot - (src_eot - p), tgt_lo) for p in src_pos]
 
@@ -379,14 +366,14 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
             ids_s, ids_t = ids_all[k], ids_all[len(pairs) + k]
             where = f"concept {concept.name!r}, template {template!r}"
             mode = concept.tokens or config.tokens
-            src_pos = _positions(mode, tokenizer, template, concept.name, ids_s, eot_id, where)
+            src_pos = token_positions(mode, tokenizer, template, concept.name, ids_s, eot_id, where)
             if mode == "concept":
                 tgt_lo = (
-                    _span_start(tokenizer, template, concept.anchor, ids_t, where)
+                    span_start(tokenizer, template, concept.anchor, ids_t, where)
                     if concept.anchor.strip()
-                    else _prefix_end(tokenizer, template)
+                    else prefix_end(tokenizer, template)
                 )
-                tgt_pos = _aligned_targets(src_pos, ids_s.index(eot_id), ids_t.index(eot_id), tgt_lo)
+                tgt_pos = aligned_targets(src_pos, ids_s.index(eot_id), ids_t.index(eot_id), tgt_lo)
             elif mode == "last":
                 tgt_pos = [ids_t.index(eot_id) - 1]
             elif mode == "eot":
@@ -411,7 +398,7 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
             where = f"preserved concept {concept.name!r}, template {template!r}"
             p = plan.prompt(text)
             n_pres_prompts += 1
-            for a in _positions(config.tokens, tokenizer, template, concept.name, ids, eot_id, where):
+            for a in token_positions(config.tokens, tokenizer, template, concept.name, ids, eot_id, where):
                 r = plan.row(p, a)
                 src_rows.append(r)
                 tgt_rows.append(r)

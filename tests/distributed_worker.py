@@ -15,16 +15,16 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from engine.concepts import concepts_from_names
-from engine.finetune import FinetuneConfig
+from engine.methods.esd import ESDConfig
 
 CONCEPTS = concepts_from_names(["Van Gogh", "a red car"], templates=["{}", "a painting of {}"])
 
 
-def config(**kw) -> FinetuneConfig:
+def config(**kw) -> ESDConfig:
     """The runs' settings (shared with the single-process reference runs of the tests)."""
     base = dict(params="full", iterations=4, lr=1e-3, batch_size=4, sample_steps=4, trajectories=1,
                 progress=False, checkpoint_every=0, seed=5)
-    return FinetuneConfig(**{**base, **kw})
+    return ESDConfig(**{**base, **kw})
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from engine import distributed
-    from engine.finetune import finetune
+    from engine.methods import finetune
     from engine.models import load_pipeline
 
     if args.die_at_step is not None:

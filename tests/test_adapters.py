@@ -1,4 +1,4 @@
-"""engine.adapters: per-concept LoRA adapters trained in one batched run equal separate
+"""engine.finetune.adapters: per-concept LoRA adapters trained in one batched run equal separate
 single-concept runs, save/load as diffusers LoRA files with an index, resume after a kill,
 and refuse what they cannot do."""
 
@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-import engine.adapters as ad
-import engine.finetune as ft
-from engine.adapters import load_concept_adapters, train_concept_adapters
+import engine.finetune.adapters as ad
+import engine.methods.esd as esd_module
 from engine.concepts import ConceptSet, concepts_from_names
-from engine.finetune import FinetuneConfig, finetune
+from engine.finetune.adapters import load_concept_adapters, train_concept_adapters
+from engine.methods import finetune
+from engine.methods.esd import ESDConfig
 from engine.models import load_pipeline
 
 CONCEPTS = concepts_from_names(["Van Gogh", "a red car", "Monet"], templates=["{}", "a painting of {}"])
@@ -20,7 +21,7 @@ CONCEPTS = concepts_from_names(["Van Gogh", "a red car", "Monet"], templates=["{
 def _cfg(**kw):
     base = dict(params="lora", lora_rank=2, iterations=3, lr=1e-2, batch_size=2, sample_steps=4, trajectories=1,
                 progress=False, checkpoint_every=0, seed=3)
-    return FinetuneConfig(**{**base, **kw})
+    return ESDConfig(**{**base, **kw})
 
 
 def _delta(adapter: dict, key: str) -> torch.Tensor:
@@ -49,7 +50,7 @@ def test_each_adapter_equals_its_own_single_concept_run(tiny_sd_dir, monkeypatch
     gradient by its own magnitude turns rounding noise on near-zero gradients into steps that
     differ by up to 0.1% of the largest change."""
     monkeypatch.setattr(ad, "guidance_loss", _float64_loss)
-    monkeypatch.setattr(ft, "guidance_loss", _float64_loss)
+    monkeypatch.setattr(esd_module, "guidance_loss", _float64_loss)
     batched = train_concept_adapters(load_pipeline(tiny_sd_dir).to(dtype=torch.float64), CONCEPTS, _cfg())
     assert batched.steps_run == 3 and len(batched.losses) == 3
     for k, concept in enumerate(CONCEPTS.concepts):

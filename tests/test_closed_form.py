@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from engine.closed_form import (
-    METHODS,
     ClosedFormConfig,
-    _aligned_targets,
-    _positions,
-    _prefix_end,
+    aligned_targets,
+    token_positions,
+    prefix_end,
     caption_gram,
     closed_form_edit,
     cross_attention_kv,
     solve_transform,
 )
 from engine.concepts import Concept, ConceptSet
+from engine.methods import get_method
 from engine.models import encode_prompts, load_pipeline
 
 
@@ -51,25 +51,25 @@ def test_positions_and_alignment_follow_real_token_ids(pipe):
     ids_s = tok("a photo of brad pitt").input_ids + [eot] * 3
     ids_t = tok("a photo of a person").input_ids
     # <start> a photo of brad pitt <eot>: concept tokens at 4, 5 and the eot at 6
-    assert _positions("eot", tok, "a photo of {}", "brad pitt", ids_s, eot, "t") == [6]
-    src = _positions("concept", tok, "a photo of {}", "brad pitt", ids_s, eot, "t")
+    assert token_positions("eot", tok, "a photo of {}", "brad pitt", ids_s, eot, "t") == [6]
+    src = token_positions("concept", tok, "a photo of {}", "brad pitt", ids_s, eot, "t")
     assert src == [4, 5, 6]
-    assert _prefix_end(tok, "a photo of {}") == 4
-    assert _aligned_targets(src, 6, ids_t.index(eot), 4) == [4, 5, 6]
+    assert prefix_end(tok, "a photo of {}") == 4
+    assert aligned_targets(src, 6, ids_t.index(eot), 4) == [4, 5, 6]
     # A three-token source aligned to a one-token anchor clamps at the anchor's first token.
-    assert _aligned_targets([4, 5, 6, 7], 7, 5, 4) == [4, 4, 4, 5]
+    assert aligned_targets([4, 5, 6, 7], 7, 5, 4) == [4, 4, 4, 5]
 
 
 def test_missing_concept_tokens_raise(pipe):
     tok = pipe.tokenizer
     ids = tok("a photo of somebody").input_ids
     with pytest.raises(ValueError, match="cannot find the tokens of 'zebra'"):
-        _positions("concept", tok, "a photo of {}", "zebra", ids, tok.eos_token_id, "concept 'zebra'")
+        token_positions("concept", tok, "a photo of {}", "zebra", ids, tok.eos_token_id, "concept 'zebra'")
 
 
 def test_uce_maps_concept_rows_onto_anchor_rows_and_preserves_others(pipe):
     before = kv_weights(pipe)
-    cfg = METHODS["uce"].replace(tokens="eot", ridge=1e-4, progress=False)
+    cfg = get_method("uce").defaults.replace(tokens="eot", ridge=1e-4, progress=False)
     edit = closed_form_edit(pipe, CONCEPTS, cfg)
     after = kv_weights(pipe)
     assert set(edit.changed) == set(before) and len(before) >= 4
@@ -100,13 +100,13 @@ def test_uce_maps_concept_rows_onto_anchor_rows_and_preserves_others(pipe):
 def test_concept_token_mode_edits_every_selected_row(pipe):
     before = kv_weights(pipe)
     concepts = ConceptSet(concepts=(Concept("Arlen Corrance", anchor="a person", templates=("a photo of {}",)),))
-    edit = closed_form_edit(pipe, concepts, METHODS["uce-plus"].replace(ridge=1e-4, progress=False))
+    edit = closed_form_edit(pipe, concepts, get_method("uce-plus").defaults.replace(ridge=1e-4, progress=False))
     after = kv_weights(pipe)
     tok = pipe.tokenizer
     ids_s = tok("a photo of Arlen Corrance").input_ids
     ids_t = tok("a photo of a person").input_ids
-    src = _positions("concept", tok, "a photo of {}", "Arlen Corrance", ids_s, tok.eos_token_id, "t")
-    tgt = _aligned_targets(src, len(ids_s) - 1, len(ids_t) - 1, 4)
+    src = token_positions("concept", tok, "a photo of {}", "Arlen Corrance", ids_s, tok.eos_token_id, "t")
+    tgt = aligned_targets(src, len(ids_s) - 1, len(ids_t) - 1, 4)
     e = rows_of(pipe, "a photo of Arlen Corrance", src)
     e_t = rows_of(pipe, "a photo of a person", tgt)
     assert edit.rows["edit"] == len(src) >= 3
@@ -119,7 +119,7 @@ def test_triton_and_torch_backends_agree(tiny_sd_dir):
     results = {}
     for backend in ("torch", "triton"):
         p = load_pipeline(tiny_sd_dir)
-        cfg = METHODS["trce-stage1"].replace(backend=backend, progress=False)
+        cfg = get_method("trce-stage1").defaults.replace(backend=backend, progress=False)
         results[backend] = closed_form_edit(p, CONCEPTS, cfg)
     assert torch.allclose(results["torch"].transform, results["triton"].transform, rtol=1e-4, atol=1e-5)
     for key, value in results["torch"].changed.items():
@@ -158,7 +158,7 @@ def test_captions_enter_the_preservation_sum(tiny_sd_dir, tmp_path):
         concepts=CONCEPTS.concepts[:1],
         preserve_captions=("a dog on a beach", "a bowl of fruit"),
     )
-    cfg = METHODS["uce-plus"].replace(cache_dir=str(tmp_path), progress=False)
+    cfg = get_method("uce-plus").defaults.replace(cache_dir=str(tmp_path), progress=False)
     edit = closed_form_edit(load_pipeline(tiny_sd_dir), concepts, cfg)
     assert edit.rows["caption"] > 0
     assert edit.preserve_weight == pytest.approx(0.5)  # max(0.1, 1/2 prompts)
@@ -205,7 +205,7 @@ def test_sdxl_edit_uses_both_text_encoders(tiny_sdxl_dir):
     assert D == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     before = kv_weights(pipe)
     concepts = ConceptSet(concepts=(Concept("Arlen Corrance", anchor="a person", templates=("a photo of {}",)),))
-    edit = closed_form_edit(pipe, concepts, METHODS["trce-stage1"].replace(ridge=1e-4, progress=False))
+    edit = closed_form_edit(pipe, concepts, get_method("trce-stage1").defaults.replace(ridge=1e-4, progress=False))
     after = kv_weights(pipe)
     eot = pipe.tokenizer.eos_token_id
     e = rows_of(pipe, "a photo of Arlen Corrance", [pipe.tokenizer("a photo of Arlen Corrance").input_ids.index(eot)])
@@ -224,10 +224,10 @@ def test_a_concept_can_choose_its_own_token_rows(pipe):
             Concept("Bexley Holloway", anchor="a person", templates=("a photo of {}",)),
         )
     )
-    edit = closed_form_edit(pipe, concepts, METHODS["uce-plus"].replace(progress=False))
+    edit = closed_form_edit(pipe, concepts, get_method("uce-plus").defaults.replace(progress=False))
     tok = pipe.tokenizer
     ids = tok("a photo of Bexley Holloway").input_ids
-    concept_rows = _positions("concept", tok, "a photo of {}", "Bexley Holloway", ids, tok.eos_token_id, "t")
+    concept_rows = token_positions("concept", tok, "a photo of {}", "Bexley Holloway", ids, tok.eos_token_id, "t")
     assert edit.rows["edit"] == 1 + len(concept_rows)  # one [EoT] row, then the name and what follows
 
 
@@ -240,7 +240,7 @@ def test_fit_report_matches_a_direct_per_layer_computation(tiny_sd_dir, tmp_path
     captions = ("a dog on a beach", "a bowl of fruit")
     concepts = ConceptSet(concepts=CONCEPTS.concepts, preserve_concepts=CONCEPTS.preserve_concepts,
                           preserve_captions=captions)
-    cfg = METHODS["uce-plus"].replace(cache_dir=str(tmp_path), progress=False, backend="torch")
+    cfg = get_method("uce-plus").defaults.replace(cache_dir=str(tmp_path), progress=False, backend="torch")
     rows = collect_rows(pipe, concepts, cfg)
     before = {k: w.double() for k, w in kv_weights(pipe).items()}
     edit = closed_form_edit(pipe, concepts, cfg)
@@ -268,7 +268,7 @@ def test_fit_report_matches_a_direct_per_layer_computation(tiny_sd_dir, tmp_path
 def test_a_broken_or_unwritable_caption_cache_is_only_a_warning(tiny_sd_dir, tmp_path):
     pipe = load_pipeline(tiny_sd_dir)
     captions = ["a dog on a beach", "a bowl of fruit"]
-    cfg = METHODS["uce-plus"].replace(cache_dir=str(tmp_path / "cache"), progress=False)
+    cfg = get_method("uce-plus").defaults.replace(cache_dir=str(tmp_path / "cache"), progress=False)
     gram, rows = caption_gram(pipe, captions, cfg)
     (cached,) = (tmp_path / "cache").glob("caption-gram-*.safetensors")
     cached.write_bytes(cached.read_bytes()[:40])  # truncated, e.g. by a full disk

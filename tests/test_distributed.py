@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from engine.finetune import finetune  # noqa: E402
+from engine.methods import finetune  # noqa: E402
 from engine.models import load_pipeline  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,4 +1,4 @@
-"""engine.finetune: each method's loss against its equation (ESD, TRCE on the tiny SD pipeline;
+"""engine.finetune and the fine-tuning methods (engine/methods): each method's loss against its equation (ESD, TRCE on the tiny SD pipeline;
 Co-Erasing, Bi-Erasing on the quick toy world, which has an IP-Adapter), the cached targets,
 resume after a kill, parameter sets, the 8-bit optimizer, masks and bad input."""
 
@@ -7,19 +7,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine.finetune as ft
+import engine.methods.esd as esd_module
+import engine.methods.trce as trce_module
 from engine.concepts import concepts_from_names
-from engine.finetune import FinetuneConfig, build_trajectory_cache, finetune, trainable_parameters
+from engine.finetune.frozen import Prompts, build_trajectory_cache
+from engine.finetune.images import generate_images, read_images
+from engine.finetune.params import make_optimizer, trainable_parameters
+from engine.methods import finetune
+from engine.methods.bi_erasing import BiErasingConfig, BiErasingObjective
+from engine.methods.co_erasing import CoErasingConfig, CoErasingObjective
+from engine.methods.esd import ESDConfig
+from engine.methods.trce import TRCEConfig, TRCEObjective
 from engine.models import load_pipeline
 
 CONCEPTS = concepts_from_names(["Van Gogh", "a red car"], templates=["{}", "a painting of {}"])
 ANCHORED = concepts_from_names(["nudity", "a skull"], anchor="a flower", templates=["{}", "a picture of {}"])
 
 
-def _cfg(**kw):
-    base = dict(iterations=4, lr=1e-3, batch_size=2, sample_steps=4, trajectories=1, progress=False,
-                checkpoint_every=0)
-    return FinetuneConfig(**{**base, **kw})
+BASE = dict(iterations=4, lr=1e-3, batch_size=2, sample_steps=4, trajectories=1, progress=False, checkpoint_every=0)
+
+
+def _cfg(cls=ESDConfig, **kw):
+    return cls(**{**BASE, **kw})
 
 
 @pytest.fixture
@@ -29,7 +38,7 @@ def pipe(tiny_sd_dir):
 
 def test_cache_holds_the_frozen_models_predictions(pipe):
     cfg = _cfg(trajectories=2)
-    prompts = ft._Prompts(pipe, CONCEPTS, progress=False)
+    prompts = Prompts(pipe, CONCEPTS, progress=False)
     cache = build_trajectory_cache(pipe, prompts, cfg)
     assert cache["x"].shape[:2] == (len(prompts.items) * 2, 4)
     # Recompute one cached step directly with the UNet: the stored predictions are the frozen model's.
@@ -58,7 +67,7 @@ def test_first_loss_is_the_esd_equation(pipe, tiny_sd_dir, xt_source, monkeypatc
     the inputs the trainer fed the kernel (captured), with an untouched copy of the model."""
     reference = load_pipeline(tiny_sd_dir).unet
     seen = {}
-    real_loss = ft.guidance_loss
+    real_loss = esd_module.guidance_loss
 
     def spy(pred, frozen, coeffs, mask=None, backend="auto"):
         seen.setdefault("frozen", frozen.detach().clone())
@@ -73,13 +82,13 @@ def test_first_loss_is_the_esd_equation(pipe, tiny_sd_dir, xt_source, monkeypatc
             seen.update(x=x.detach().clone(), t=t.detach().clone(), cond=cond.detach().clone())
         return out
 
-    monkeypatch.setattr(ft, "guidance_loss", spy)
+    monkeypatch.setattr(esd_module, "guidance_loss", spy)
     monkeypatch.setattr(type(pipe.unet), "forward", record)
     run = finetune(pipe, CONCEPTS, _cfg(iterations=1, eta=1.5, xt_source=xt_source))
     monkeypatch.undo()
     with torch.no_grad():
         x, t, cond = seen["x"], seen["t"], seen["cond"]
-        uncond = ft._Prompts(load_pipeline(tiny_sd_dir), CONCEPTS, progress=False).uncond
+        uncond = Prompts(load_pipeline(tiny_sd_dir), CONCEPTS, progress=False).uncond
         e_c = reference(x, t, cond).sample
         u = reference(x, t, uncond.expand(len(x), -1, -1)).sample
         # the frozen predictions the trainer used are the original model's
@@ -134,7 +143,7 @@ def test_sdxl_trce_runs_and_image_methods_say_they_need_sd(tiny_sdxl_dir):
     assert np.isfinite(run.losses).all() and run.changed
     assert any(not torch.equal(before[k], v) for k, v in run.changed.items())
     with pytest.raises(NotImplementedError, match="co-erasing needs an SD1.x / SD2.x pipeline"):
-        finetune(pipe, CONCEPTS, _cfg(), method="co-erasing")
+        finetune(pipe, CONCEPTS, _cfg(CoErasingConfig))
 
 
 def test_parameter_sets(pipe):
@@ -157,14 +166,17 @@ def test_only_the_chosen_parameters_change(pipe, params):
 @pytest.mark.parametrize("method, xt_source", [("esd", "cached"), ("esd", "on-policy"), ("trce", "cached")])
 def test_resume_after_a_kill_gives_the_same_weights(tiny_sd_dir, tmp_path, method, xt_source, monkeypatch):
     concepts = ANCHORED if method == "trce" else CONCEPTS
-    cfg = _cfg(iterations=6, checkpoint_every=2, xt_source=xt_source, **({"params": "selfattn-q", "early_steps": 2}
-                                                                         if method == "trce" else {}))
+    if method == "trce":
+        cfg = _cfg(TRCEConfig, iterations=6, checkpoint_every=2, early_steps=2, optimizer="adam", sample_guidance=3.0)
+    else:
+        cfg = _cfg(iterations=6, checkpoint_every=2, xt_source=xt_source)
+    module = trce_module if method == "trce" else esd_module
     whole = load_pipeline(tiny_sd_dir)
     finetune(whole, concepts, cfg, checkpoint_dir=tmp_path / "a", method=method)
 
     killed = load_pipeline(tiny_sd_dir)
     calls = {"n": 0}
-    real_loss = ft.guidance_loss
+    real_loss = module.guidance_loss
 
     def dies_at_step_5(*a, **k):
         calls["n"] += 1
@@ -172,7 +184,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_sd_dir, tmp_path, metho
             raise KeyboardInterrupt("killed")
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(ft, "guidance_loss", dies_at_step_5)
+    monkeypatch.setattr(module, "guidance_loss", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         finetune(killed, concepts, cfg, checkpoint_dir=tmp_path / "b", method=method)
     monkeypatch.undo()
@@ -197,7 +209,7 @@ def test_adamw8bit_steps_with_8bit_states(pipe):
     assert all(torch.isfinite(torch.tensor(run.losses)))
     moved = [k for k, v in pipe.unet.named_parameters() if not torch.equal(v, before[k])]
     assert moved
-    opt = ft.make_optimizer("adamw8bit", [torch.nn.Parameter(torch.randn(64, 128))], lr=1e-3)
+    opt = make_optimizer("adamw8bit", [torch.nn.Parameter(torch.randn(64, 128))], lr=1e-3)
     p = opt.param_groups[0]["params"][0]
     p.grad = torch.randn_like(p)
     opt.step()
@@ -206,17 +218,21 @@ def test_adamw8bit_steps_with_8bit_states(pipe):
 
 def test_bad_input(pipe, tiny_sd_dir):
     with pytest.raises(ValueError, match="params"):
-        FinetuneConfig(params="everything")
+        ESDConfig(params="everything")
     with pytest.raises(ValueError, match="iterations"):
-        FinetuneConfig(iterations=0)
+        ESDConfig(iterations=0)
     with pytest.raises(ValueError, match="optimizer"):
-        FinetuneConfig(optimizer="sgd")
+        ESDConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="checkpoint_dir"):
         finetune(pipe, CONCEPTS, _cfg(), resume=True)
     with pytest.raises(ValueError, match="unknown fine-tuning option"):
         _cfg().replace(learning_rate=1.0)
-    with pytest.raises(ValueError, match="ESD's option"):
-        finetune(pipe, ANCHORED, _cfg(xt_source="on-policy", early_steps=2), method="trce")
+    with pytest.raises(TypeError, match="trce takes TRCEConfig settings, got ESDConfig"):
+        finetune(pipe, ANCHORED, _cfg(), method="trce")
+    with pytest.raises(ValueError, match="cached trajectories"):
+        ESDConfig(xt_source="on-policy", distributed="deepspeed")
+    with pytest.raises(TypeError):  # TRCE's settings are not ESD's
+        ESDConfig(early_steps=2)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             finetune(pipe, CONCEPTS, _cfg(precision="bf16"))
@@ -251,17 +267,18 @@ def test_cli_erase_with_esd_writes_outputs_and_resumes(tiny_sd_dir, tmp_path, ca
 
 
 def _trce_cfg(**kw):
-    return _cfg(params="selfattn-q", early_steps=3, sample_guidance=7.5, steer_guidance=15.0, hinge_beta=2.0,
-                **kw)
+    return _cfg(TRCEConfig, **{"optimizer": "adam", "early_steps": 3, "sample_guidance": 7.5, "steer_guidance": 15.0,
+                               "hinge_beta": 2.0, **kw})
 
 
 def test_trce_targets_and_stage1(tiny_sd_dir):
     """Cached targets are the original model's f_safe / f_unsafe; stage 1 is the closed-form
     trce-stage1 edit; the regulariser's targets are the stage-1 model's unconditional predictions."""
-    from engine.closed_form import METHODS, closed_form_edit
+    from engine.closed_form import closed_form_edit
+    from engine.methods import get_method
 
     pipe = load_pipeline(tiny_sd_dir)
-    objective = ft._TRCEStage2(pipe, ANCHORED, _trce_cfg(), None)
+    objective = TRCEObjective(pipe, ANCHORED, _trce_cfg(), None)
     original = load_pipeline(tiny_sd_dir)
     prompts = objective.prompts
     row, s = 1, 2
@@ -275,7 +292,7 @@ def test_trce_targets_and_stage1(tiny_sd_dir):
     torch.testing.assert_close(cache["f_safe"][row, s : s + 1], e_s + 15 * (e_s - e_u), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cache["f_unsafe"][row, s : s + 1], e_m + 15 * (e_m - e_u), atol=1e-4, rtol=1e-4)
     stage1 = load_pipeline(tiny_sd_dir)
-    closed_form_edit(stage1, ANCHORED, METHODS["trce-stage1"].replace(progress=False))
+    closed_form_edit(stage1, ANCHORED, get_method("trce-stage1").defaults.replace(progress=False))
     for k, v in stage1.unet.state_dict().items():
         torch.testing.assert_close(pipe.unet.state_dict()[k], v)
     xu = cache["uncond_x"][0, 1:2]
@@ -286,25 +303,26 @@ def test_trce_targets_and_stage1(tiny_sd_dir):
 
 def test_trce_stage1_preservation_weight_is_an_option(tiny_sd_dir):
     """stage1_preserve_weight replaces the published 1e-6 (None: UCE's rule) in the stage-1 solve."""
-    from engine.closed_form import METHODS, closed_form_edit
+    from engine.closed_form import closed_form_edit
+    from engine.methods import get_method
 
     concepts = concepts_from_names(["nudity"], anchor="a flower", templates=["{}"], preserve=["a cat", "a house"])
     pipe = load_pipeline(tiny_sd_dir)
-    ft._TRCEStage2(pipe, concepts, _trce_cfg(stage1_preserve_weight=None), None)
+    TRCEObjective(pipe, concepts, _trce_cfg(stage1_preserve_weight=None), None)
     stage1 = load_pipeline(tiny_sd_dir)
-    edit = closed_form_edit(stage1, concepts, METHODS["trce-stage1"].replace(preserve_weight=None, progress=False))
+    edit = closed_form_edit(stage1, concepts, get_method("trce-stage1").defaults.replace(preserve_weight=None, progress=False))
     assert edit.preserve_weight >= 0.1  # UCE's max(0.1, 1/n), not the published 1e-6
     for k, v in stage1.unet.state_dict().items():
         torch.testing.assert_close(pipe.unet.state_dict()[k], v)
     for bad in (-1.0, float("nan"), "much"):
         with pytest.raises(ValueError, match="stage1_preserve_weight"):
-            FinetuneConfig(stage1_preserve_weight=bad)
+            TRCEConfig(stage1_preserve_weight=bad)
 
 
 def test_trce_loss_is_its_equation(tiny_sd_dir):
     pipe = load_pipeline(tiny_sd_dir)
     cfg = _trce_cfg()
-    objective = ft._TRCEStage2(pipe, ANCHORED, cfg, None)
+    objective = TRCEObjective(pipe, ANCHORED, cfg, None)
     loss = objective.loss(pipe.unet, torch.Generator().manual_seed(5)).item()
     # Replay the same draws and compute the equation with plain torch.
     gen, b, cache, prompts = torch.Generator().manual_seed(5), cfg.batch_size, objective.cache, objective.prompts
@@ -343,8 +361,8 @@ def test_trce_trains_attention_and_needs_anchors(tiny_sd_dir):
 IDENTITY = "Aldric Corrance"
 
 
-def _image_cfg(world, **kw):
-    return _cfg(params="noxattn", ip_adapter=str(world / "ip_adapter" / "ip_adapter.safetensors"), concept_images=2,
+def _image_cfg(world, cls=CoErasingConfig, **kw):
+    return _cfg(cls, params="noxattn", ip_adapter=str(world / "ip_adapter" / "ip_adapter.safetensors"), concept_images=2,
                 trajectories=1, sample_steps=3, **kw)
 
 
@@ -382,12 +400,12 @@ def test_co_erasing_targets_and_loss_are_its_equations(quick_world):
 
     pipe = load_toy_pipeline(quick_world)
     cfg = _image_cfg(quick_world, eta=1.5)
-    objective = ft.OBJECTIVES["co-erasing"](pipe, _world_concepts(), cfg, None)
+    objective = CoErasingObjective(pipe, _world_concepts(), cfg, None)
     cache, prompts = objective.cache, objective.prompts
     # cached targets are constants: no autograd graph (and its memory) hangs on to them
     assert not any(v.requires_grad for v in cache.values() if torch.is_tensor(v))
     # text-guided refinement: softmax(Q K^T / sqrt(d)) V with K = V = the prompt's text states
-    images = ft._generate_images(load_toy_pipeline(quick_world), [f"a photo of {IDENTITY}"], 2, 7.5, 3, cfg.seed, False)[0]
+    images = generate_images(load_toy_pipeline(quick_world), [f"a photo of {IDENTITY}"], 2, 7.5, 3, cfg.seed, False)[0]
     with torch.no_grad():
         embeds, _ = pipe.encode_image(images, "cpu", 1)
         q = objective._projection(embeds)
@@ -437,8 +455,8 @@ def test_co_erasing_run_leaves_a_plain_pipeline(quick_world, tmp_path):
 def test_bi_erasing_branches_and_positive_first(quick_world):
     from engine.toyworld.world import load_toy_pipeline
 
-    cfg = _image_cfg(quick_world, positive_first=True, iterations=4)
-    objective = ft.OBJECTIVES["bi-erasing"](load_toy_pipeline(quick_world), _world_concepts("a person"), cfg, None)
+    cfg = _image_cfg(quick_world, BiErasingConfig, positive_first=True, iterations=4)
+    objective = BiErasingObjective(load_toy_pipeline(quick_world), _world_concepts("a person"), cfg, None)
     cache, unet = objective.cache, objective.pipe.unet
     assert "pos_tokens" in cache and "neg_tokens" in cache
     # positive branch target u_p + eta (e_p - u_p); the first half of the steps trains it alone
@@ -461,7 +479,7 @@ def test_image_branch_bad_input(quick_world, tiny_sd_dir, tmp_path):
     from engine.toyworld.world import load_toy_pipeline
 
     with pytest.raises(ValueError, match="needs an anchor"):
-        finetune(load_toy_pipeline(quick_world), _world_concepts(), _image_cfg(quick_world), method="bi-erasing")
+        finetune(load_toy_pipeline(quick_world), _world_concepts(), _image_cfg(quick_world, BiErasingConfig))
     with pytest.raises(FileNotFoundError, match="images folder not found"):
         finetune(load_toy_pipeline(quick_world), _world_concepts(), _image_cfg(quick_world, images=str(tmp_path / "nope")),
                  method="co-erasing")
@@ -484,7 +502,7 @@ def test_user_images_are_read_per_concept(quick_world, tmp_path):
     folder.mkdir(parents=True)
     for i, im in enumerate(make_images(3)):
         im.save(folder / f"{i}.png")
-    objective = ft.OBJECTIVES["co-erasing"](load_toy_pipeline(quick_world), _world_concepts(),
+    objective = CoErasingObjective(load_toy_pipeline(quick_world), _world_concepts(),
                                             _image_cfg(quick_world, images=str(tmp_path / "imgs")), None)
     assert len(objective.cache["neg_tokens"]) == 3
 
@@ -502,9 +520,9 @@ def test_masks_keep_only_the_concept_region(quick_world, tmp_path):
     for i, (im, value) in enumerate(zip(images, (255, 0))):
         im.save(folder / f"{i}.png")
         Image.new("L", im.size, value).save(folder / "masks" / f"{i}.png")
-    read, masks = ft._read_images(tmp_path / "imgs", IDENTITY)
+    read, masks = read_images(tmp_path / "imgs", IDENTITY)
     assert [m.mean() for m in masks] == [1.0, 0.0]
-    objective = ft.OBJECTIVES["co-erasing"](load_toy_pipeline(quick_world), _world_concepts(),
+    objective = CoErasingObjective(load_toy_pipeline(quick_world), _world_concepts(),
                                             _image_cfg(quick_world, images=str(tmp_path / "imgs")), None)
     text = objective.prompts.cond[0]
     x1 = np.asarray(images[1], np.float32)
@@ -513,7 +531,7 @@ def test_masks_keep_only_the_concept_region(quick_world, tmp_path):
     torch.testing.assert_close(objective.cache["neg_tokens"], want.cpu())
     (folder / "masks" / "1.png").unlink()
     with pytest.raises(FileNotFoundError, match="no mask 1.png"):
-        ft._read_images(tmp_path / "imgs", IDENTITY)
+        read_images(tmp_path / "imgs", IDENTITY)
 
 
 def test_lora_training_merges_into_a_low_rank_delta(pipe, tiny_sd_dir, tmp_path):

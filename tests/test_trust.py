@@ -17,11 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import engine
-import engine.finetune as ft
+import engine.finetune.checkpoint as ckpt
+import engine.methods.esd as esd_module
 from engine.cli import main
 from engine.concepts import ConceptFileError, concepts_from_names, load_concepts
 from engine.export import DELTA_NAME, MANIFEST_NAME, atomic_output_dir, reserve_output, tensors_fingerprint
-from engine.finetune import FinetuneConfig, finetune
+from engine.methods import finetune
+from engine.methods.esd import ESDConfig
 from engine.models import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +44,7 @@ class Evil:
 def _cfg(**kw):
     base = dict(iterations=2, lr=1e-3, batch_size=1, sample_steps=2, trajectories=1, progress=False,
                 checkpoint_every=1)
-    return FinetuneConfig(**{**base, **kw})
+    return ESDConfig(**{**base, **kw})
 
 
 def _copy_model(src, dst, change=None):
@@ -218,11 +220,11 @@ def test_4_a_cache_from_a_run_killed_before_its_first_checkpoint_is_tied_to_seed
     def killed(*a, **k):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(ft, "guidance_loss", killed)
+    monkeypatch.setattr(esd_module, "guidance_loss", killed)
     with pytest.raises(KeyboardInterrupt):
         finetune(load_pipeline(tiny_sd_dir), CONCEPTS, cfg, checkpoint_dir=tmp_path)
     monkeypatch.undo()
-    assert (tmp_path / ft.CACHE_NAME).is_file() and not (tmp_path / ft.LATEST_NAME).exists()
+    assert (tmp_path / ckpt.CACHE_NAME).is_file() and not (tmp_path / ckpt.LATEST_NAME).exists()
     with pytest.raises(ValueError, match=r"different setting seed \(0 there, 1 now\)"):
         finetune(load_pipeline(tiny_sd_dir), CONCEPTS, cfg.replace(seed=1), checkpoint_dir=tmp_path, resume=True)
     changed = load_pipeline(tiny_sd_dir)
@@ -236,10 +238,10 @@ def test_4_a_cache_from_a_run_killed_before_its_first_checkpoint_is_tied_to_seed
 
 def test_4_checkpoints_are_safetensors_and_json(tiny_sd_dir, tmp_path):
     finetune(load_pipeline(tiny_sd_dir), CONCEPTS, _cfg(), checkpoint_dir=tmp_path)
-    tag = (tmp_path / ft.LATEST_NAME).read_text()
+    tag = (tmp_path / ckpt.LATEST_NAME).read_text()
     assert tag == "step00000002"
-    assert sorted(p.name for p in (tmp_path / tag).iterdir()) == sorted([ft.STATE_TENSORS, ft.STATE_JSON])
-    state = json.loads((tmp_path / tag / ft.STATE_JSON).read_text())
+    assert sorted(p.name for p in (tmp_path / tag).iterdir()) == sorted([ckpt.STATE_TENSORS, ckpt.STATE_JSON])
+    state = json.loads((tmp_path / tag / ckpt.STATE_JSON).read_text())
     assert state["step"] == 2 and len(state["signature"]["model"]) == 64
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("step00000001"))
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import engine
-from engine.closed_form import METHODS, accumulate, collect_rows, cross_attention_kv, solve_transform
+from engine.closed_form import accumulate, collect_rows, cross_attention_kv, solve_transform
+from engine.methods import get_method
 from engine.concepts import concepts_from_names
 from engine.models import encode_prompts, load_pipeline
 
@@ -108,7 +109,7 @@ def test_the_guide_row_is_the_guides_own_last_token(tiny_sd_dir):
     the concept's last token has (UCE takes each string's own last token)."""
     pipe = load_pipeline(tiny_sd_dir)
     concepts = concepts_from_names(["Van Gogh"], anchor="art")
-    rows = collect_rows(pipe, concepts, METHODS["uce"].replace(progress=False))
+    rows = collect_rows(pipe, concepts, get_method("uce").defaults.replace(progress=False))
     emb, ids = encode_prompts(pipe, ["Van Gogh", "art"])
     eot = pipe.tokenizer.eos_token_id
     src_pos, tgt_pos = ids[0].tolist().index(eot) - 1, ids[1].tolist().index(eot) - 1
@@ -120,7 +121,7 @@ def test_the_guide_row_is_the_guides_own_last_token(tiny_sd_dir):
 def test_reported_condition_number_is_the_systems(tiny_sd_dir):
     pipe = sd15_width_pipeline(tiny_sd_dir)
     concepts = concepts_from_names(ERASE, preserve=PRESERVE)
-    cfg = METHODS["uce"].replace(progress=False, backend="torch")
+    cfg = get_method("uce").defaults.replace(progress=False, backend="torch")
     S, _ = accumulate(collect_rows(pipe, concepts, cfg), "torch", "float64")  # before the edit
     result = engine.erase(pipe, concepts, method="uce", config=cfg)
     true = float(torch.linalg.cond(S + cfg.ridge * torch.eye(S.shape[0], dtype=torch.float64)))

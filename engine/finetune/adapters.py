@@ -1,7 +1,7 @@
 """Independent per-concept LoRA adapters, trained concurrently in one batched run.
 
 ``train_concept_adapters(pipe, concepts, cfg)`` trains one rank-``lora_rank`` LoRA adapter per
-concept on the cross-attention projections (``engine.finetune.LORA_TARGETS``) with ESD's loss
+concept on the cross-attention projections (``engine.finetune.params.LORA_TARGETS``) with ESD's loss
 (cached targets). Each step draws ``batch_size`` samples of EVERY concept, from that concept's
 own generator and its own trajectory cache, and runs them through the UNet in one forward: each
 sample goes through its own concept's adapter (``BatchedLoRALinear``). The loss is the sum over
@@ -28,26 +28,13 @@ from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
 from engine.export import file_slug
-from engine.finetune import (
-    LORA_SEED_OFFSET,
-    FinetuneConfig,
-    LoRALinear,
-    _ESD,
-    _load_checkpoint,
-    _save_checkpoint,
-    checkpoint_due,
-    checkpoint_lock,
-    checkpoint_signature,
-    lora_parameters,
-    restore_checkpoint,
-    sdxl_conditioning,
-    start_training,
-    track_loss,
-    unwrap_lora_targets,
-    wrap_lora_targets,
-)
+from engine.finetune.checkpoint import checkpoint_lock, checkpoint_signature, load_checkpoint, restore_checkpoint, save_checkpoint
+from engine.finetune.frozen import Prompts, build_trajectory_cache, cached_guidance_batch, sdxl_conditioning
+from engine.finetune.params import LORA_SEED_OFFSET, LoRALinear, lora_parameters, start_training, unwrap_lora_targets, wrap_lora_targets
+from engine.finetune.trainer import local_update, run_steps
 from engine.kernels import guidance_loss
 
+ADAPTER_METHOD = "esd"  # the registered method whose settings and loss the adapters train with
 ADAPTER_DIR = "adapters"
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "erasure-engine/concept-adapters-v1"
@@ -121,11 +108,11 @@ class ConceptAdapters:
         return Path(out_dir)
 
 
-def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, checkpoint_dir: str | os.PathLike | None = None,
+def train_concept_adapters(pipe, concepts: ConceptSet, cfg, checkpoint_dir: str | os.PathLike | None = None,
                            resume: bool = False, model_fingerprint: str | None = None) -> ConceptAdapters:
     """Train one LoRA adapter per concept of ``concepts`` in one batched ESD run (module docstring).
 
-    ``cfg``: ESD's ``FinetuneConfig`` with ``params="lora"``; ``batch_size`` samples per concept
+    ``cfg``: ESD's settings (``engine.methods.esd.ESDConfig``) with ``params="lora"``; ``batch_size`` samples per concept
     and step. ``pipe`` is left unchanged. Checkpoints, ``resume`` and ``model_fingerprint`` as in
     ``engine.finetune.finetune``.
     """
@@ -145,17 +132,19 @@ def train_concept_adapters(pipe, concepts: ConceptSet, cfg: FinetuneConfig, chec
         return _train(pipe, concepts, cfg, folder, resume, model_fingerprint)
 
 
-def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, folder: Path | None, resume: bool,
+def _train(pipe, concepts: ConceptSet, cfg, folder: Path | None, resume: bool,
            model_fingerprint: str | None) -> ConceptAdapters:
     names = [c.name for c in concepts.concepts]
     signature = checkpoint_signature(pipe, "esd-per-concept-adapters", cfg, concepts, folder, model_fingerprint)
-    state = _load_checkpoint(folder, signature) if resume else None
+    state = load_checkpoint(folder, signature) if resume else None
 
     with sdxl_conditioning(pipe):  # SDXL: the pooled embedding rides with the text conditions
         start = time.perf_counter()
         quiet = cfg.replace(progress=False)
-        objectives = [_ESD(pipe, ConceptSet(concepts=(c,)), quiet, None)
-                      for c in tqdm(concepts.concepts, desc="cached targets", unit="concept", disable=not cfg.progress)]
+        targets = []  # per concept: its prompts and its own trajectory cache, as its own run builds them
+        for c in tqdm(concepts.concepts, desc="cached targets", unit="concept", disable=not cfg.progress):
+            prompts = Prompts(pipe, ConceptSet(concepts=(c,)), False)
+            targets.append((prompts, build_trajectory_cache(pipe, prompts, quiet)))
         timings = {"targets": time.perf_counter() - start}
 
         unet = pipe.unet
@@ -173,35 +162,29 @@ def _train(pipe, concepts: ConceptSet, cfg: FinetuneConfig, folder: Path | None,
             route = torch.arange(len(names), device=unet.device).repeat_interleave(cfg.batch_size)
             for module in wrapped.values():
                 module.route = route
-            losses = []
+
+            def step_loss(step):
+                parts = [cached_guidance_batch(cache, prompts, cfg.batch_size, cfg.eta, g, unet.device, unet.dtype)
+                         for (prompts, cache), g in zip(targets, gens)]
+                x, t, cond, frozen, coeffs = (torch.cat(z) for z in zip(*parts))
+                pred = unet(x, t, cond).sample
+                per_sample = guidance_loss(pred.flatten(1), frozen.flatten(2), coeffs, backend=cfg.loss_backend)
+                return per_sample.view(len(names), -1).mean(1).sum()  # each adapter: its own run's mean loss
+
+            def save(done):
+                save_checkpoint(folder, done, trained, opt, {"generators": [g.get_state() for g in gens]}, signature)
+
             start = time.perf_counter()
-            with tqdm(total=cfg.iterations, initial=first, desc="esd adapters", disable=not cfg.progress) as bar:
-                for step in range(first, cfg.iterations):
-                    parts = [obj.sample(g, unet.device, unet.dtype) for obj, g in zip(objectives, gens)]
-                    x, t, cond, frozen, coeffs = (torch.cat(z) for z in zip(*parts))
-                    pred = unet(x, t, cond).sample
-                    per_sample = guidance_loss(pred.flatten(1), frozen.flatten(2), coeffs, backend=cfg.loss_backend)
-                    loss = per_sample.view(len(names), -1).mean(1).sum()  # each adapter: its own run's mean loss
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    track_loss(losses, loss.item() / len(names), step, bar)
-                    if checkpoint_due(folder, cfg, step + 1):
-                        _save_checkpoint(folder, step + 1, trained, opt, {"generators": [g.get_state() for g in gens]},
-                                         signature)
+            losses = run_steps(cfg, first, step_loss, local_update(opt), save if folder is not None else None,
+                               "esd adapters", cfg.progress, value=lambda loss: loss.item() / len(names))
             timings["train"] = time.perf_counter() - start
         finally:
             unwrap_lora_targets(unet, wrapped)
             unet.eval().requires_grad_(False)
             if cfg.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
-        adapters = []
-        for k in range(len(names)):
-            state_k = {}
-            for name, module in wrapped.items():
-                state_k[f"unet.{name}.lora_A.weight"] = module.lora_A[k].detach().clone()
-                state_k[f"unet.{name}.lora_B.weight"] = module.lora_B[k].detach().clone()
-            adapters.append(state_k)
+        adapters = [{f"unet.{name}.lora_{p}.weight": getattr(module, f"lora_{p}")[k].detach().clone()
+                     for name, module in wrapped.items() for p in ("A", "B")} for k in range(len(names))]
         return ConceptAdapters(concepts=names, adapters=adapters, rank=cfg.lora_rank, losses=losses, timings=timings,
                                steps_run=cfg.iterations - first, resumed_from=first, manifest={})
 
