@@ -87,4 +87,5 @@ def test_apply_writes_a_loadable_pipeline(tiny_sd_dir, tmp_path):
 
 def test_module_entry_point_lists_methods():
     out = subprocess.run([sys.executable, "-m", "engine", "methods"], capture_output=True, text=True, check=True).stdout
-    assert "uce:" in out and "trce-stage1:" in out and '"tokens": "eot"' in out
+    assert "uce (one pass):" in out and "trce-stage1 (one pass):" in out and '"tokens": "eot"' in out
+    assert "esd (fine-tuning):" in out and "ESDConfig" in out and "Gandikota et al., ICCV 2023" in out

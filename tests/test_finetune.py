@@ -1,5 +1,5 @@
-"""engine.finetune and the fine-tuning methods (engine/methods): each method's loss against its equation (ESD, TRCE on the tiny SD pipeline;
-Co-Erasing, Bi-Erasing on the quick toy world, which has an IP-Adapter), the cached targets,
+"""engine.finetune and the fine-tuning methods (engine/methods): each method's loss against its
+equation (ESD, TRCE on the tiny SD pipeline; Co-Erasing, Bi-Erasing on the quick toy world, which has an IP-Adapter), the cached targets,
 resume after a kill, parameter sets, the 8-bit optimizer, masks and bad input."""
 
 import numpy as np

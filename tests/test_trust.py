@@ -459,7 +459,7 @@ def test_11_output_folders_follow_the_umask(tmp_path):
 
 
 def test_per_concept_adapter_files_are_checked_before_loading(tmp_path):
-    from engine.adapters import ADAPTER_DIR, INDEX_NAME, ConceptAdapters, load_concept_adapters
+    from engine.finetune.adapters import ADAPTER_DIR, INDEX_NAME, ConceptAdapters, load_concept_adapters
 
     state = {"unet.x.lora_A.weight": torch.ones(1, 2), "unet.x.lora_B.weight": torch.ones(2, 1)}
     run = ConceptAdapters(concepts=["Van Gogh"], adapters=[state], rank=1, losses=[], timings={}, steps_run=0,
