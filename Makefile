@@ -25,7 +25,7 @@ test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 bench: venv
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) build

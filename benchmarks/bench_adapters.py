@@ -1,6 +1,6 @@
 """Per-concept LoRA adapters: one batched run of N adapters vs N sequential single-concept runs.
 
-    python benchmarks/bench_adapters.py [--model toy|tiny|sd15] [--concepts 8] [--steps 20] [--device cuda]
+    python -m benchmarks.bench_adapters [--model toy|tiny|sd15] [--concepts 8] [--steps 20] [--device cuda]
 
 Both sides train the same adapters on the same data (``engine.adapters``: adapter k of the
 batched run equals its own single-concept run) with ESD's cached targets, ``batch_size`` 1 per
@@ -16,20 +16,23 @@ gain is per-call overhead and better matmul shapes. Prints the result and writes
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
-from benchmarks.bench_finetune import load_model  # noqa: E402
-from engine.adapters import train_concept_adapters  # noqa: E402
-from engine.concepts import ConceptSet, concepts_from_names  # noqa: E402
-from engine.finetune import FinetuneConfig, finetune  # noqa: E402
+from benchmarks._common import (
+    add_device_argument,
+    add_out_argument,
+    argument_parser,
+    report_header,
+    result_path,
+    sync,
+    timed,
+    write_report,
+)
+from benchmarks.bench_finetune import load_model
+from engine.adapters import train_concept_adapters
+from engine.concepts import ConceptSet, concepts_from_names
+from engine.finetune import FinetuneConfig, finetune
 
 
 def concept_names(n: int) -> list[str]:
@@ -58,11 +61,7 @@ def run(model: str, device, n: int, steps: int) -> dict:
     concepts = concepts_from_names(concept_names(n), anchor="a person", templates=["a photo of {}"])
 
     pipe, _ = load_model(model, device)
-    sync(device)
-    t0 = time.perf_counter()
-    batched = train_concept_adapters(pipe, concepts, cfg)
-    sync(device)
-    batched_total = time.perf_counter() - t0
+    batched, batched_total = timed(device, lambda: train_concept_adapters(pipe, concepts, cfg))
     flops = batched_step_flops(pipe, concepts, cfg)
 
     sequential_train, sequential_targets = 0.0, 0.0
@@ -86,12 +85,12 @@ def run(model: str, device, n: int, steps: int) -> dict:
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="toy", choices=("toy", "tiny", "sd15"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--concepts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out")
+    add_out_argument(parser, "adapters_<model>_<device>.json")
     args = parser.parse_args(argv)
     if args.concepts < 1 or args.steps < 1:
         parser.error("--concepts and --steps must be >= 1")
@@ -104,7 +103,7 @@ def main(argv=None):
     header = report_header("adapters", device)  # at launch: the code that runs is this sha's
     row = run(args.model, device, args.concepts, args.steps)
     report = {**header, "result": row}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"adapters_{args.model}_{device.type}.json"
+    out = result_path(args.out, f"adapters_{args.model}_{device.type}.json")
     write_report(out, report)
     print(f"{args.concepts} per-concept adapters, {args.steps} steps each, on {args.model}:")
     print(f"  training: batched {row['batched_train_s']:.2f} s vs sequential {row['sequential_train_s']:.2f} s "

@@ -1,6 +1,6 @@
 """Closed-form multi-concept erasure: the engine vs a per-layer implementation of the same equations.
 
-    python benchmarks/bench_closed_form.py [--archs sd15,sdxl] [--concepts 1,10,100,1000] [--device cuda]
+    python -m benchmarks.bench_closed_form [--archs sd15,sdxl] [--concepts 1,10,100,1000] [--device cuda]
         [--sequential-max 1000]
 
 For each architecture (random weights, real shapes) and each number of concepts N, both
@@ -29,20 +29,21 @@ the meta device): the closed-form edit reads and writes nothing else.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from engine.closed_form import (  # noqa: E402
+from benchmarks._common import (
+    ROOT,
+    add_device_argument,
+    add_out_argument,
+    argument_parser,
+    report_header,
+    result_path,
+    timed,
+    write_report,
+)
+from engine.closed_form import (
     METHODS,
     accumulate,
     apply_transform,
@@ -53,26 +54,12 @@ from engine.closed_form import (  # noqa: E402
     kv_gram,
     solve_transform,
 )
-from engine.concepts import concepts_from_names  # noqa: E402
-from engine.export import package_versions, write_json  # noqa: E402
-from engine.models import encode_prompts  # noqa: E402
-from engine.tiny import ARCHS, build_pipeline, text_encoder_configs  # noqa: E402
-from engine.kernels._dispatch import BACKENDS  # noqa: E402
+from engine.concepts import concepts_from_names
+from engine.kernels._dispatch import BACKENDS
+from engine.models import encode_prompts
+from engine.tiny import ARCHS, build_pipeline, text_encoder_configs
 
 CAPTIONS = [line.strip() for line in (ROOT / "examples" / "captions.txt").read_text().splitlines() if line.strip()]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(device, fn):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
 
 
 def per_layer_reference(rows, kv, ridge, dtype=torch.float32):
@@ -119,13 +106,12 @@ def sequential_77_encoding(pipe, concepts) -> float:
     """Seconds to encode every distinct concept and guide prompt one at a time at 77 positions,
     as the published UCE code does (one encode_prompt call per string)."""
     prompts = dict.fromkeys(p for c in concepts.concepts for _, src, tgt in c.prompt_pairs() for p in (src, tgt))
-    device = pipe.text_encoder.device
-    sync(device)
-    start = time.perf_counter()
-    for prompt in prompts:
-        encode_prompts(pipe, [prompt], batch_size=1)  # min_positions defaults to all 77
-    sync(device)
-    return time.perf_counter() - start
+
+    def encode_each():
+        for prompt in prompts:
+            encode_prompts(pipe, [prompt], batch_size=1)  # min_positions defaults to all 77
+
+    return timed(pipe.text_encoder.device, encode_each)[1]
 
 
 def rel_diff(a: dict, b: dict) -> float:
@@ -154,11 +140,85 @@ def restore(kv, originals):
             module.weight.copy_(originals[key])
 
 
+def measure_concepts(pipe, kv, originals, concepts, cfg, backend: str, device, warm_up: bool,
+                     sequential: bool) -> dict:
+    """One concept set's measurements: text encoding (time, and FLOPs in an untimed pass), the
+    engine's phases and report, the per-layer solves in fp32 and fp64, the engine with fp32 sums,
+    the differences between their edits, the system's condition number and, with `sequential`,
+    the published-style encoding."""
+    with torch.no_grad():
+        rows, t_enc = timed(device, lambda: collect_rows(pipe, concepts, cfg))
+        with FlopCounterMode(display=False) as counter:  # an untimed second pass: the counter slows it
+            collect_rows(pipe, concepts, cfg)
+        if warm_up:  # first calls pay for allocator and kernel set-up
+            engine_edit(rows, kv, cfg, backend, device)
+            per_layer_reference(rows, kv, cfg.ridge)
+        restore(kv, originals)
+        edited, solver, engine_t = engine_edit(rows, kv, cfg, backend, device, concepts)
+        report_s = engine_t.pop("report")
+        restore(kv, originals)
+        ref, ref_t = per_layer_reference(rows, kv, cfg.ridge)
+        exact, exact_t = per_layer_reference(rows, kv, cfg.ridge, torch.float64)
+        # The same engine with fp32 Gram sums: how much the fp64 default buys.
+        restore(kv, originals)
+        edited32, _, _ = engine_edit(rows, kv, cfg.replace(gram_dtype="float32"), backend, device)
+        S, _ = accumulate(rows, "torch", "float64")
+        evals = torch.linalg.eigvalsh(S.cpu() + cfg.ridge * torch.eye(S.shape[0], dtype=torch.float64))
+        seq_enc = sequential_77_encoding(pipe, concepts) if sequential else None
+    return {"rows": rows, "text_encoding_s": t_enc, "text_encoding_flops": counter.get_total_flops(),
+            "engine_s": engine_t, "report_s": report_s, "per_layer_fp32_s": ref_t, "per_layer_fp64_s": exact_t,
+            "sequential_77_encoding_s": seq_enc, "solver": solver,
+            "condition_number": float(evals.max() / evals.min()),
+            "max_rel_diff_engine_vs_fp64": rel_diff(edited, exact),
+            "max_rel_diff_per_layer_fp32_vs_fp64": rel_diff(ref, exact),
+            "max_rel_diff_engine_vs_per_layer_fp32": rel_diff(edited, ref),
+            "max_rel_diff_engine_fp32_gram_vs_fp64": rel_diff(edited32, exact)}
+
+
+def result_row(arch: str, kv, concepts, templates: list[str], m: dict) -> dict:
+    """The record of one (architecture, concept count) from `measure_concepts`'s measurements."""
+    rows, t_enc, engine_t, ref_t = m["rows"], m["text_encoding_s"], m["engine_s"], m["per_layer_fp32_s"]
+    # Distinct prompts the timed encoding runs through the text encoder(s): the concepts'.
+    prompts = len({p for c in concepts.concepts for _, src, tgt in c.prompt_pairs() for p in (src, tgt)})
+    eng_total, ref_total = sum(engine_t.values()), sum(ref_t.values())
+    end_to_end = t_enc + eng_total + m["report_s"]
+    seq_enc = m["sequential_77_encoding_s"]
+    published = None if seq_enc is None else seq_enc + ref_total
+    return {
+        "arch": arch, "D": kv[0][1].in_features, "kv_matrices": len(kv), "concepts": len(concepts.concepts),
+        "templates": len(templates), "edit_rows": rows.n_edit, "preserve_rows": len(rows.src_index) - rows.n_edit,
+        "caption_rows": rows.caption_rows,
+        "prompts_encoded": prompts, "text_encoder_prompts_per_s": prompts / t_enc,
+        "text_encoding_flops": m["text_encoding_flops"], "text_encoding_tflops": m["text_encoding_flops"] / t_enc / 1e12,
+        "text_encoding_s": t_enc, "engine_s": engine_t, "per_layer_fp32_s": ref_t, "per_layer_fp64_s": m["per_layer_fp64_s"],
+        "engine_total_s": eng_total, "per_layer_total_s": ref_total, "speedup": ref_total / eng_total,
+        "report_s": m["report_s"], "engine_end_to_end_s": end_to_end, "report_share": m["report_s"] / end_to_end,
+        "sequential_77_encoding_s": seq_enc, "published_style_end_to_end_s": published,
+        "end_to_end_speedup_vs_published_style": None if published is None else published / end_to_end,
+        **{k: m[k] for k in ("max_rel_diff_engine_vs_fp64", "max_rel_diff_per_layer_fp32_vs_fp64",
+                             "max_rel_diff_engine_vs_per_layer_fp32", "max_rel_diff_engine_fp32_gram_vs_fp64",
+                             "condition_number", "solver")},
+    }
+
+
+def print_row(r: dict) -> None:
+    """One progress line per measured row."""
+    end_to_end, published = r["engine_end_to_end_s"], r["published_style_end_to_end_s"]
+    print(f"{r['arch']:<6} N={r['concepts']:<5} rows={r['edit_rows']:<6} encode {r['text_encoding_s']:7.2f}s | "
+          f"engine {r['engine_total_s']:.4f}s ({', '.join(f'{k} {v:.4f}' for k, v in r['engine_s'].items())}) | "
+          f"per-layer fp32 {r['per_layer_total_s']:.4f}s | "
+          f"x{r['speedup']:.1f} | vs fp64: engine {r['max_rel_diff_engine_vs_fp64']:.1e}, "
+          f"per-layer fp32 {r['max_rel_diff_per_layer_fp32_vs_fp64']:.1e}, engine with fp32 Gram "
+          f"{r['max_rel_diff_engine_fp32_gram_vs_fp64']:.1e} | condition {r['condition_number']:.2e} | "
+          f"report {r['report_s']:.3f}s ({100 * r['report_share']:.1f}% of {end_to_end:.2f}s end to end)"
+          + ("" if published is None else f" | published-style {published:.1f}s: x{published / end_to_end:.1f}"),
+          flush=True)
+
+
 def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.device, backend: str,
         sequential_max: int = 0):
     pipe = build_for_bench(arch, device)
     kv = cross_attention_kv(pipe.unet)
-    D = kv[0][1].in_features
     originals = {k: m.weight.detach().clone() for k, m in kv}
     results = []
     cfg = METHODS["uce-plus"].replace(progress=False, backend=backend, batch_size=128)  # the rows of earlier records
@@ -168,104 +228,24 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
         concepts = concepts_from_names(
             [f"Person{i} Example" for i in range(n)], anchor="a person", templates=templates, captions=CAPTIONS
         )
-        # Distinct prompts the timed encoding runs through the text encoder(s): the concepts'.
-        prompts = len({p for c in concepts.concepts for _, src, tgt in c.prompt_pairs() for p in (src, tgt)})
-        with torch.no_grad():
-            rows, t_enc = timed(device, lambda: collect_rows(pipe, concepts, cfg))
-            with FlopCounterMode(display=False) as counter:  # an untimed second pass: the counter slows it
-                collect_rows(pipe, concepts, cfg)
-            enc_flops = counter.get_total_flops()
-            if not results:  # warm-up: first calls pay for allocator and kernel set-up
-                engine_edit(rows, kv, cfg, backend, device)
-                per_layer_reference(rows, kv, cfg.ridge)
-            restore(kv, originals)
-            edited, solver, engine_t = engine_edit(rows, kv, cfg, backend, device, concepts)
-            report_s = engine_t.pop("report")
-            restore(kv, originals)
-            ref, ref_t = per_layer_reference(rows, kv, cfg.ridge)
-            exact, exact_t = per_layer_reference(rows, kv, cfg.ridge, torch.float64)
-            # The same engine with fp32 Gram sums: how much the fp64 default buys.
-            restore(kv, originals)
-            edited32, _, _ = engine_edit(rows, kv, cfg.replace(gram_dtype="float32"), backend, device)
-            S, _ = accumulate(rows, "torch", "float64")
-            evals = torch.linalg.eigvalsh(S.cpu() + cfg.ridge * torch.eye(D, dtype=torch.float64))
-            condition = float(evals.max() / evals.min())
-            seq_enc = sequential_77_encoding(pipe, concepts) if n <= sequential_max else None
-        eng_total, ref_total = sum(engine_t.values()), sum(ref_t.values())
-        end_to_end = t_enc + eng_total + report_s
-        published = None if seq_enc is None else seq_enc + ref_total
-        results.append({
-            "arch": arch, "D": D, "kv_matrices": len(kv), "concepts": n, "templates": len(templates),
-            "edit_rows": rows.n_edit, "preserve_rows": len(rows.src_index) - rows.n_edit, "caption_rows": rows.caption_rows,
-            "prompts_encoded": prompts, "text_encoder_prompts_per_s": prompts / t_enc,
-            "text_encoding_flops": enc_flops, "text_encoding_tflops": enc_flops / t_enc / 1e12,
-            "text_encoding_s": t_enc, "engine_s": engine_t, "per_layer_fp32_s": ref_t, "per_layer_fp64_s": exact_t,
-            "engine_total_s": eng_total, "per_layer_total_s": ref_total, "speedup": ref_total / eng_total,
-            "report_s": report_s, "engine_end_to_end_s": end_to_end, "report_share": report_s / end_to_end,
-            "sequential_77_encoding_s": seq_enc, "published_style_end_to_end_s": published,
-            "end_to_end_speedup_vs_published_style": None if published is None else published / end_to_end,
-            "max_rel_diff_engine_vs_fp64": rel_diff(edited, exact),
-            "max_rel_diff_per_layer_fp32_vs_fp64": rel_diff(ref, exact),
-            "max_rel_diff_engine_vs_per_layer_fp32": rel_diff(edited, ref),
-            "max_rel_diff_engine_fp32_gram_vs_fp64": rel_diff(edited32, exact),
-            "condition_number": condition,
-            "solver": solver,
-        })
-        r = results[-1]
-        print(f"{arch:<6} N={n:<5} rows={r['edit_rows']:<6} encode {t_enc:7.2f}s | engine {eng_total:.4f}s "
-              f"({', '.join(f'{k} {v:.4f}' for k, v in engine_t.items())}) | per-layer fp32 {ref_total:.4f}s | "
-              f"x{r['speedup']:.1f} | vs fp64: engine {r['max_rel_diff_engine_vs_fp64']:.1e}, "
-              f"per-layer fp32 {r['max_rel_diff_per_layer_fp32_vs_fp64']:.1e}, engine with fp32 Gram "
-              f"{r['max_rel_diff_engine_fp32_gram_vs_fp64']:.1e} | condition {condition:.2e} | report {report_s:.3f}s "
-              f"({100 * r['report_share']:.1f}% of {end_to_end:.2f}s end to end)"
-              + ("" if published is None else f" | published-style {published:.1f}s: x{published / end_to_end:.1f}"),
-              flush=True)
+        m = measure_concepts(pipe, kv, originals, concepts, cfg, backend, device, warm_up=not results,
+                             sequential=n <= sequential_max)
+        results.append(result_row(arch, kv, concepts, templates, m))
+        print_row(results[-1])
     return results
 
 
-def git_sha() -> str:
-    """HEAD's sha, with ``+dirty`` when tracked files other than results and docs differ from it
-    (the code that ran is not HEAD's)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        sha = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results", ":!*.md")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("+dirty" if changed else "")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def report_header(benchmark: str, device: torch.device) -> dict:
-    """What every benchmark's JSON starts with: which benchmark, device, versions, git sha, date."""
-    return {"benchmark": benchmark, "device": device_name(device), "device_type": device.type,
-            "versions": package_versions(), "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "load_average_at_start": os.getloadavg()[0]}  # other work on the machine skews CPU timings
-
-
-def write_report(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, report)
-
-
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--archs", default="sd15,sdxl", help=f"comma-separated, of {', '.join(ARCHS)}")
     parser.add_argument("--concepts", default="1,10,100,1000", help="numbers of concepts, comma-separated")
     parser.add_argument("--templates", default="a photo of {}|a portrait of {}", help="'|'-separated, each with {}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--sequential-max", type=int, default=1000,
                         help="run the published-style baseline (one prompt at a time, 77 positions) up to this many "
                              "concepts (0: never)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/closed_form_<device>.json)")
+    add_out_argument(parser, "closed_form_<device>.json")
     args = parser.parse_args(argv)
     args.archs = args.archs.split(",")
     unknown = set(args.archs) - set(ARCHS)
@@ -293,7 +273,7 @@ def main(argv=None):
     for arch in args.archs:
         all_results += run(arch, args.concepts, args.templates, device, args.backend, args.sequential_max)
     report = {**header, "results": all_results}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"closed_form_{device.type}.json"
+    out = result_path(args.out, f"closed_form_{device.type}.json")
     write_report(out, report)
     print("\n| arch | N | edit rows | text encoding (s) | engine: gram / solve / update (s) | per-layer fp32: gram / solve / update (s) "
           "| speed-up | max rel. diff. vs fp64 per-layer: engine / per-layer fp32 | report (s, share of the run) "

@@ -1,6 +1,6 @@
 """Fine-tuning step cost per method and mode, FLOPs, and optimizer memory (AdamW vs AdamW8bit).
 
-    python benchmarks/bench_finetune.py [--model toy|tiny|tiny-sdxl|sd15|sdxl] [--device cuda] [--steps 20]
+    python -m benchmarks.bench_finetune [--model toy|tiny|tiny-sdxl|sd15|sdxl] [--device cuda] [--steps 20]
         [--batch 4] [--sample-steps 25] [--trajectories 2] [--gradient-checkpointing]
 
 For each method (ESD with cached targets, ESD on-policy, TRCE stage 2, Co-Erasing, Bi-Erasing;
@@ -41,22 +41,24 @@ import argparse
 import multiprocessing
 import resource
 import statistics
-import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.autograd.profiler import record_function
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
-from engine.concepts import concepts_from_names  # noqa: E402
-from engine.finetune import (FINETUNE_METHODS, OBJECTIVES, FinetuneConfig, make_optimizer, start_training,  # noqa: E402
+from benchmarks._common import (
+    add_device_argument,
+    add_out_argument,
+    argument_parser,
+    report_header,
+    result_path,
+    timed,
+    write_report,
+)
+from engine.concepts import concepts_from_names
+from engine.finetune import (FINETUNE_METHODS, OBJECTIVES, FinetuneConfig, make_optimizer, start_training,
                              sdxl_conditioning, trainable_parameters, training_autocast)
 
 CASES = {  # name: (method, config overrides)
@@ -121,11 +123,7 @@ def prepared_case(model: str, device, case: str, batch: int, sample_steps: int =
                                            gradient_checkpointing=gradient_checkpointing, **overrides)
     concepts = concepts_from_names(["Aldric Corrance", "skull"], anchor="a person", templates=["a photo of {}"])
     with sdxl_conditioning(pipe):
-        sync(device)
-        t0 = time.perf_counter()
-        objective = OBJECTIVES[method](pipe, concepts, cfg, None)
-        sync(device)
-        prepare = time.perf_counter() - t0
+        objective, prepare = timed(device, lambda: OBJECTIVES[method](pipe, concepts, cfg, None))
         unet = pipe.unet
         unet.requires_grad_(False)
         trained = trainable_parameters(unet, cfg.params)
@@ -157,19 +155,13 @@ def _time_steps(run: PreparedCase, device, case: str, steps: int, batch: int, va
         run.step(0)
     flops = counter.get_total_flops()
     run.unet = VARIANTS[variant](run.unet)
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(2):  # warm-up (compilation included)
-        run.step(1 + i)
-    sync(device)
-    warmup = time.perf_counter() - t0
-    times = []
-    for i in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        run.step(3 + i)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+
+    def warm_up():  # compilation included
+        for i in range(2):
+            run.step(1 + i)
+
+    _, warmup = timed(device, warm_up)
+    times = [timed(device, lambda: run.step(3 + i))[1] for i in range(steps)]
     step_s = statistics.median(times)
     return {"case": case, "variant": variant, "method": run.method, "params": run.cfg.params, "batch": batch,
             "concepts": run.concepts, "sample_steps": run.cfg.sample_steps, "trajectories": run.cfg.trajectories,
@@ -243,21 +235,21 @@ def _optimizer_step(model: str, device, optimizer: str) -> dict:
 
 
 def add_case_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
-    """The options that set up a case's steps (shared with profile_finetune.py)."""
+    """The options that set up a case's steps (shared with profile_finetune)."""
     parser.add_argument("--model", default="toy", choices=MODELS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--trajectories", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
-    parser.add_argument("--out")
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
     """The options, checked before any work starts (a typo must not cost a GPU hour)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     add_case_arguments(parser, steps=20)
+    add_out_argument(parser, "finetune_<model>_<device>.json")
     parser.add_argument("--memory-models", help=f"models of the optimizer-memory step, comma-separated: "
                         f"{', '.join(MODELS)}, or none (default: --model; SDXL's full UNet is a GPU job)")
     parser.add_argument("--cases", default=",".join(CASES))
@@ -284,7 +276,7 @@ def main(argv=None):
             if (r := bench_case(args.model, device, case, args.steps, args.batch, args.sample_steps, args.trajectories,
                                 args.gradient_checkpointing, variant))]
     report = {**header, "model": args.model, "steps": rows, "optimizer_memory": memory}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"finetune_{args.model}_{device.type}.json"
+    out = result_path(args.out, f"finetune_{args.model}_{device.type}.json")
     write_report(out, report)
     print("| case | variant | params | batch | prepare s | warm-up s | step ms | samples/s | GFLOP/step | TFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

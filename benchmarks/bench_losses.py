@@ -1,6 +1,6 @@
 """The fused fine-tuning losses against eager torch (and torch.compile): time, bytes, bandwidth.
 
-    python benchmarks/bench_losses.py [--device cuda] [--quick]
+    python -m benchmarks.bench_losses [--device cuda] [--quick]
 
 Forward + backward of each loss, per shape:
 
@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_closed_form import report_header, write_report  # noqa: E402
-from engine.kernels import contrastive_hinge, guidance_loss  # noqa: E402
-from engine.kernels._dispatch import triton_can_run  # noqa: E402
+from benchmarks._common import (
+    add_device_argument,
+    add_out_argument,
+    argument_parser,
+    report_header,
+    result_path,
+    timed,
+    write_report,
+)
+from engine.kernels import contrastive_hinge, guidance_loss
+from engine.kernels._dispatch import triton_can_run
 
 SHAPES = {"sd15": 4 * 64 * 64, "sdxl": 4 * 128 * 128}
 
@@ -79,15 +82,7 @@ def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
     """Bytes per second of a large device copy (read + write counted): the memory roof."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(7):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = [timed(device, lambda: dst.copy_(src))[1] for _ in range(7)]
     return 2 * nbytes / statistics.median(times[2:])
 
 
@@ -131,10 +126,10 @@ def run(device, quick: bool) -> list[dict]:
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argument_parser(__doc__)
+    add_device_argument(parser)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes (CPU minutes)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/losses_<device>.json)")
+    add_out_argument(parser, "losses_<device>.json")
     return parser.parse_args(argv)
 
 
@@ -153,7 +148,7 @@ def main(argv=None):
         r["speedup_vs_eager"] = r["eager_s"] / best
     report = {**header, "copy_bandwidth_GBps": roof / 1e9, "quick": args.quick,
               "results": results}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"losses_{device.type}.json"
+    out = result_path(args.out, f"losses_{device.type}.json")
     write_report(out, report)
     fused = any("fused_s" in r for r in results)
     print(f"| loss | case | arch | batch | eager ms (GB/s) | compile ms (GB/s) |{' fused ms (GB/s) |' if fused else ''} "

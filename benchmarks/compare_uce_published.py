@@ -1,7 +1,7 @@
 """The engine's `uce` against the published UCE code's own output, on the same model.
 
     git clone https://github.com/rohitgandikota/unified-concept-editing /tmp/uce
-    python benchmarks/compare_uce_published.py --uce-repo /tmp/uce [--arch sd15] [--concepts 10]
+    python -m benchmarks.compare_uce_published --uce-repo /tmp/uce [--arch sd15] [--concepts 10]
 
 Runs `UCE()` of the published `trainscripts/uce_sd_erase.py` (not part of this project: give a
 checkout of it) and `engine.erase(..., method="uce")` on the same random-weight pipeline with
@@ -16,27 +16,18 @@ benchmarks/results/uce_published_<arch>_<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_closed_form import (  # noqa: E402
-    build_for_bench,
-    per_layer_reference,
-    report_header,
-    write_report,
-)
-from engine.api import erase  # noqa: E402
-from engine.closed_form import METHODS, collect_rows, cross_attention_kv  # noqa: E402
-from engine.concepts import concepts_from_names  # noqa: E402
+from benchmarks._common import add_out_argument, argument_parser, report_header, result_path, write_report
+from benchmarks.bench_closed_form import build_for_bench, per_layer_reference
+from engine.api import erase
+from engine.closed_form import METHODS, collect_rows, cross_attention_kv
+from engine.concepts import concepts_from_names
 
 
 def load_published_uce(repo: Path):
@@ -57,11 +48,11 @@ def delta_diff(a: dict, b: dict, original: dict) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--uce-repo", required=True, type=Path, help="checkout of the published UCE code")
     parser.add_argument("--arch", default="sd15", choices=["sd15", "sd21"])
     parser.add_argument("--concepts", type=int, default=10)
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/uce_published_<arch>_cpu.json)")
+    add_out_argument(parser, "uce_published_<arch>_cpu.json")
     args = parser.parse_args(argv)
     published = load_published_uce(args.uce_repo)
     device = torch.device("cpu")
@@ -91,7 +82,7 @@ def main(argv=None):
     }
     for key, value in result.items():
         print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"uce_published_{args.arch}_cpu.json"
+    out = result_path(args.out, f"uce_published_{args.arch}_cpu.json")
     write_report(out, {**header, "published_code": "rohitgandikota/unified-concept-editing trainscripts/uce_sd_erase.py",
                        "results": [result]})
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Memory and throughput plan of full-UNet fine-tuning on 1-8 GPUs: AdamW vs AdamW8bit, no ZeRO
 vs ZeRO-2 vs ZeRO-3, for SD1.5 (512 px) and SDXL (1024 px).
 
-    python benchmarks/plan_distributed.py [--micro-batch 4] [--peak-tflops 989] [--mfu 0.35] [--bus-gbps 350]
+    python -m benchmarks.plan_distributed [--micro-batch 4] [--peak-tflops 989] [--mfu 0.35] [--bus-gbps 350]
 
 What is COUNTED here (no GPU needed: the UNets are built on PyTorch's meta device, so shapes flow
 through a real forward and backward without weights or arithmetic):
@@ -37,19 +37,14 @@ MFU, 350 GB/s NVLink bus bandwidth), written into the JSON with the results:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_closed_form import git_sha, write_report  # noqa: E402
-from engine.export import package_versions  # noqa: E402
-from engine.finetune import FINETUNE_METHODS  # noqa: E402
-from engine.tiny import unet_config, unet_example_inputs  # noqa: E402
+from benchmarks._common import add_out_argument, argument_parser, git_sha, result_path, write_report
+from engine.export import package_versions
+from engine.finetune import FINETUNE_METHODS
+from engine.tiny import unet_config, unet_example_inputs
 
 ARCHS = {"sd15": 512, "sdxl": 1024}  # arch: image size (latents are 1/8)
 GPUS = (1, 2, 4, 8)
@@ -107,12 +102,12 @@ def step_seconds(counts: dict, zero: int, n: int, micro_batch: int, peak: float,
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--micro-batch", type=int, default=4, help="samples per GPU and step (default 4)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default: H100 SXM)")
     ap.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation (default 0.35)")
     ap.add_argument("--bus-gbps", type=float, default=350.0, help="assumed collective bus bandwidth, GB/s (default 350)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_distributed.json"))
+    add_out_argument(ap, "plan_distributed.json")
     args = ap.parse_args(argv)
     if args.micro_batch < 1 or args.peak_tflops <= 0 or not 0 < args.mfu <= 1 or args.bus_gbps <= 0:
         ap.error("--micro-batch >= 1, --peak-tflops > 0, 0 < --mfu <= 1 and --bus-gbps > 0")
@@ -146,7 +141,7 @@ def main(argv=None) -> int:
         "counted": counted,
         "rows": rows,
     }
-    out = Path(args.out)
+    out = result_path(args.out, "plan_distributed.json")
     write_report(out, result)
 
     gib = 2**30

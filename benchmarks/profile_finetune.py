@@ -1,6 +1,6 @@
 """Where a fine-tuning step's time goes: phases and kinds of work, from torch's profiler.
 
-    python benchmarks/profile_finetune.py [--model toy|tiny|tiny-sdxl|sd15|sdxl] [--case "esd cached"]
+    python -m benchmarks.profile_finetune [--model toy|tiny|tiny-sdxl|sd15|sdxl] [--case "esd cached"]
         [--device cuda] [--steps 5] [--batch 4] [--gradient-checkpointing] [--trace trace.json]
 
 Prepares one case of ``bench_finetune`` (same settings), takes two warm-up steps, then profiles
@@ -24,21 +24,15 @@ Prints a table and writes ``benchmarks/results/profile_finetune_<model>_<device>
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_closed_form import report_header, sync, write_report  # noqa: E402
-from benchmarks.bench_finetune import CASES, add_case_arguments, prepared_case  # noqa: E402
+from benchmarks._common import add_out_argument, argument_parser, report_header, result_path, timed, write_report
+from benchmarks.bench_finetune import CASES, add_case_arguments, prepared_case
 
 PHASES = ("UNet forward", "loss: rest", "backward", "optimizer")
 KINDS = {  # kind: substrings of operator names, first match wins (attention before matmul)
@@ -125,16 +119,16 @@ def profile_case(model: str, device, case: str, steps: int, batch: int, sample_s
             raise ValueError(f"{case!r} needs an IP-Adapter; model {model!r} has none (use --model toy)")
         for i in range(2):
             run.step(i)
+
+        def profiled_steps():
+            for i in range(steps):
+                run.step(2 + i, ranges=True)
+
         hook = _ForwardRange(run.unet)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         try:
             with profile(activities=activities) as prof:
-                sync(device)
-                t0 = time.perf_counter()
-                for i in range(steps):
-                    run.step(2 + i, ranges=True)
-                sync(device)
-                wall = time.perf_counter() - t0
+                _, wall = timed(device, profiled_steps)
         finally:
             hook.remove()
     if trace:
@@ -145,8 +139,9 @@ def profile_case(model: str, device, case: str, steps: int, batch: int, sample_s
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     add_case_arguments(parser, steps=5)
+    add_out_argument(parser, "profile_finetune_<model>_<device>.json")
     parser.add_argument("--case", default="esd cached", choices=tuple(CASES))
     parser.add_argument("--trace", help="also write a Chrome trace to this path")
     args = parser.parse_args(argv)
@@ -162,7 +157,7 @@ def main(argv=None):
     result = profile_case(args.model, device, args.case, args.steps, args.batch, args.sample_steps,
                           args.trajectories, args.trace, args.gradient_checkpointing)
     report = {**header, "model": args.model, **result}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"profile_finetune_{args.model}_{device.type}.json"
+    out = result_path(args.out, f"profile_finetune_{args.model}_{device.type}.json")
     write_report(out, report)
     kinds = sorted({k for p in result["phases"].values() for k in p["ops_ms"]})
     extra = [] if device.type == "cuda" else ["framework"]

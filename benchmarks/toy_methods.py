@@ -1,6 +1,6 @@
 """Every erasure method on the toy world, measured by the evaluation harness.
 
-    python benchmarks/toy_methods.py [--methods uce,esd,co-erasing,bi-erasing,trce]
+    python -m benchmarks.toy_methods [--methods uce,esd,co-erasing,bi-erasing,trce]
         [--scenarios identity,unsafe,identities10] [--world DIR] [--iterations N]
         [--set KEY=VALUE ...]
 
@@ -20,28 +20,23 @@ prompts), retained accuracy, H, KID to the original and the time of each part. W
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_closed_form import device_name, git_sha  # noqa: E402
-from engine.api import erase  # noqa: E402
-from engine.closed_form import METHODS  # noqa: E402
-from engine.cli import parse_sets  # noqa: E402
-from engine.concepts import concepts_from_names  # noqa: E402
-from engine.evaluation.toy import evaluate_toy  # noqa: E402
-from engine.export import package_versions  # noqa: E402
-from engine.toyworld import TEMPLATES, concepts  # noqa: E402
-from engine.toyworld.world import pipeline_path, verify_world  # noqa: E402
+from benchmarks._common import add_out_argument, argument_parser, device_name, git_sha, now, result_path, write_report
+from engine.api import erase
+from engine.closed_form import METHODS
+from engine.cli import parse_sets
+from engine.concepts import concepts_from_names
+from engine.evaluation.toy import evaluate_toy
+from engine.export import package_versions
+from engine.toyworld import TEMPLATES, concepts
+from engine.toyworld.world import pipeline_path, verify_world
 
 # Fine-tuning settings for the toy world: the published ones are for SD's 860M-parameter UNet;
 # this one has 6M parameters and 8x8 latents, and learns at a larger step. Measured choices:
@@ -100,8 +95,8 @@ def method_settings(method: str, scenario_name: str, iterations: int | None = No
     return settings
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_arguments(argv=None):
+    parser = argument_parser(__doc__)
     parser.add_argument("--methods", default="uce,esd,co-erasing,bi-erasing,trce")
     parser.add_argument("--scenarios", default="identity,unsafe,identities10")
     parser.add_argument("--world", help="toy world folder (default: the shipped one)")
@@ -109,39 +104,31 @@ def main(argv=None):
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a fine-tuning setting of every method run, as erasure erase --set")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_methods.json"))
-    args = parser.parse_args(argv)
-    sha = git_sha()  # at launch: the code that runs is this sha's
-    world = verify_world(args.world)
-    model = pipeline_path(world)
-    out = Path(args.out)
-    previous = json.loads(out.read_text())["results"] if out.is_file() else []
-    results = [r for r in previous]
-    for scen in args.scenarios.split(","):
-        concept_set, names = scenario(scen)
-        for method in args.methods.split(","):
-            settings = method_settings(method, scen, args.iterations, parse_sets(args.set))
-            print(f"== {method} on {scen}: {settings}", flush=True)
-            work = Path(tempfile.mkdtemp(prefix="toy-methods-"))
-            try:
-                start = time.perf_counter()
-                result = erase(str(model), concept_set, method=method, progress=False, **settings)
-                result.save(work / "erased", save_pipeline=True)
-                erase_s = time.perf_counter() - start
-                report = evaluate_toy(work / "erased", names, original=model, world=world,
-                                      images_per_prompt=args.images_per_prompt, progress=False)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            row = {"method": method, "scenario": scen, "settings": settings, "erase_seconds": erase_s,
-                   "erased_acc": report["erased_acc"], "erased_acc_other_templates": report["erased_acc_other_templates"],
-                   "erased_acc_indirect": report["erased_acc_indirect"], "retained_acc": report["retained_acc"],
-                   "original": report["original_acc"], "H": report["H"], "kid": report["quality"]["kid"],
-                   "eval_seconds": report["timing"]["total_seconds"], "git_sha": sha}
-            results = [r for r in results if (r["method"], r["scenario"]) != (method, scen)] + [row]
-            print(json.dumps(row), flush=True)
-            out.write_text(json.dumps({"benchmark": "toy_methods", "device": device_name(torch.device("cpu")),
-                                       "world": str(world), "versions": package_versions(), "git_sha": sha,
-                                       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, indent=2) + "\n")
+    add_out_argument(parser, "toy_methods.json")
+    return parser.parse_args(argv)
+
+
+def erase_and_evaluate(method: str, scen: str, concept_set, names: list[str], settings: dict, model, world,
+                       images_per_prompt: int, sha: str) -> dict:
+    """Erase scenario `scen`'s concepts from `model` with `method` and evaluate the result: one results row."""
+    work = Path(tempfile.mkdtemp(prefix="toy-methods-"))
+    try:
+        start = time.perf_counter()
+        result = erase(str(model), concept_set, method=method, progress=False, **settings)
+        result.save(work / "erased", save_pipeline=True)
+        erase_s = time.perf_counter() - start
+        report = evaluate_toy(work / "erased", names, original=model, world=world,
+                              images_per_prompt=images_per_prompt, progress=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"method": method, "scenario": scen, "settings": settings, "erase_seconds": erase_s,
+            "erased_acc": report["erased_acc"], "erased_acc_other_templates": report["erased_acc_other_templates"],
+            "erased_acc_indirect": report["erased_acc_indirect"], "retained_acc": report["retained_acc"],
+            "original": report["original_acc"], "H": report["H"], "kid": report["quality"]["kid"],
+            "eval_seconds": report["timing"]["total_seconds"], "git_sha": sha}
+
+
+def print_table(results: list[dict]) -> None:
     pct = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     print("| scenario | method | erased (train / held-out / indirect templates) % | retained % | H | KID | erase s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -149,6 +136,28 @@ def main(argv=None):
         print(f"| {r['scenario']} | {r['method']} | {pct(r['erased_acc'])} / {pct(r['erased_acc_other_templates'])} / "
               f"{pct(r['erased_acc_indirect'])} | {pct(r['retained_acc'])} | {pct(r['H'])} | {r['kid']:.4f} | "
               f"{r['erase_seconds']:.0f} |")
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    sha = git_sha()  # at launch: the code that runs is this sha's
+    world = verify_world(args.world)
+    model = pipeline_path(world)
+    out = result_path(args.out, "toy_methods.json")
+    results = json.loads(out.read_text())["results"] if out.is_file() else []
+    for scen in args.scenarios.split(","):
+        concept_set, names = scenario(scen)
+        for method in args.methods.split(","):
+            settings = method_settings(method, scen, args.iterations, parse_sets(args.set))
+            print(f"== {method} on {scen}: {settings}", flush=True)
+            row = erase_and_evaluate(method, scen, concept_set, names, settings, model, world, args.images_per_prompt,
+                                     sha)
+            results = [r for r in results if (r["method"], r["scenario"]) != (method, scen)] + [row]
+            print(json.dumps(row), flush=True)
+            write_report(out, {"benchmark": "toy_methods", "device": device_name(torch.device("cpu")),
+                               "world": str(world), "versions": package_versions(), "git_sha": sha,
+                               "date": now(), "results": results})
+    print_table(results)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""The benchmark instruments measure what they say: closed-form throughput, fine-tuning memory and the step profile."""
+"""The benchmark instruments measure what they say: closed-form throughput, fine-tuning memory and the step profile;
+and every benchmark runs as a module of the benchmarks package."""
 
+import ast
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import bench_adapters, bench_closed_form, bench_finetune, profile_finetune
 
-from benchmarks import bench_adapters, bench_closed_form, bench_finetune, profile_finetune  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
 
 
 def test_cpu_optimizer_memory_is_measured_in_a_fresh_process():
@@ -116,3 +120,52 @@ def test_adapters_bench_counts_the_flops_of_a_training_step_only():
     # every step costs the same, and a run's cached targets cost more than nothing on top of its steps
     assert f3 - f2 == step > 0
     assert f1 > step
+
+
+def test_no_benchmark_file_touches_sys_path():
+    """The scripts import each other and the engine as packages: no file under benchmarks/ edits sys.path."""
+    offenders = []
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders
+
+
+def test_the_suite_runs_every_benchmark_as_a_module(monkeypatch, tmp_path):
+    from benchmarks import run_all
+
+    assert {module for module, _ in run_all.SUITE.values()} <= set(SCRIPTS)
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs["cwd"]))
+        return subprocess.CompletedProcess(cmd, 1, "", "not run")
+
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    report, _, error = run_all.run_benchmark("losses", "quick", torch.device("cpu"), tmp_path)
+    assert report is None and error == "not run"
+    ((cmd, cwd),) = calls
+    assert cmd[:3] == [sys.executable, "-m", "benchmarks.bench_losses"] and Path(cwd) == ROOT
+    assert cmd[3:] == ["--quick", "--out", str(tmp_path / "losses.json"), "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def help_runs():
+    """`python -m benchmarks.<name> --help` for every script, from the repository root, all started at once."""
+    procs = {name: subprocess.Popen([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in SCRIPTS}
+    runs = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        runs[name] = (proc.returncode, out, err)
+    return runs
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_runs_as_a_module(name, help_runs):
+    code, out, err = help_runs[name]
+    assert code == 0, err[-2000:]
+    assert out.startswith("usage:") and "--help" in out

@@ -1,20 +1,11 @@
-"""engine.kernels.gram.weighted_gram: the Triton path (the interpreter on CPU) against the torch reference."""
+"""engine.kernels.gram.weighted_gram: the Triton path (the interpreter on CPU) against the torch reference.
+Input checks and backend dispatch, common to every op, are tests/test_kernel_contract.py's."""
 
 import pytest
 import torch
 
-import engine.kernels._dispatch as dispatch
-import engine.kernels.gram as gram
 from engine.kernels import weighted_gram, weighted_gram_reference
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-# conftest sets TRITON_INTERPRET=1, so on CPU the kernel runs through Triton's interpreter.
-needs_triton = pytest.mark.skipif(
-    not dispatch.triton_can_run(torch.empty(0, device=DEVICE)), reason="Triton cannot run here"
-)
-# The interpreter's bf16 is unreliable (tl.dot on bf16 is wrong, fp32 -> bf16 casts truncate).
-needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 is checked on CUDA only, not in the Triton interpreter")
+from kernel_contract import DEVICE, assert_close, gram_inputs, needs_cuda, needs_triton
 
 # (D, N, Ns, Nt, dtype, atol, rtol). atol is relative to the largest |reference| entry, so one
 # tolerance fits outputs (entries ~ N) and gradients alike. fp16 forward is as exact as fp32 (fp32
@@ -27,18 +18,6 @@ CASES = [
     (37, 53, 90, 70, torch.float16, 2e-3, 4e-3),
     (70, 100, 100, 60, torch.float16, 2e-3, 4e-3),
 ]
-
-
-def make_inputs(D, N, Ns, Nt, dtype, seed=0, device=DEVICE):
-    """Random tables, indices with repeats (N > Ns in places), positive weights."""
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randn(Ns, D, generator=g).to(device=device, dtype=dtype)
-    tgt = torch.randn(Nt, D, generator=g).to(device=device, dtype=dtype)
-    # Draw from a third of the rows so that indices repeat even for small N.
-    src_index = torch.randint(0, max(1, Ns // 3), (N,), generator=g).to(device)
-    tgt_index = torch.randint(0, Nt, (N,), generator=g).to(device)
-    weight = (torch.rand(N, generator=g) + 0.1).to(device=device, dtype=dtype)
-    return src, tgt, weight, src_index, tgt_index
 
 
 def leaves(*tensors):
@@ -56,16 +35,10 @@ def outputs_and_grads(fn, src, tgt, weight, src_index, tgt_index, seed=1):
     return S.detach(), C.detach(), s.grad, t.grad, w.grad
 
 
-def assert_close(actual, expected, atol, rtol):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol)
-
-
 @needs_triton
 @pytest.mark.parametrize("D, N, Ns, Nt, dtype, atol, rtol", CASES)
 def test_forward_and_gradients_match_reference(D, N, Ns, Nt, dtype, atol, rtol):
-    inputs = make_inputs(D, N, Ns, Nt, dtype)
+    inputs = gram_inputs(D, N, Ns, Nt, dtype)
     got = outputs_and_grads(lambda *a: weighted_gram(*a, backend="triton"), *inputs)
     want = outputs_and_grads(weighted_gram_reference, *inputs)
     S, C = got[:2]
@@ -81,7 +54,7 @@ def test_forward_and_gradients_match_reference(D, N, Ns, Nt, dtype, atol, rtol):
 @needs_triton
 def test_matches_explicit_sum_with_repeats():
     """Independent of the reference: S and C are the plain sums over the selected rows."""
-    src, tgt, weight, si, ti = make_inputs(21, 30, 12, 9, torch.float32, seed=3)
+    src, tgt, weight, si, ti = gram_inputs(21, 30, 12, 9, torch.float32, seed=3)
     si[:5] = 7  # one row selected five times
     S, C = weighted_gram(src, tgt, weight, si, ti, backend="triton")
     S_want = sum(weight[i] * torch.outer(src[si[i]], src[si[i]]) for i in range(30))
@@ -94,7 +67,7 @@ def test_matches_explicit_sum_with_repeats():
 @needs_triton
 def test_strided_tables():
     """The kernel addresses the tables by strides: column-major and sliced tables work too."""
-    src, tgt, weight, si, ti = make_inputs(37, 53, 90, 70, torch.float32, seed=4)
+    src, tgt, weight, si, ti = gram_inputs(37, 53, 90, 70, torch.float32, seed=4)
     src_t = src.T.contiguous().T  # same values, column-major
     tgt_wide = torch.cat([tgt, torch.randn_like(tgt)], 1)[:, :37]  # row stride 74
     assert not src_t.is_contiguous() and not tgt_wide.is_contiguous()
@@ -106,7 +79,7 @@ def test_strided_tables():
 
 @needs_triton
 def test_mixed_input_dtypes():
-    src, tgt, weight, si, ti = make_inputs(40, 50, 60, 60, torch.float16, seed=5)
+    src, tgt, weight, si, ti = gram_inputs(40, 50, 60, 60, torch.float16, seed=5)
     tgt, weight = tgt.float(), weight.double()
     S, C = weighted_gram(src, tgt, weight, si, ti, backend="triton")
     S_want, C_want = weighted_gram_reference(src, tgt, weight, si, ti)
@@ -118,7 +91,7 @@ def test_mixed_input_dtypes():
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-6, 1e-5), (torch.float16, 2e-3, 4e-3)])
 def test_same_tensor_for_src_and_tgt(dtype, atol, rtol):
     """One table on both sides (the engine's layout): its gradient gets both contributions."""
-    table, _, weight, si, ti = make_inputs(37, 53, 80, 80, dtype, seed=6)
+    table, _, weight, si, ti = gram_inputs(37, 53, 80, 80, dtype, seed=6)
     ti = torch.randint(0, 80, (53,), generator=torch.Generator().manual_seed(7)).to(DEVICE)
 
     def one_table(fn):
@@ -146,7 +119,7 @@ def test_same_tensor_for_src_and_tgt(dtype, atol, rtol):
 @needs_triton
 def test_gradient_of_one_output_only():
     """A loss on C alone: S's gradient arrives as zeros and the weight gradient is C's part only."""
-    src, tgt, weight, si, ti = make_inputs(20, 25, 30, 30, torch.float32, seed=9)
+    src, tgt, weight, si, ti = gram_inputs(20, 25, 30, 30, torch.float32, seed=9)
     grads = []
     for fn in (lambda *a: weighted_gram(*a, backend="triton"), weighted_gram_reference):
         s, t, w = leaves(src, tgt, weight)
@@ -160,7 +133,7 @@ def test_gradient_of_one_output_only():
 @pytest.mark.parametrize("D, N, Ns, Nt, atol", [(37, 53, 90, 70, 1e-3), (70, 100, 100, 60, 1e-3)])
 def test_bf16_within_twice_torch_error(D, N, Ns, Nt, atol):
     """bf16 inputs: the kernel's error vs an fp64 truth is at most twice torch's own bf16 error."""
-    inputs = make_inputs(D, N, Ns, Nt, torch.bfloat16, seed=10)
+    inputs = gram_inputs(D, N, Ns, Nt, torch.bfloat16, seed=10)
 
     def native(src, tgt, weight, si, ti):  # torch computing in the inputs' dtype, no upcast
         Sg, Tg = src[si], tgt[ti]
@@ -180,7 +153,7 @@ def test_bf16_within_twice_torch_error(D, N, Ns, Nt, atol):
 @needs_triton
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_empty_selection_gives_zeros(backend):
-    src, tgt, weight, si, ti = make_inputs(37, 0, 10, 10, torch.float32)
+    src, tgt, weight, si, ti = gram_inputs(37, 0, 10, 10, torch.float32)
     s, t, w = leaves(src, tgt, weight)
     S, C = weighted_gram(s, t, w, si, ti, backend=backend)
     assert S.shape == C.shape == (37, 37) and S.dtype == C.dtype == torch.float32
@@ -197,69 +170,6 @@ def test_empty_selection_from_empty_tables():
     assert S.shape == (8, 8) and not S.any() and not C.any()
 
 
-def _bad(**change):
-    """Valid inputs with some replaced; returned as the positional argument tuple."""
-    src, tgt, weight, si, ti = make_inputs(8, 5, 6, 7, torch.float32)
-    args = {"src": src, "tgt": tgt, "weight": weight, "src_index": si, "tgt_index": ti}
-    for k, v in change.items():
-        t = v(args)
-        args[k] = t if t.device.type == "meta" else t.to(DEVICE)
-    return tuple(args.values())
-
-
-BAD_INPUTS = [
-    ("mismatched D", _bad(tgt=lambda a: torch.randn(7, 9)), "same width D"),
-    ("1-D table", _bad(src=lambda a: torch.randn(48)), "src must be 2-D"),
-    ("int table", _bad(src=lambda a: torch.ones(6, 8, dtype=torch.int32)), "fp32/fp16/bf16"),
-    ("int32 index", _bad(src_index=lambda a: a["src_index"].int()), "src_index must be a 1-D int64"),
-    ("float index", _bad(tgt_index=lambda a: a["tgt_index"].float()), "tgt_index must be a 1-D int64"),
-    ("2-D index", _bad(src_index=lambda a: a["src_index"][:, None]), "1-D int64"),
-    ("index lengths", _bad(tgt_index=lambda a: a["tgt_index"][:4]), "same length"),
-    ("weight length", _bad(weight=lambda a: a["weight"][:4]), r"weight must have shape \(5,\)"),
-    ("index too big", _bad(src_index=lambda a: torch.tensor([0, 1, 6, 2, 3])), r"src_index must lie in \[0, 6\)"),
-    ("negative index", _bad(tgt_index=lambda a: torch.tensor([0, -1, 2, 3, 4])), r"tgt_index must lie in \[0, 7\)"),
-    ("two devices", _bad(weight=lambda a: torch.ones(5, device="meta")), "one device"),
-]
-
-
-@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
-@pytest.mark.parametrize("case, args, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_invalid_inputs_raise_value_error(case, args, message, backend):
-    with pytest.raises(ValueError, match=message):
-        weighted_gram(*args, backend=backend)
-
-
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        weighted_gram(*_bad(), backend="cuda")
-
-
-def _kernel_must_not_run(*args, **kwargs):
-    raise AssertionError("the Triton launcher ran")
-
-
-@needs_triton
-def test_backend_torch_never_launches_the_kernel(monkeypatch):
-    args = make_inputs(37, 53, 90, 70, torch.float32)
-    monkeypatch.setattr(gram, "_launch_weighted_gram", _kernel_must_not_run)
-    S, C = weighted_gram(*args, backend="torch")
-    S_want, C_want = weighted_gram_reference(*args)
-    torch.testing.assert_close(S, S_want, atol=0, rtol=0)
-    torch.testing.assert_close(C, C_want, atol=0, rtol=0)
-    with pytest.raises(AssertionError, match="launcher ran"):  # and "auto" does pick the kernel here
-        weighted_gram(*args, backend="auto")
-
-
-def test_backend_triton_errors_when_triton_cannot_run(monkeypatch):
-    args = make_inputs(16, 10, 20, 20, torch.float32)
-    monkeypatch.setattr(dispatch, "triton_can_run", lambda *tensors: False)
-    monkeypatch.setattr(gram, "_launch_weighted_gram", _kernel_must_not_run)
-    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
-        weighted_gram(*args, backend="triton")
-    S, _ = weighted_gram(*args, backend="auto")  # "auto" falls back to the reference
-    torch.testing.assert_close(S, weighted_gram_reference(*args)[0], atol=0, rtol=0)
-
-
 # fp64 accumulation: (D, N, Ns, Nt, table dtype, atol, rtol); exact fp64 products and sums.
 FP64_CASES = [
     (37, 53, 90, 70, torch.float32, 1e-12, 1e-11),
@@ -271,7 +181,7 @@ FP64_CASES = [
 @needs_triton
 @pytest.mark.parametrize("D, N, Ns, Nt, dtype, atol, rtol", FP64_CASES)
 def test_fp64_accumulation_forward_and_gradients(D, N, Ns, Nt, dtype, atol, rtol):
-    inputs = make_inputs(D, N, Ns, Nt, dtype, seed=6)
+    inputs = gram_inputs(D, N, Ns, Nt, dtype, seed=6)
     got = outputs_and_grads(lambda *a: weighted_gram(*a, out_dtype=torch.float64, backend="triton"), *inputs)
     want = outputs_and_grads(lambda *a: weighted_gram_reference(*a, out_dtype=torch.float64), *inputs)
     assert got[0].dtype == got[1].dtype == torch.float64
@@ -299,6 +209,6 @@ def test_fp64_accumulation_is_exact_where_fp32_rounds():
 
 
 def test_out_dtype_is_checked():
-    src, tgt, weight, si, ti = make_inputs(8, 5, 6, 6, torch.float32)
+    src, tgt, weight, si, ti = gram_inputs(8, 5, 6, 6, torch.float32)
     with pytest.raises(ValueError, match="out_dtype"):
         weighted_gram(src, tgt, weight, si, ti, out_dtype=torch.float16)

@@ -1,20 +1,12 @@
-"""engine.kernels.kv_update.stacked_transform: the Triton path (interpreter on CPU) against the torch reference."""
+"""engine.kernels.kv_update.stacked_transform: the Triton path (interpreter on CPU) against the torch reference.
+Input checks and backend dispatch, common to every op, are tests/test_kernel_contract.py's."""
 
 import pytest
 import torch
 
-import engine.kernels._dispatch as dispatch
 import engine.kernels.kv_update as kv_update
 from engine.kernels import stacked_transform, stacked_transform_reference
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-# conftest sets TRITON_INTERPRET=1, so on CPU the kernel runs through Triton's interpreter.
-needs_triton = pytest.mark.skipif(
-    not dispatch.triton_can_run(torch.empty(0, device=DEVICE)), reason="Triton cannot run here"
-)
-# The interpreter's bf16 is unreliable (tl.dot on bf16 is wrong, fp32 -> bf16 casts truncate).
-needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 is checked on CUDA only, not in the Triton interpreter")
+from kernel_contract import DEVICE, assert_close, kv_inputs, needs_cuda, needs_triton
 
 # (R, D, weight dtype, transform dtype, atol, rtol). atol is relative to the largest |reference|
 # entry. fp16 outputs and weight gradients are rounded to fp16 (half an ulp is ~5e-4 relative).
@@ -29,13 +21,6 @@ CASES = [
 ]
 
 
-def make_inputs(R, D, w_dtype, t_dtype, seed=0, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    weights = torch.randn(R, D, generator=g).to(device=device, dtype=w_dtype)
-    transform = (torch.eye(D) + torch.randn(D, D, generator=g) / D**0.5).to(device=device, dtype=t_dtype)
-    return weights, transform
-
-
 def output_and_grads(fn, weights, transform, seed=1):
     """weights @ transform and the gradients of a random linear loss wrt both inputs."""
     w = weights.detach().clone().requires_grad_(True)
@@ -46,16 +31,10 @@ def output_and_grads(fn, weights, transform, seed=1):
     return out.detach(), w.grad, t.grad
 
 
-def assert_close(actual, expected, atol, rtol):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol)
-
-
 @needs_triton
 @pytest.mark.parametrize("R, D, w_dtype, t_dtype, atol, rtol", CASES)
 def test_forward_and_gradients_match_reference(R, D, w_dtype, t_dtype, atol, rtol):
-    weights, transform = make_inputs(R, D, w_dtype, t_dtype)
+    weights, transform = kv_inputs(R, D, w_dtype, t_dtype)
     got = output_and_grads(lambda w, t: stacked_transform(w, t, backend="triton"), weights, transform)
     want = output_and_grads(stacked_transform_reference, weights, transform)
     out, d_w, d_t = got
@@ -68,7 +47,7 @@ def test_forward_and_gradients_match_reference(R, D, w_dtype, t_dtype, atol, rto
 @needs_triton
 def test_matches_fp64_product():
     """Independent of the reference: fp32 accumulation is within fp32 rounding of the fp64 product."""
-    weights, transform = make_inputs(75, 37, torch.float32, torch.float64, seed=2)
+    weights, transform = kv_inputs(75, 37, torch.float32, torch.float64, seed=2)
     out = stacked_transform(weights, transform, backend="triton")
     exact = weights.double() @ transform
     assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
@@ -78,7 +57,7 @@ def test_matches_fp64_product():
 @needs_triton
 def test_strided_inputs():
     """The kernel addresses both inputs by strides: transposed and sliced views work too."""
-    weights, transform = make_inputs(75, 37, torch.float32, torch.float32, seed=3)
+    weights, transform = kv_inputs(75, 37, torch.float32, torch.float32, seed=3)
     w_view = torch.cat([weights, torch.randn_like(weights)], 1)[:, :37]  # row stride 74
     t_view = transform.T.contiguous().T  # column-major
     assert not w_view.is_contiguous() and not t_view.is_contiguous()
@@ -91,7 +70,7 @@ def test_strided_inputs():
 @pytest.mark.parametrize("R, D, atol", [(75, 37, 1e-3), (100, 70, 1e-3)])
 def test_bf16_within_twice_torch_error(R, D, atol):
     """bf16 weights: the kernel's error vs an fp64 truth is at most twice torch's own bf16 error."""
-    weights, transform = make_inputs(R, D, torch.bfloat16, torch.float32, seed=4)
+    weights, transform = kv_inputs(R, D, torch.bfloat16, torch.float32, seed=4)
     got = output_and_grads(lambda w, t: stacked_transform(w, t, backend="triton"), weights, transform)
     torch_bf16 = output_and_grads(lambda w, t: w @ t.to(torch.bfloat16), weights, transform)
     truth = output_and_grads(lambda w, t: w @ t, weights.double(), transform.double())
@@ -106,60 +85,9 @@ def test_bf16_within_twice_torch_error(R, D, atol):
 @needs_triton
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_empty_stack(backend):
-    weights, transform = make_inputs(0, 37, torch.float16, torch.float32)
+    weights, transform = kv_inputs(0, 37, torch.float16, torch.float32)
     out = stacked_transform(weights, transform, backend=backend)
     assert out.shape == (0, 37) and out.dtype == torch.float16
-
-
-def _args(w_shape=(5, 8), t_shape=(8, 8), w_dtype=torch.float32, t_dtype=torch.float32, t_device=DEVICE):
-    return torch.randn(w_shape).to(DEVICE, w_dtype), torch.randn(t_shape).to(t_device, t_dtype)
-
-
-BAD_INPUTS = [
-    ("mismatched D", _args(t_shape=(9, 9)), r"transform must be \(8, 8\)"),
-    ("non-square transform", _args(t_shape=(8, 6)), r"transform must be \(8, 8\)"),
-    ("1-D weights", _args(w_shape=(8,)), "weights must be 2-D"),
-    ("int weights", _args(w_dtype=torch.int32), "weights must be fp32/fp16/bf16"),
-    ("fp64 weights", _args(w_dtype=torch.float64), "weights must be fp32/fp16/bf16"),
-    ("fp16 transform", _args(t_dtype=torch.float16), "transform must be fp32 or fp64"),
-    ("two devices", _args(t_device="meta"), "one device"),
-]
-
-
-@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
-@pytest.mark.parametrize("case, args, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_invalid_inputs_raise_value_error(case, args, message, backend):
-    with pytest.raises(ValueError, match=message):
-        stacked_transform(*args, backend=backend)
-
-
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        stacked_transform(*_args(), backend="gpu")
-
-
-def _kernel_must_not_run(*args, **kwargs):
-    raise AssertionError("the Triton launcher ran")
-
-
-@needs_triton
-def test_backend_torch_never_launches_the_kernel(monkeypatch):
-    weights, transform = make_inputs(75, 37, torch.float16, torch.float64)
-    monkeypatch.setattr(kv_update, "_launch_stacked_transform", _kernel_must_not_run)
-    out = stacked_transform(weights, transform, backend="torch")
-    torch.testing.assert_close(out, stacked_transform_reference(weights, transform), atol=0, rtol=0)
-    with pytest.raises(AssertionError, match="launcher ran"):  # and "auto" does pick the kernel here
-        stacked_transform(weights, transform, backend="auto")
-
-
-def test_backend_triton_errors_when_triton_cannot_run(monkeypatch):
-    weights, transform = make_inputs(20, 16, torch.float32, torch.float32)
-    monkeypatch.setattr(dispatch, "triton_can_run", lambda *tensors: False)
-    monkeypatch.setattr(kv_update, "_launch_stacked_transform", _kernel_must_not_run)
-    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
-        stacked_transform(weights, transform, backend="triton")
-    out = stacked_transform(weights, transform, backend="auto")  # "auto" falls back to the reference
-    torch.testing.assert_close(out, stacked_transform_reference(weights, transform), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])

@@ -58,6 +58,13 @@ def check_engine_command(args: list[str], line: str) -> list[str]:
     return path
 
 
+def python_target(tokens: list[str]) -> Path:
+    """The file a `python path.py ...` or `python -m package.module ...` line runs."""
+    if tokens[1] == "-m":
+        return ROOT / (tokens[2].replace(".", "/") + ".py")
+    return ROOT / tokens[1]
+
+
 def test_every_readme_command_is_real():
     lines = readme_commands()
     makefile = (ROOT / "Makefile").read_text()
@@ -70,7 +77,7 @@ def test_every_readme_command_is_real():
         elif engine_arguments(tokens) is not None:
             check_engine_command(engine_arguments(tokens), line)
         elif tokens[0] == "python":
-            assert (ROOT / tokens[1]).is_file(), f"{line!r}: no script {tokens[1]}"
+            assert python_target(tokens).is_file(), f"{line!r}: no script {python_target(tokens)}"
         else:
             pytest.fail(f"README command of an unknown kind: {line!r}")
         checked += 1
@@ -92,3 +99,12 @@ def test_a_drifted_option_is_caught():
         check_engine_command(["erase", "--model", "m", "--concepts", "c", "--out", "o", "--exprot-lora"], "typo")
     with pytest.raises(ValueError):
         check_engine_command(["erase", "--model", "m", "--method", "esd", "--set", "ridge=1"], "wrong setting")
+
+
+def test_every_benchmark_the_readme_quotes_runs_as_a_module():
+    """Benchmark commands in the text are `python -m benchmarks.<name> ...`, each naming a real script."""
+    text = (ROOT / "README.md").read_text()
+    assert "python benchmarks/" not in text
+    names = re.findall(r"python -m benchmarks\.(\w+)", text)
+    assert len(names) >= 5
+    assert [n for n in names if not python_target(["python", "-m", f"benchmarks.{n}"]).is_file()] == []
