@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_adapters [--model toy|tiny|sd15] [--concepts 8] [--steps 20] [--device cuda]
 
-Both sides train the same adapters on the same data (``engine.adapters``: adapter k of the
+Both sides train the same adapters on the same data (``engine.finetune.adapters``: adapter k of the
 batched run equals its own single-concept run) with ESD's cached targets, ``batch_size`` 1 per
 concept; the cached targets are built once per concept on both sides and timed apart from the
 training. Reports seconds per concept for the training, the speed-up of the batched run and
@@ -30,9 +30,10 @@ from benchmarks._common import (
     write_report,
 )
 from benchmarks.bench_finetune import load_model
-from engine.adapters import train_concept_adapters
+from engine.finetune.adapters import train_concept_adapters
 from engine.concepts import ConceptSet, concepts_from_names
-from engine.finetune import FinetuneConfig, finetune
+from engine.methods import finetune
+from engine.methods.esd import ESDConfig
 
 
 def concept_names(n: int) -> list[str]:
@@ -41,7 +42,7 @@ def concept_names(n: int) -> list[str]:
     return cat.concepts("identity")[:n]
 
 
-def run_flops(pipe, concepts: ConceptSet, cfg: FinetuneConfig) -> int:
+def run_flops(pipe, concepts: ConceptSet, cfg: ESDConfig) -> int:
     """FLOPs of a whole batched run, cached targets included (``pipe`` is left unchanged)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,13 +51,13 @@ def run_flops(pipe, concepts: ConceptSet, cfg: FinetuneConfig) -> int:
     return counter.get_total_flops()
 
 
-def batched_step_flops(pipe, concepts: ConceptSet, cfg: FinetuneConfig) -> int:
+def batched_step_flops(pipe, concepts: ConceptSet, cfg: ESDConfig) -> int:
     """FLOPs of one batched training step: a 2-step run minus a 1-step run (the same targets in both)."""
     return run_flops(pipe, concepts, cfg.replace(iterations=2)) - run_flops(pipe, concepts, cfg.replace(iterations=1))
 
 
 def run(model: str, device, n: int, steps: int) -> dict:
-    cfg = FinetuneConfig(params="lora", lora_rank=4, iterations=steps, lr=1e-4, batch_size=1, sample_steps=10,
+    cfg = ESDConfig(params="lora", lora_rank=4, iterations=steps, lr=1e-4, batch_size=1, sample_steps=10,
                          trajectories=1, progress=False, checkpoint_every=0)
     concepts = concepts_from_names(concept_names(n), anchor="a person", templates=["a photo of {}"])
 

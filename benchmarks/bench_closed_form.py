@@ -44,7 +44,6 @@ from benchmarks._common import (
     write_report,
 )
 from engine.closed_form import (
-    METHODS,
     accumulate,
     apply_transform,
     caption_gram,
@@ -56,6 +55,7 @@ from engine.closed_form import (
 )
 from engine.concepts import concepts_from_names
 from engine.kernels._dispatch import BACKENDS
+from engine.methods import get_method
 from engine.models import encode_prompts
 from engine.tiny import ARCHS, build_pipeline, text_encoder_configs
 
@@ -221,7 +221,7 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
     kv = cross_attention_kv(pipe.unet)
     originals = {k: m.weight.detach().clone() for k, m in kv}
     results = []
-    cfg = METHODS["uce-plus"].replace(progress=False, backend=backend, batch_size=128)  # the rows of earlier records
+    cfg = get_method("uce-plus").defaults.replace(progress=False, backend=backend, batch_size=128)  # the rows of earlier records
     with torch.no_grad():  # the captions' Gram cached before any timing, as on any repeated run
         caption_gram(pipe, CAPTIONS, cfg)
     for n in n_concepts:

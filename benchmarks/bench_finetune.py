@@ -58,8 +58,11 @@ from benchmarks._common import (
     write_report,
 )
 from engine.concepts import concepts_from_names
-from engine.finetune import (FINETUNE_METHODS, OBJECTIVES, FinetuneConfig, make_optimizer, start_training,
-                             sdxl_conditioning, trainable_parameters, training_autocast)
+from engine.finetune.config import TrainConfig
+from engine.finetune.frozen import sdxl_conditioning
+from engine.finetune.params import make_optimizer, start_training, trainable_parameters
+from engine.finetune.trainer import training_autocast
+from engine.methods import get_method
 
 CASES = {  # name: (method, config overrides)
     "esd cached": ("esd", {"xt_source": "cached"}),
@@ -85,7 +88,7 @@ class PreparedCase:
     """One case ready to train: its objective (targets cached), the UNet and the optimizer."""
 
     method: str
-    cfg: FinetuneConfig
+    cfg: TrainConfig
     concepts: int
     prepare_s: float
     objective: object
@@ -118,12 +121,13 @@ def prepared_case(model: str, device, case: str, batch: int, sample_steps: int =
         return
     if method == "trce":
         overrides = {**overrides, "early_steps": max(1, sample_steps * 13 // 25)}
-    cfg = FINETUNE_METHODS[method].replace(batch_size=batch, sample_steps=sample_steps, trajectories=trajectories,
-                                           concept_images=4, progress=False, ip_adapter=ip_adapter,
-                                           gradient_checkpointing=gradient_checkpointing, **overrides)
+    if ip_adapter is not None and hasattr(get_method(method).defaults, "ip_adapter"):
+        overrides = {**overrides, "concept_images": 4, "ip_adapter": ip_adapter}
+    cfg = get_method(method).defaults.replace(batch_size=batch, sample_steps=sample_steps, trajectories=trajectories,
+                                              progress=False, gradient_checkpointing=gradient_checkpointing, **overrides)
     concepts = concepts_from_names(["Aldric Corrance", "skull"], anchor="a person", templates=["a photo of {}"])
     with sdxl_conditioning(pipe):
-        objective, prepare = timed(device, lambda: OBJECTIVES[method](pipe, concepts, cfg, None))
+        objective, prepare = timed(device, lambda: get_method(method).objective(pipe, concepts, cfg, None))
         unet = pipe.unet
         unet.requires_grad_(False)
         trained = trainable_parameters(unet, cfg.params)

@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 from benchmarks._common import add_out_argument, argument_parser, report_header, result_path, write_report
 from benchmarks.bench_closed_form import build_for_bench, per_layer_reference
 from engine.api import erase
-from engine.closed_form import METHODS, collect_rows, cross_attention_kv
+from engine.closed_form import collect_rows, cross_attention_kv
 from engine.concepts import concepts_from_names
+from engine.methods import get_method
 
 
 def load_published_uce(repo: Path):
@@ -71,8 +72,8 @@ def main(argv=None):
 
     concepts = concepts_from_names(names, preserve=keep)  # bare strings, guide "": the published defaults
     with torch.no_grad():
-        rows = collect_rows(pipe, concepts, METHODS["uce"].replace(progress=False))
-        exact, _ = per_layer_reference(rows, kv, METHODS["uce"].ridge, torch.float64)
+        rows = collect_rows(pipe, concepts, get_method("uce").defaults.replace(progress=False))
+        exact, _ = per_layer_reference(rows, kv, get_method("uce").defaults.ridge, torch.float64)
     ours = erase(pipe, concepts, method="uce", progress=False).delta
     result = {
         "arch": args.arch, "concepts": args.concepts, "preserved": len(keep), "kv_matrices": len(kv),

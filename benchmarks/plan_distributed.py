@@ -43,13 +43,13 @@ import torch
 
 from benchmarks._common import add_out_argument, argument_parser, git_sha, result_path, write_report
 from engine.export import package_versions
-from engine.finetune import FINETUNE_METHODS
+from engine.methods import get_method
 from engine.tiny import unet_config, unet_example_inputs
 
 ARCHS = {"sd15": 512, "sdxl": 1024}  # arch: image size (latents are 1/8)
 GPUS = (1, 2, 4, 8)
 # ESD's published run per concept: 1,000 iterations of batch 1.
-SAMPLES_PER_CONCEPT = FINETUNE_METHODS["esd"].iterations * FINETUNE_METHODS["esd"].batch_size
+SAMPLES_PER_CONCEPT = get_method("esd").defaults.iterations * get_method("esd").defaults.batch_size
 STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 2 * 4 / 256}  # per parameter
 
 

@@ -30,11 +30,11 @@ import torch
 
 from benchmarks._common import add_out_argument, argument_parser, device_name, git_sha, now, result_path, write_report
 from engine.api import erase
-from engine.closed_form import METHODS
 from engine.cli import parse_sets
 from engine.concepts import concepts_from_names
 from engine.evaluation.toy import evaluate_toy
 from engine.export import package_versions
+from engine.methods import get_method
 from engine.toyworld import TEMPLATES, concepts
 from engine.toyworld.world import pipeline_path, verify_world
 
@@ -44,11 +44,10 @@ from engine.toyworld.world import pipeline_path, verify_world
 # concept) at a larger step, and TRCE's stage 1 uses UCE's preservation weight: the published
 # 1e-6 suits SD's wide text space, while the toy's 128 identities lie close together and the
 # published stage-1 edit alone (method trce-stage1 in the results) erases their neighbours too.
-TOY_FINETUNE = {"lr": 1e-4, "batch_size": 4, "sample_steps": 25, "trajectories": 4,
-                "concept_images": 8, "checkpoint_every": 0}
+TOY_FINETUNE = {"lr": 1e-4, "batch_size": 4, "sample_steps": 25, "trajectories": 4, "checkpoint_every": 0}
 TOY_METHOD = {
-    "co-erasing": {"params": "xattn", "lr": 3e-4},
-    "bi-erasing": {"params": "xattn", "lr": 3e-4},
+    "co-erasing": {"params": "xattn", "lr": 3e-4, "concept_images": 8},
+    "bi-erasing": {"params": "xattn", "lr": 3e-4, "concept_images": 8},
     "trce": {"lr": 1e-5, "early_steps": 13, "stage1_preserve_weight": None},
 }
 # Steps per scenario: ten concepts share one run, so it gets more steps (about 100 per concept).
@@ -86,7 +85,7 @@ def scenario(name: str):
 
 def method_settings(method: str, scenario_name: str, iterations: int | None = None,
                     overrides: dict | None = None) -> dict:
-    if method in METHODS:  # closed form: no fine-tuning settings
+    if not get_method(method).trains:  # closed form: no fine-tuning settings
         return {}
     settings = {**TOY_FINETUNE, "iterations": TOY_ITERATIONS[scenario_name], **TOY_METHOD.get(method, {})}
     if iterations is not None:

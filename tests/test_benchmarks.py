@@ -112,7 +112,7 @@ def test_adapters_bench_counts_the_flops_of_a_training_step_only():
     cpu = torch.device("cpu")
     concepts = bench_adapters.concepts_from_names(["Alice Example", "Bob Example"], anchor="a person",
                                                   templates=["a photo of {}"])
-    cfg = bench_adapters.FinetuneConfig(params="lora", lora_rank=2, batch_size=1, sample_steps=4, trajectories=1,
+    cfg = bench_adapters.ESDConfig(params="lora", lora_rank=2, batch_size=1, sample_steps=4, trajectories=1,
                                         progress=False, checkpoint_every=0, loss_backend="torch")  # not interpreted
     pipe, _ = bench_adapters.load_model("tiny", cpu)
     f1, f2, f3 = (bench_adapters.run_flops(pipe, concepts, cfg.replace(iterations=n)) for n in (1, 2, 3))
