@@ -113,23 +113,27 @@ def _erase(args, config) -> int:
         distributed.shutdown()  # rank 0 has written the outputs when every rank gets here
         if not main:
             return 0
-    n = len(result.manifest["concepts"]["concepts"])
-    if "solve" in result.manifest:
-        solve = result.manifest["solve"]
-        residuals = list(solve["concept_residual"].values())
-        print(
-            f"erased {n} concept(s) with {args.method}: {solve['layers_changed']} K/V matrices, "
-            f"solver {solve['solver']}, max concept residual {max(residuals):.3g}"
-            + (f", preservation drift {solve['preserve_drift']:.3g}" if solve["rows"]["preserve"] else "")
-        )
-    else:
-        tr = result.manifest["training"]
-        losses = f", loss {tr['first_loss']:.4g} -> {tr['final_loss']:.4g}" if tr["steps_run"] else ""
-        print(f"erased {n} concept(s) with {args.method}: {tr['steps_run']} steps (resumed from step "
-              f"{tr['resumed_from']}), {tr['parameters_trained']:,} parameters{losses}")
+    print(_erase_summary(args.method, result))
     _print_timings(result.manifest)
     print(f"wrote {out}")
     return 0
+
+
+def _erase_summary(method: str, result) -> str:
+    """One line on what the run did, from the manifest sections its method wrote."""
+    manifest = result.manifest
+    head = f"erased {len(manifest['concepts']['concepts'])} concept(s) with {method}: "
+    if "solve" in manifest:
+        solve = manifest["solve"]
+        drift = f", preservation drift {solve['preserve_drift']:.3g}" if solve["rows"]["preserve"] else ""
+        return (head + f"{solve['layers_changed']} K/V matrices, solver {solve['solver']}, max concept residual "
+                f"{max(solve['concept_residual'].values()):.3g}{drift}")
+    if "training" in manifest:
+        tr = manifest["training"]
+        losses = f", loss {tr['first_loss']:.4g} -> {tr['final_loss']:.4g}" if tr["steps_run"] else ""
+        return (head + f"{tr['steps_run']} steps (resumed from step {tr['resumed_from']}), "
+                f"{tr['parameters_trained']:,} parameters{losses}")
+    return head + f"{len(result.delta)} tensors changed"
 
 
 def _print_timings(manifest: dict) -> None:
