@@ -352,6 +352,19 @@ class EditRows:
     caption_rows: int
 
 
+def target_positions(mode: str, tokenizer, template: str, anchor: str, src_pos: list[int], ids_s: list[int],
+                     ids_t: list[int], eot_id: int, where: str) -> list[int]:
+    """The target prompt's positions each source row maps to, for the token mode ``mode``."""
+    if mode == "concept":
+        tgt_lo = span_start(tokenizer, template, anchor, ids_t, where) if anchor.strip() else prefix_end(tokenizer, template)
+        return aligned_targets(src_pos, ids_s.index(eot_id), ids_t.index(eot_id), tgt_lo)
+    if mode == "last":
+        return [ids_t.index(eot_id) - 1]
+    if mode == "eot":
+        return [ids_t.index(eot_id)]
+    return src_pos
+
+
 def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRows:
     """Select the token rows of every concept and preservation prompt and encode them."""
     tokenizer = pipe.tokenizer
@@ -367,19 +380,7 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
             where = f"concept {concept.name!r}, template {template!r}"
             mode = concept.tokens or config.tokens
             src_pos = token_positions(mode, tokenizer, template, concept.name, ids_s, eot_id, where)
-            if mode == "concept":
-                tgt_lo = (
-                    span_start(tokenizer, template, concept.anchor, ids_t, where)
-                    if concept.anchor.strip()
-                    else prefix_end(tokenizer, template)
-                )
-                tgt_pos = aligned_targets(src_pos, ids_s.index(eot_id), ids_t.index(eot_id), tgt_lo)
-            elif mode == "last":
-                tgt_pos = [ids_t.index(eot_id) - 1]
-            elif mode == "eot":
-                tgt_pos = [ids_t.index(eot_id)]
-            else:
-                tgt_pos = src_pos
+            tgt_pos = target_positions(mode, tokenizer, template, concept.anchor, src_pos, ids_s, ids_t, eot_id, where)
             ps, pt = plan.prompt(src), plan.prompt(tgt)
             for a, b in zip(src_pos, tgt_pos):
                 src_rows.append(plan.row(ps, a))

@@ -179,32 +179,8 @@ def load_pipeline(
             )
         components_from = path
     else:
-        suffix = path.suffix.lower()
-        pickled = suffix in PICKLE_SUFFIXES
-        if suffix != ".safetensors" and not pickled:
-            raise ValueError(
-                f"unknown model file type {path.name!r}: expected a diffusers folder, a .safetensors file "
-                f"or (with allow_pickle=True) one of {', '.join(PICKLE_SUFFIXES)}"
-            )
-        if pickled and not allow_pickle:
-            raise ValueError(
-                f"{path} is a pickled checkpoint ({suffix}), which can run code when loaded; refusing it. "
-                "Prefer a .safetensors file; if you trust this file pass allow_pickle=True "
-                "(CLI: --allow-pickle); it is then read with torch.load(weights_only=True)"
-            )
-        if config is None:
-            raise ValueError(
-                f"loading the single file {path} offline needs config=: a local diffusers folder of the same "
-                "architecture (with model_index.json), e.g. the diffusers release of the base model "
-                "(CLI: --model-config DIR)"
-            )
-        components_from = Path(config)
-        cls = _pipeline_class_of(components_from, "config")  # before reading a multi-GB file
-        if not pickled:
-            check_safetensors_file(path)
-        state_dict = _load_pickled_state_dict(path) if pickled else None
-        with _load_errors(path):
-            pipe = _from_single_file(cls, path, components_from, torch_dtype, state_dict)
+        components_from = Path(config) if config is not None else None
+        pipe = _load_single_file(path, components_from, allow_pickle, torch_dtype)
 
     for name in TOKENIZER_NAMES:
         tok = getattr(pipe, name, None)
@@ -213,6 +189,35 @@ def load_pipeline(
     pipe = pipe.to(device)
     check_pipeline(pipe, str(path))
     return pipe
+
+
+def _load_single_file(path: Path, components_from: Path | None, allow_pickle: bool, torch_dtype: torch.dtype):
+    """A single original-format checkpoint, with the configs and tokenizers of ``components_from``."""
+    suffix = path.suffix.lower()
+    pickled = suffix in PICKLE_SUFFIXES
+    if suffix != ".safetensors" and not pickled:
+        raise ValueError(
+            f"unknown model file type {path.name!r}: expected a diffusers folder, a .safetensors file "
+            f"or (with allow_pickle=True) one of {', '.join(PICKLE_SUFFIXES)}"
+        )
+    if pickled and not allow_pickle:
+        raise ValueError(
+            f"{path} is a pickled checkpoint ({suffix}), which can run code when loaded; refusing it. "
+            "Prefer a .safetensors file; if you trust this file pass allow_pickle=True "
+            "(CLI: --allow-pickle); it is then read with torch.load(weights_only=True)"
+        )
+    if components_from is None:
+        raise ValueError(
+            f"loading the single file {path} offline needs config=: a local diffusers folder of the same "
+            "architecture (with model_index.json), e.g. the diffusers release of the base model "
+            "(CLI: --model-config DIR)"
+        )
+    cls = _pipeline_class_of(components_from, "config")  # before reading a multi-GB file
+    if not pickled:
+        check_safetensors_file(path)
+    state_dict = _load_pickled_state_dict(path) if pickled else None
+    with _load_errors(path):
+        return _from_single_file(cls, path, components_from, torch_dtype, state_dict)
 
 
 @contextmanager

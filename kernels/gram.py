@@ -53,7 +53,7 @@ if triton_importable():  # the module must import (and the torch reference work)
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit  # long: the gather, the tile loop and both accumulators are one fused launch
     def _weighted_gram_kernel(
         src_ptr,  # *src table (Ns, D), any float dtype
         tgt_ptr,  # *tgt table (Nt, D), any float dtype (may alias src_ptr)
