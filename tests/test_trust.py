@@ -246,6 +246,18 @@ def test_4_checkpoints_are_safetensors_and_json(tiny_sd_dir, tmp_path):
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("step00000001"))
 
 
+def test_4_a_checkpoint_of_the_earlier_layout_is_refused_by_name(tiny_sd_dir, tmp_path):
+    """Checkpoints written before settings became per method (checkpoint-v2) cannot resume: their
+    signature holds one settings record for every method."""
+    finetune(load_pipeline(tiny_sd_dir), CONCEPTS, _cfg(), checkpoint_dir=tmp_path)
+    state_file = tmp_path / (tmp_path / ckpt.LATEST_NAME).read_text() / ckpt.STATE_JSON
+    state = json.loads(state_file.read_text())
+    state["format"] = "erasure-engine/checkpoint-v2"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"earlier version of the engine \(erasure-engine/checkpoint-v2\).*drop --resume"):
+        finetune(load_pipeline(tiny_sd_dir), CONCEPTS, _cfg(), checkpoint_dir=tmp_path, resume=True)
+
+
 # --------------------------------------------------------------------------- 5. apply integrity
 
 
