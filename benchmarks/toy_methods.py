@@ -38,7 +38,7 @@ from engine.api import erase  # noqa: E402
 from engine.closed_form import METHODS  # noqa: E402
 from engine.cli import parse_sets  # noqa: E402
 from engine.concepts import concepts_from_names  # noqa: E402
-from engine.evaluation.toy import evaluate_toy  # noqa: E402
+from engine.evaluation import evaluate_toy  # noqa: E402
 from engine.export import package_versions  # noqa: E402
 from engine.toyworld import TEMPLATES, concepts  # noqa: E402
 from engine.toyworld.world import pipeline_path, verify_world  # noqa: E402

@@ -20,7 +20,7 @@ in), and the world folder itself is assembled atomically at the end:
 6. ``evaluator``: the render-trained classifier (``engine.toyworld.evaluator``).
 
 Then ``world.json`` (settings, versions, the sha256 of every file) and the model card are written.
-The quality gates are measured afterwards by ``engine.toyworld.gates`` with the evaluation harness.
+The quality gates are measured afterwards by ``engine.evaluation.gates`` with the toy suite.
 """
 
 from __future__ import annotations
