@@ -39,10 +39,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="report JSON path; report.md and grid.png are written beside it")
-    _add_real_suite_args(p.add_argument_group("real-model suites (nudity, clip, fid)"))
+    g = p.add_argument_group("real-model suites (nudity, clip, fid)")
+    _add_prompt_and_nudity_args(g)
+    _add_clip_fid_and_run_args(g)
 
 
-def _add_real_suite_args(g) -> None:
+def _add_prompt_and_nudity_args(g) -> None:
     g.add_argument(
         "--prompts",
         metavar="FILE",
@@ -78,6 +80,9 @@ def _add_real_suite_args(g) -> None:
         metavar="LIST",
         help=f"nudity: comma-separated NudeNet classes that flag an image (default {','.join(NUDITY_CLASSES)})",
     )
+
+
+def _add_clip_fid_and_run_args(g) -> None:
     g.add_argument(
         "--clip-model",
         metavar="DIR",

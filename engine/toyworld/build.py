@@ -424,6 +424,7 @@ def _token_ids(tokenizer, cache: dict, captions: list[str]) -> torch.Tensor:
     return torch.stack([cache[c] for c in captions])
 
 
+# Over 60 lines: one training loop and the state its steps share.
 def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out: Path, progress: bool) -> dict:
     """The UNet, trained together with the text tower's last ``text_layers`` layers (and final
     layer norm and projection): the contrastive CLIP names every identity apart, but its
@@ -683,6 +684,7 @@ def build_world(out_dir: str | os.PathLike, config: BuildConfig | None = None, p
         return _build_world(Path(out_dir), config or BuildConfig(), progress)
 
 
+# Over 60 lines: the stages in order, then one atomic write of the world.
 def _build_world(out: Path, cfg: BuildConfig, progress: bool) -> Path:
     from engine.export import package_versions, sha256_tree, write_json
 

@@ -172,6 +172,7 @@ def _luminance(c):
     return float(np.dot(c, [0.299, 0.587, 0.114]))
 
 
+# Over 60 lines: one bust drawn part by part, in painting order.
 @lru_cache(maxsize=None)
 def _identity_sprite(name: str):
     who = cat.identity(name)

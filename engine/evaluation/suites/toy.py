@@ -441,11 +441,35 @@ def _quality(models: _Models, world_root: Path | None, jobs: list[Job], edited, 
     }
 
 
+def _report(s: ToySettings, models: _Models, world_root, erased, rows, rows_original, quality, timing, settings):
+    from engine.export import package_versions
+
+    summary_original = summarise(rows_original)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "suite": "toy",
+        "model": _describe(s.model, models.edited),
+        "original": _describe(world_root / "pipeline" if s.original is None else s.original, models.original),
+        "world": str(world_root) if world_root is not None else None,
+        "erased": [n for n, _ in erased],
+        **summarise(rows),
+        "original_acc": {
+            "erased": summary_original["erased_acc"],
+            "erased_other_templates": summary_original["erased_acc_other_templates"],
+            "erased_indirect": summary_original["erased_acc_indirect"],
+            "retained": summary_original["retained_acc"],
+        },
+        "quality": quality,
+        "timing": timing,
+        "settings": settings,
+        "versions": package_versions(),
+        "concepts": rows,
+    }
+
+
 def toy_suite(s: ToySettings, return_samples: bool = False):
     """Evaluate an edited model on the toy suite; returns the report (``return_samples=True``:
     (report, grid samples for ``write_report``))."""
-    from engine.export import package_versions
-
     start = time.perf_counter()
     for what, path in (("model", s.model), ("original", s.original)):  # before any slow work
         if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
@@ -469,42 +493,24 @@ def toy_suite(s: ToySettings, return_samples: bool = False):
     for row, row0 in zip(rows, rows_original):
         row["acc_original"] = row0["acc"]
     quality = _quality(models, world_root, jobs, edited_images, original_images, s.seed)
-    summary_original = summarise(rows_original)
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "suite": "toy",
-        "model": _describe(s.model, models.edited),
-        "original": _describe(world_root / "pipeline" if s.original is None else s.original, models.original),
-        "world": str(world_root) if world_root is not None else None,
-        "erased": [n for n, _ in erased],
-        **summarise(rows),
-        "original_acc": {
-            "erased": summary_original["erased_acc"],
-            "erased_other_templates": summary_original["erased_acc_other_templates"],
-            "erased_indirect": summary_original["erased_acc_indirect"],
-            "retained": summary_original["retained_acc"],
-        },
-        "quality": quality,
-        "timing": {
-            "total_seconds": time.perf_counter() - start,
-            "generation_seconds": generation_seconds,
-            "images_generated": n_models * len(jobs),
-            "images_per_second": n_models * len(jobs) / generation_seconds if generation_seconds > 0 else None,
-        },
-        "settings": {
-            "steps": steps,
-            "guidance": guidance,
-            "images_per_prompt": s.images_per_prompt,
-            "seed": s.seed,
-            "batch_size": s.batch_size,
-            "image_size": SIZE,
-            "device": str(models.edited.device),
-            "n_erased": len(erased),
-            "n_retained": len(retained),
-        },
-        "versions": package_versions(),
-        "concepts": rows,
+    timing = {
+        "total_seconds": time.perf_counter() - start,
+        "generation_seconds": generation_seconds,
+        "images_generated": n_models * len(jobs),
+        "images_per_second": n_models * len(jobs) / generation_seconds if generation_seconds > 0 else None,
     }
+    settings = {
+        "steps": steps,
+        "guidance": guidance,
+        "images_per_prompt": s.images_per_prompt,
+        "seed": s.seed,
+        "batch_size": s.batch_size,
+        "image_size": SIZE,
+        "device": str(models.edited.device),
+        "n_erased": len(erased),
+        "n_retained": len(retained),
+    }
+    report = _report(s, models, world_root, erased, rows, rows_original, quality, timing, settings)
     if return_samples:
         return report, _grid_samples(jobs, original_images, edited_images)
     return report
