@@ -32,7 +32,7 @@ from benchmarks._common import add_out_argument, argument_parser, device_name, g
 from engine.api import erase
 from engine.cli import parse_sets
 from engine.concepts import concepts_from_names
-from engine.evaluation.toy import evaluate_toy
+from engine.evaluation import evaluate_toy
 from engine.export import package_versions
 from engine.methods import get_method
 from engine.toyworld import TEMPLATES, concepts

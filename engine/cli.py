@@ -251,7 +251,7 @@ def cmd_demo(args) -> int:
     from engine.api import erase
     from engine.concepts import concepts_from_names
     from engine.evaluation.report import write_report
-    from engine.evaluation.toy import evaluate_toy
+    from engine.evaluation import evaluate_toy
     from engine.toyworld import TEMPLATES, concepts, make_dataset
     from engine.toyworld.world import pipeline_path, verify_world
 
@@ -294,65 +294,6 @@ def cmd_demo(args) -> int:
     print(f"H {report['H']:.1f}; KID to the original {q['kid']:.4f}{spread}")
     print(f"{report['timing']['images_generated']} images in {report['timing']['generation_seconds']:.0f} s")
     print("wrote " + ", ".join(str(p) for p in written.values()) + f", and the erased pipeline in {erased_dir}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    """Evaluate an edited model; write report.json, report.md and grid.png."""
-    from engine.evaluation.report import write_report
-    from engine.export import check_writable_parent
-
-    out = Path(args.out)
-    if out.is_dir():  # fail before generating anything
-        raise FileExistsError(f"--out {out} is a folder; give a file name such as {out / 'report.json'}")
-    check_writable_parent(out)
-    if args.suite == "toy":
-        from engine.evaluation.toy import DEFAULT_BATCH_SIZE, DEFAULT_IMAGES_PER_PROMPT, evaluate_toy
-
-        if not args.erased:
-            raise ValueError("--erased is required for the toy suite: the concept file of the erased concepts")
-        if getattr(args, "dtype", None) not in (None, "auto", "float32"):
-            raise ValueError(f"--dtype {args.dtype} applies to the real-model suites; the toy suite runs in float32")
-        report, samples = evaluate_toy(
-            args.model,
-            args.erased,
-            original=args.original,
-            retained=args.retained,
-            world=args.world,
-            images_per_prompt=DEFAULT_IMAGES_PER_PROMPT if args.images_per_prompt is None else args.images_per_prompt,
-            steps=args.steps,
-            guidance=args.guidance,
-            batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
-            seed=args.seed,
-            progress=not args.quiet,
-            device=getattr(args, "device", None),
-            return_samples=True,
-        )
-    else:
-        try:
-            from engine.evaluation.real import run_suite
-        except ModuleNotFoundError as err:
-            if err.name != "engine.evaluation.real":
-                raise
-            raise ValueError(f"unknown suite {args.suite!r}: this installation has only the 'toy' suite") from err
-        report, samples = run_suite(args, return_samples=True)
-    written = write_report(report, out, samples)
-    q, timing = report["quality"], report["timing"]
-    num = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731  (a suite may leave any None)
-    print(
-        f"erased {len(report['erased'])} concept(s): still recognised {num(report['erased_acc'], '.1f')}% (direct), "
-        f"{num(report['erased_acc_other_templates'], '.1f')}% (held-out templates), "
-        f"{num(report['erased_acc_indirect'], '.1f')}% (indirect); retained {num(report['retained_acc'], '.1f')}%; "
-        f"H {num(report['H'], '.1f')}"
-    )
-    print(
-        f"KID {num(q['kid'], '.4g')} +- {num(q['kid_std'], '.2g')}; CLIP score {num(q['clip_score'], '.2f')} "
-        f"(original {num(q['clip_score_original'], '.2f')})"
-    )
-    print(
-        f"generation {num(timing.get('generation_seconds'), '.1f')} s, {num(timing.get('total_seconds'), '.1f')} s in all"
-    )
-    print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
@@ -420,32 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="measure an erased model: efficacy, specificity, quality, time")
-    p.add_argument("--model", required=True, help="the edited model (diffusers folder)")
-    p.add_argument("--suite", default="toy", help="toy (the toy world), or a real-model suite")
-    p.add_argument("--erased", help="concept file of the erased concepts (.yaml/.json/.txt/.csv); required by toy")
-    p.add_argument("--original", help="the unedited model (default: the toy world's pipeline)")
-    p.add_argument("--retained", help="concept file of concepts that must be kept (default: up to 100, seeded)")
-    p.add_argument("--world", help="toy world folder (default: $ERASURE_TOYWORLD or the shipped one)")
-    p.add_argument("--images-per-prompt", type=int, help="images per prompt and model (default 4)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the world's, else 25)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the world's, else 5.0)")
-    p.add_argument("--batch-size", type=int, help="prompts per pipeline call (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="report JSON path; report.md and grid.png are written beside it")
-    try:  # the real-model suites' own options, where that module is installed
-        from engine.evaluation.real import add_real_suite_args
-    except ModuleNotFoundError as err:
-        if err.name != "engine.evaluation.real":
-            raise
-    else:
-        add_real_suite_args(p)
-    p.set_defaults(func=cmd_eval)
-
+    from engine.evaluation.cli import add_eval_parser
+    from engine.evaluation.gates import measure_gates
     from engine.toyworld.cli import add_toyworld_parser
 
-    add_toyworld_parser(sub)
+    add_eval_parser(sub)
+    add_toyworld_parser(sub, measure_gates)
     return parser
 
 

@@ -268,7 +268,7 @@ def test_clip_score_with_a_small_image_encoder_and_projection(tiny_sd_dir, tmp_p
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from engine.evaluation.metrics import clip_score
-    from engine.evaluation.toy import ClipScorer
+    from engine.evaluation.clip_scorer import ClipScorer
     from engine.models import load_pipeline
 
     torch.manual_seed(0)
@@ -295,7 +295,7 @@ def test_clip_score_with_a_small_image_encoder_and_projection(tiny_sd_dir, tmp_p
     assert q["clip_score"] == q["clip_score_original"]  # same model, same noise
 
     # The scorer against the definition, on two images and prompts.
-    scorer, reason = ClipScorer.find(pipe, None, world)
+    scorer, reason = ClipScorer.from_pipeline(pipe, None, world)
     assert reason is None
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     prompts = ["a red star", "a skull"]
@@ -311,7 +311,7 @@ def test_clip_score_with_a_small_image_encoder_and_projection(tiny_sd_dir, tmp_p
     bad = tmp_path / "bad"
     (bad / "clip").mkdir(parents=True)
     save_file({"text_projection": torch.randn(8, 8)}, str(bad / "clip" / "projection.safetensors"))
-    assert ClipScorer.find(pipe, None, bad)[0] is None and "text_projection is (8, 8)" in ClipScorer.find(pipe, None, bad)[1]
+    assert ClipScorer.from_pipeline(pipe, None, bad)[0] is None and "text_projection is (8, 8)" in ClipScorer.from_pipeline(pipe, None, bad)[1]
 
 
 # --------------------------------------------------------------------------- CLI end to end
@@ -370,7 +370,7 @@ def test_erasure_eval_end_to_end(edited_dir, world_dir, tmp_path, capsys):
 def test_default_retained_set_and_the_grid(edited_dir, world_dir, tmp_path, monkeypatch):
     from PIL import Image
 
-    import engine.evaluation.toy as toy
+    import engine.evaluation.suites.toy as toy
 
     erased = tmp_path / "erased.txt"
     erased.write_text("sepia\n")

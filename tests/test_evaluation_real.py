@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.evaluation import real
-from engine.evaluation.metrics import harmonic_h
+from engine.evaluation import cli as eval_cli
+from engine.evaluation.generation import Job, generate_images, guidance_batches
+from engine.evaluation.metrics import frechet_distance, gaussian_stats, harmonic_h
 from engine.evaluation.prompts import (
     PromptFileError,
     PromptRow,
@@ -20,6 +21,8 @@ from engine.evaluation.prompts import (
     read_prompt_file,
 )
 from engine.evaluation.report import write_report
+from engine.evaluation.suites import base, nudity
+from engine.evaluation.suites.base import SuiteRun, prompt_jobs
 
 DATA = Path(__file__).parent / "data" / "eval"
 
@@ -34,25 +37,13 @@ def _one_thread():
 
 
 def make_args(**options):
-    """The eval command's shared options (as `erasure eval` defines them) plus the real suites' own.
+    """The options of `erasure eval`, parsed as the command parses them.
 
     Keyword arguments become command-line options: clip_model="x" -> --clip-model x.
     """
     p = argparse.ArgumentParser()
-    p.add_argument("--suite", required=True)
-    p.add_argument("--model")
-    p.add_argument("--original")
-    p.add_argument("--erased")
-    p.add_argument("--retained")  # the eval command has its own: the suites' one steps aside
-    p.add_argument("--out", default="unused")
-    p.add_argument("--images-per-prompt", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
-    real.add_real_suite_args(p)
-    argv = ["--quiet", "--steps", "2"]
+    eval_cli.add_eval_args(p)
+    argv = ["--quiet", "--steps", "2", "--out", "unused"]
     for name, value in options.items():
         argv += ["--" + name.replace("_", "-"), str(value)]
     return p.parse_args(argv)
@@ -179,25 +170,25 @@ def test_frechet_distance_diagonal_closed_form():
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert real.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
     # Identical Gaussians are at distance 0; S2 = c^2 S1 gives (1 - c)^2 tr S1.
     x = rng.normal(size=(50, 6))
-    mu, sigma = real.gaussian_stats(x)
-    assert abs(real.frechet_distance(mu, sigma, mu, sigma)) < 1e-10
-    assert real.frechet_distance(mu, sigma, mu, 4 * sigma) == pytest.approx(np.trace(sigma), rel=1e-10)
+    mu, sigma = gaussian_stats(x)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-10
+    assert frechet_distance(mu, sigma, mu, 4 * sigma) == pytest.approx(np.trace(sigma), rel=1e-10)
 
 
 def test_frechet_distance_matches_a_direct_computation():
     rng = np.random.default_rng(1)
     f1, f2 = rng.normal(size=(40, 5)), rng.normal(size=(30, 5)) @ rng.normal(size=(5, 5)) + 0.5
-    mu1, s1 = real.gaussian_stats(f1)
-    mu2, s2 = real.gaussian_stats(f2)
+    mu1, s1 = gaussian_stats(f1)
+    mu2, s2 = gaussian_stats(f2)
     # tr sqrt(S1 S2) from the (non-symmetric) product's eigenvalues.
     tr_root = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
     direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_root
-    assert real.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-10)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-10)
     with pytest.raises(ValueError, match="shape mismatch"):
-        real.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+        frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
 
 
 # --------------------------------------------------------------------------- generation
@@ -205,14 +196,14 @@ def test_frechet_distance_matches_a_direct_computation():
 
 def test_prompt_jobs_seed_and_guidance_policy():
     pf = read_prompt_file(DATA / "i2p.csv", limit=4)
-    jobs = real.prompt_jobs(pf, 2, seed=100, guidance=5.0)
+    jobs = prompt_jobs(pf, 2, seed=100, guidance=5.0)
     assert [j.seed for j in jobs] == [2734971755, 2734971756, 12, 13, 4294967295, 4294967296, 106, 107]
     assert [j.guidance for j in jobs[::2]] == [7.0, 9.0, 7.5, 5.0]
-    cli = real.prompt_jobs(pf, 2, seed=100, guidance=5.0, use_file=False)
+    cli = prompt_jobs(pf, 2, seed=100, guidance=5.0, use_file=False)
     assert [j.seed for j in cli] == list(range(100, 108)) and {j.guidance for j in cli} == {5.0}
     # One pipeline call per guidance scale: batches split where it changes.
-    assert list(real._batches(jobs, 3)) == [(0, 2), (2, 4), (4, 6), (6, 8)]
-    assert list(real._batches(cli, 3)) == [(0, 3), (3, 6), (6, 8)]
+    assert list(guidance_batches(jobs, 3)) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert list(guidance_batches(cli, 3)) == [(0, 3), (3, 6), (6, 8)]
 
 
 def test_images_depend_on_their_seed_not_on_the_batch(tiny_sd_dir):
@@ -220,9 +211,9 @@ def test_images_depend_on_their_seed_not_on_the_batch(tiny_sd_dir):
 
     pipe = load_pipeline(tiny_sd_dir)
     pipe.set_progress_bar_config(disable=True)
-    jobs = [real.ImageJob(p, s, 7.5, i) for i, (p, s) in enumerate([("a cat", 3), ("a dog", 4), ("a cat", 5)])]
-    together = real.generate_images(pipe, jobs, steps=2, batch_size=3, progress=False)
-    alone = real.generate_images(pipe, jobs, steps=2, batch_size=1, progress=False)
+    jobs = [Job(None, None, None, "direct", p, s, 7.5, i) for i, (p, s) in enumerate([("a cat", 3), ("a dog", 4), ("a cat", 5)])]
+    together = generate_images(pipe, jobs, steps=2, guidance=None, batch_size=3)
+    alone = generate_images(pipe, jobs, steps=2, guidance=None, batch_size=1)
     assert together.dtype == np.uint8 and together.shape == (3, 32, 32, 3)
     assert np.abs(together.astype(int) - alone.astype(int)).max() <= 1
     assert not np.array_equal(together[0], together[2])  # same prompt, other seed
@@ -258,19 +249,19 @@ def test_nudity_counting_with_a_stubbed_detector(monkeypatch):
     ]
     original = [[det("FEMALE_GENITALIA_EXPOSED", 0.9)]] * 5 + [[]]
     stub = StubDetector(model + original)
-    monkeypatch.setattr(real, "load_nudenet", lambda: stub)
-    monkeypatch.setattr(real._Run, "load", lambda self, path: object())
+    monkeypatch.setattr(nudity, "load_nudenet", lambda: stub)
+    monkeypatch.setattr(SuiteRun, "load", lambda self, path: object())
 
-    def fake_images(pipe, jobs, *, steps, batch_size, progress=True, desc=""):
-        for start, stop in real._batches(jobs, batch_size):
+    def fake_images(pipe, jobs, *, steps, guidance, batch_size, size=None):
+        for start, stop in guidance_batches(jobs, batch_size):
             yield start, np.zeros((stop - start, 8, 8, 3), np.uint8)
 
-    monkeypatch.setattr(real, "iter_images", fake_images)
+    monkeypatch.setattr(base, "iter_images", fake_images)
     # unlearndiffatk.csv: rows self-harm; shocking+sexual; sexual. Two images per row.
     args = make_args(
         suite="nudity", model="m", original="o", prompts=DATA / "unlearndiffatk.csv", images_per_prompt=2, batch_size=4
     )
-    report, samples = real.run_suite(args, return_samples=True)
+    report, samples = eval_cli.run_suite(args, return_samples=True)
     check_report(report, "nudity")
     assert samples is None  # no grid of this suite's images
     assert len(stub.seen) == 12 and not stub.per_image
@@ -317,24 +308,24 @@ def test_nudity_counting_with_a_stubbed_detector(monkeypatch):
         images_per_prompt=2,
         nudity_classes="male_breast_exposed,FEMALE_BREAST_EXPOSED",
     )
-    assert real.run_suite(args)["erased_acc"] == pytest.approx(100 * 2 / 6)
+    assert eval_cli.run_suite(args)["erased_acc"] == pytest.approx(100 * 2 / 6)
     args.nudity_classes = "BREASTS"
     with pytest.raises(ValueError, match="unknown NudeNet class"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
 
 
 def test_nudity_without_nudenet_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "nudenet", None)  # makes `import nudenet` fail
     args = make_args(suite="nudity", model=tmp_path / "no-model", prompts=DATA / "ring_a_bell.csv")
     with pytest.raises(ImportError, match=r"pip install 'erasure-engine\[eval\]'.*nudenet"):
-        real.run_suite(args)  # fails before any model is loaded
+        eval_cli.run_suite(args)  # fails before any model is loaded
 
 
 def test_nudity_suite_runs_nudenet_on_tiny_model_images(tiny_sd_dir, monkeypatch, tmp_path):
     pytest.importorskip("nudenet")
     pytest.importorskip("onnxruntime")
     calls = []
-    detector = real.load_nudenet()
+    detector = nudity.load_nudenet()
     original = detector.detect_batch
 
     def counting(images, batch_size=4):
@@ -342,11 +333,11 @@ def test_nudity_suite_runs_nudenet_on_tiny_model_images(tiny_sd_dir, monkeypatch
         return original(images, batch_size=batch_size)
 
     detector.detect_batch = counting
-    monkeypatch.setattr(real, "load_nudenet", lambda: detector)
+    monkeypatch.setattr(nudity, "load_nudenet", lambda: detector)
     args = make_args(
         suite="nudity", model=tiny_sd_dir, prompts=DATA / "ring_a_bell.csv", batch_size=2, save_images=tmp_path / "imgs"
     )
-    report = real.run_suite(args)
+    report = eval_cli.run_suite(args)
     check_report(report, "nudity")
     assert sum(calls) == 3 and calls == [2, 1]
     assert 0.0 <= report["erased_acc"] <= 100.0 and report["concepts"] == []  # no categories in this file
@@ -418,7 +409,7 @@ def test_clip_suite_on_the_tiny_model(tiny_sd_dir, tiny_clip_dir, tmp_path):
         anchor_class="a person",
         images_per_prompt=2,
     )
-    report, samples = real.run_suite(args, return_samples=True)
+    report, samples = eval_cli.run_suite(args, return_samples=True)
     check_report(report, "clip")
     rows = report["concepts"]
     assert [(r["name"], r["role"], r["n_images"]) for r in rows] == [
@@ -453,17 +444,17 @@ def test_clip_suite_errors(tmp_path):
     concepts.write_text("Ada Quill\n")
     args = make_args(suite="clip", model="m", erased=concepts, clip_model=tmp_path / "nope", anchor_class="x")
     with pytest.raises(FileNotFoundError, match=r"CLIP model folder not found: .*nope"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
     (tmp_path / "empty").mkdir()
     args.clip_model = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"empty has no config\.json"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
     args.anchor_class = []
     with pytest.raises(ValueError, match="at least 2 classes"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
     args.erased = None
     with pytest.raises(ValueError, match="needs --erased"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
 
 
 # --------------------------------------------------------------------------- FID
@@ -492,7 +483,7 @@ def test_fid_suite_with_clip_features(tiny_sd_dir, tiny_clip_dir, tmp_path):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 4 images, 16-d features: biased, as warned
-        report, samples = real.run_suite(args, return_samples=True)
+        report, samples = eval_cli.run_suite(args, return_samples=True)
     check_report(report, "fid")
     assert [label for label, _, _ in samples] == [r.prompt for r in load_prompt_file(DATA / "prompts.txt")]
     written = write_report(report, tmp_path / "out" / "report.json", samples)
@@ -545,7 +536,7 @@ def test_fid_suite_with_a_torchscript_inception(tiny_sd_dir, tmp_path, monkeypat
         inception=tmp_path / "inception.pt",
         images_per_prompt=2,
     )
-    report = real.run_suite(args)
+    report = eval_cli.run_suite(args)
     q = report["quality"]
     assert q["fid_features"].startswith("inception:") and q["feature_dim"] == 4
     assert q["generated_images"] == 6 and np.isfinite(q["fid"]) and np.isfinite(q["kid"])
@@ -557,21 +548,21 @@ def test_fid_suite_errors(tmp_path):
         suite="fid", model="m", prompts=DATA / "prompts.txt", reference=tmp_path / "none", clip_model=tmp_path
     )
     with pytest.raises(FileNotFoundError, match=r"reference image folder not found: .*none"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
     (tmp_path / "empty").mkdir()
     args.reference = str(tmp_path / "empty")
     with pytest.raises(ValueError, match=r"empty holds no images"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
     write_reference(tmp_path / "ref")
     args.reference, args.clip_model = str(tmp_path / "ref"), None
     with pytest.raises(ValueError, match="needs a feature model"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
     args.inception = str(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match=r"Inception TorchScript file not found"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
     args.prompts = None
     with pytest.raises(ValueError, match="needs --prompts"):
-        real.run_suite(args)
+        eval_cli.run_suite(args)
 
 
 # --------------------------------------------------------------------------- command line
@@ -579,10 +570,10 @@ def test_fid_suite_errors(tmp_path):
 
 def test_suite_args_and_dispatch():
     p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu")  # the eval command's own --device wins
-    real.add_real_suite_args(p)
-    ns = p.parse_args(["--anchor-class", "a person", "--anchor-class", "art", "--nudity-threshold", "0.5"])
+    eval_cli.add_eval_args(p)
+    ns = p.parse_args(["--model", "m", "--out", "r.json", "--anchor-class", "a person", "--anchor-class", "art",
+                       "--nudity-threshold", "0.5", "--device", "cpu"])
     assert ns.anchor_class == ["a person", "art"] and ns.nudity_threshold == 0.5 and ns.device == "cpu"
-    assert ns.row_settings == "file" and ns.dtype == "auto"
-    with pytest.raises(ValueError, match="unknown evaluation suite 'toy'"):
-        real.run_suite(argparse.Namespace(suite="toy"))
+    assert ns.row_settings == "file" and ns.dtype == "auto" and ns.suite == "toy"
+    with pytest.raises(ValueError, match="unknown evaluation suite 'nonsense'"):
+        eval_cli.run_suite(argparse.Namespace(suite="nonsense"))

@@ -134,7 +134,7 @@ def test_build_config_rejects_bad_values():
 
 
 def test_gates_are_measured_and_written(quick_world, tmp_path):
-    from engine.toyworld.gates import measure_gates
+    from engine.evaluation.gates import measure_gates
     from engine.toyworld.world import world_info
 
     copy = tmp_path / "w"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.image_grid import save_grid
 from engine.toyworld import catalogue as cat
 from engine.toyworld.render import (
     MIX,
@@ -22,7 +23,6 @@ from engine.toyworld.render import (
     render,
     render_batch,
     sample_scene,
-    save_grid,
 )
 
 IDENTITY_NAMES = [i.name for i in cat.IDENTITIES]

@@ -54,14 +54,15 @@ def test_shipped_pipeline_and_ip_adapter_generate():
 @pytest.mark.parametrize("kind", ["identity", "unsafe"])
 def test_shipped_pipeline_draws_what_it_is_asked(kind):
     """A small, fixed sample of the gate measurement: the generated concept is recognised."""
-    from engine.evaluation.toy import build_jobs, concept_rows, generate, predict
+    from engine.evaluation.generation import generate_images
+    from engine.evaluation.suites.toy import build_jobs, concept_rows, predict
     from engine.toyworld import concepts
 
     pipe = load_toy_pipeline()
     names = concepts(kind)[:4]
     jobs = [j for j in build_jobs([(n, kind) for n in names], [], 1, seed=0) if j.prompt_set == "direct"]
     sampling = world_info()["sampling"]
-    images = generate(pipe, jobs, sampling["steps"], sampling["guidance"], batch_size=64)
+    images = generate_images(pipe, jobs, steps=sampling["steps"], guidance=sampling["guidance"], batch_size=64)
     rows = concept_rows(jobs, predict(load_toy_evaluator(), images))
     acc = np.mean([r["acc"]["direct"] for r in rows])
     assert acc >= 50, rows

@@ -1,4 +1,4 @@
-"""The evaluation metrics: accuracy, the efficacy/specificity trade-off H, KID and the CLIP score.
+"""The evaluation metrics: accuracy, the efficacy/specificity trade-off H, KID, FID and the CLIP score.
 
 Plain numpy (float64) so every number can be checked by hand; the callers extract features
 and embeddings with torch and pass arrays.
@@ -12,6 +12,8 @@ and embeddings with torch and pass arrays.
   polynomial kernel ``k(a, b) = (a.b / d + 1) ** 3`` (``d`` the feature dimension), averaged
   over random subsets of equal size; returns the mean and standard deviation over subsets.
 * ``clip_score(image_embeds, text_embeds)``: mean cosine similarity x 100 of matching rows.
+* ``frechet_distance(mu1, sigma1, mu2, sigma2)``: the Frechet distance between two Gaussians
+  (FID on the ``gaussian_stats`` of two feature sets).
 """
 
 from __future__ import annotations
@@ -101,3 +103,34 @@ def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return float(100.0 * (a * b).sum(1).mean())
+
+
+def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (N-1)-normalised covariance of (N, D) features, in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors of shape (N, D), got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
+
+    S1 S2 is not symmetric, but R S2 R with R = S1^(1/2) is symmetric positive semi-definite with
+    the same eigenvalues, so tr((S1 S2)^(1/2)) is the sum of the square roots of its eigenvalues:
+    two symmetric eigendecompositions, no scipy, no complex round-off to discard.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: means {mu1.shape}, {mu2.shape}; covariances {s1.shape}, {s2.shape}")
+    root = _psd_sqrt(s1)
+    middle = root @ s2 @ root
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum())

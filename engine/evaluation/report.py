@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.export import write_json
+from engine.image_grid import save_grid
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = (
@@ -215,8 +216,6 @@ def write_report(report: dict, out_path: str | os.PathLike, grid_images=None) ->
     Validates the report first; every file is written under a temporary name and renamed into
     place only once all are complete. Returns {"json": path, "markdown": path[, "grid": path]}.
     """
-    from engine.toyworld.render import save_grid
-
     validate_report(report)
     out = Path(out_path)
     if out.is_dir():

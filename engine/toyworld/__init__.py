@@ -12,14 +12,16 @@ pipeline and an evaluator classifier are trained. Its concepts mirror real erasu
   with synonyms and paraphrases that ask for them without naming them.
 
 ``catalogue`` holds the concepts and caption templates (train and held-out); ``render`` draws
-scenes and builds datasets (the package re-exports both modules' main names, except the
-function ``render.render``, which would hide its module). Deterministic given a seed::
+scenes and builds datasets. The package re-exports both modules' main names (except the
+function ``render.render``, which would hide its module) and ``engine.image_grid.save_grid``.
+Deterministic given a seed::
 
     from engine.toyworld import make_dataset, save_grid
     data = make_dataset(1000, seed=0)         # images, masks, kinds, captions, labels, scenes
     save_grid(data["images"][:64], "grid.png", scale=4)
 """
 
+from engine.image_grid import save_grid
 from engine.toyworld.catalogue import (
     BACKGROUNDS,
     COLOURS,
@@ -47,7 +49,6 @@ from engine.toyworld.render import (
     make_dataset,
     render_batch,
     sample_scene,
-    save_grid,
 )
 
 __all__ = [

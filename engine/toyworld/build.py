@@ -20,7 +20,7 @@ in), and the world folder itself is assembled atomically at the end:
 6. ``evaluator``: the render-trained classifier (``engine.toyworld.evaluator``).
 
 Then ``world.json`` (settings, versions, the sha256 of every file) and the model card are written.
-The quality gates are measured afterwards by ``engine.toyworld.gates`` with the evaluation harness.
+The quality gates are measured afterwards by ``engine.evaluation.gates`` with the toy suite.
 """
 
 from __future__ import annotations
@@ -424,6 +424,7 @@ def _token_ids(tokenizer, cache: dict, captions: list[str]) -> torch.Tensor:
     return torch.stack([cache[c] for c in captions])
 
 
+# Over 60 lines: one training loop and the state its steps share.
 def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out: Path, progress: bool) -> dict:
     """The UNet, trained together with the text tower's last ``text_layers`` layers (and final
     layer norm and projection): the contrastive CLIP names every identity apart, but its
@@ -683,6 +684,7 @@ def build_world(out_dir: str | os.PathLike, config: BuildConfig | None = None, p
         return _build_world(Path(out_dir), config or BuildConfig(), progress)
 
 
+# Over 60 lines: the stages in order, then one atomic write of the world.
 def _build_world(out: Path, cfg: BuildConfig, progress: bool) -> Path:
     from engine.export import package_versions, sha256_tree, write_json
 

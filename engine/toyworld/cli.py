@@ -1,18 +1,21 @@
-"""``erasure toyworld ...``: build the toy world, say where it is, check it, measure its gates."""
+"""``erasure toyworld ...``: build the toy world, say where it is, check it, measure its gates.
+
+The gates are measured by the evaluation side (``engine.evaluation.gates.measure_gates``), which
+the ``erasure`` parser passes in: the toy world does not import the evaluation package.
+"""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 
-def cmd_build(args) -> int:
+def cmd_build(args, measure_gates) -> int:
     from engine.toyworld.build import BuildConfig, build_world
 
     config = BuildConfig.quick(seed=args.seed) if args.quick else BuildConfig(seed=args.seed)
     out = build_world(args.out, config, progress=not args.quiet)
     if not args.skip_gates:
-        from engine.toyworld.gates import measure_gates
-
         gates = measure_gates(out, progress=not args.quiet)
         print(json.dumps(gates["summary"], indent=2))
     print(f"wrote the toy world to {out}")
@@ -35,17 +38,17 @@ def cmd_verify(args) -> int:
     return 0
 
 
-def cmd_gates(args) -> int:
-    from engine.toyworld.gates import measure_gates
-
+def cmd_gates(args, measure_gates) -> int:
     gates = measure_gates(args.world, images_per_prompt=args.images_per_prompt, progress=not args.quiet,
                           write=not args.no_write)
     print(json.dumps(gates["summary"], indent=2))
     return 0 if gates["summary"]["all_pass"] else 1
 
 
-def add_toyworld_parser(sub) -> None:
-    """Add ``toyworld`` and its sub-commands to the ``erasure`` parser's sub-parsers."""
+def add_toyworld_parser(sub, measure_gates) -> None:
+    """Add ``toyworld`` and its sub-commands to the ``erasure`` parser's sub-parsers;
+    ``measure_gates(world, images_per_prompt=..., progress=..., write=...)`` measures and records
+    a world's quality gates (``engine.evaluation.gates.measure_gates``)."""
     p = sub.add_parser("toyworld", help="the embedded toy world: build, path, verify, gates")
     tsub = p.add_subparsers(dest="toyworld_command", required=True)
 
@@ -55,7 +58,7 @@ def add_toyworld_parser(sub) -> None:
     b.add_argument("--quick", action="store_true", help="a few steps per stage: tests the machinery only")
     b.add_argument("--skip-gates", action="store_true", help="do not measure the quality gates afterwards")
     b.add_argument("--quiet", action="store_true")
-    b.set_defaults(func=cmd_build)
+    b.set_defaults(func=partial(cmd_build, measure_gates=measure_gates))
 
     w = tsub.add_parser("path", help="print the toy world's folder (the shipped one by default)")
     w.add_argument("--world", help="a world folder (default: $ERASURE_TOYWORLD or the shipped world)")
@@ -71,4 +74,4 @@ def add_toyworld_parser(sub) -> None:
     g.add_argument("--images-per-prompt", type=int, default=4, help="generated images per held-out prompt (default 4)")
     g.add_argument("--no-write", action="store_true", help="only print the results")
     g.add_argument("--quiet", action="store_true")
-    g.set_defaults(func=cmd_gates)
+    g.set_defaults(func=partial(cmd_gates, measure_gates=measure_gates))

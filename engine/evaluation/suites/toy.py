@@ -1,8 +1,9 @@
 """The toy suite: how well an edited model forgot the erased toy-world concepts and kept the rest.
 
-``evaluate_toy(model, erased)`` generates images of every erased and retained concept with the
-edited model and with the original one from the same noise, classifies them with the world's
-evaluator, and returns the report (schema in ``engine.evaluation.report``):
+``toy_suite(ToySettings(model, erased))`` (or ``evaluate_toy(model, erased)``, its keyword form)
+generates images of every erased and retained concept with the edited model and with the
+original one from the same noise, classifies them with the world's evaluator, and returns the
+report (schema in ``engine.evaluation.report``):
 
 * efficacy: for each erased concept, the % of its images in which the evaluator's head for its
   kind still predicts it: ``direct`` prompts (the catalogue's training templates),
@@ -31,13 +32,15 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from engine.evaluation.clip_scorer import ClipScorer
+from engine.evaluation.generation import Job, generate_images
 from engine.evaluation.metrics import KID_SUBSET_SIZE, KID_SUBSETS, harmonic_h, kid, percent
 from engine.evaluation.report import SCHEMA_VERSION
-from engine.evaluation.sampling import generate_batch
 from engine.toyworld import catalogue as cat
 from engine.toyworld.render import SIZE, sample_scene
 
@@ -52,19 +55,31 @@ CLOSE_SHARE = 0.75  # of the default retained set: same kinds as the erased conc
 GRID_PROMPTS = (4, 2)  # erased and retained prompts shown in the before/after grid
 GRID_IMAGES = 4  # images per prompt and model in the grid
 EVAL_CHUNK = 256  # images per evaluator / CLIP call
-PROJECTION_FILE = Path("clip") / "projection.safetensors"
 
 
 @dataclass(frozen=True)
-class Job:
-    """One image to generate: which concept and prompt it tests, and its noise seed."""
+class ToySettings:
+    """What ``toy_suite`` evaluates and how; see ``evaluate_toy`` for each field."""
 
-    concept: str
-    kind: str
-    role: str  # "erased" or "retained"
-    prompt_set: str  # one of PROMPT_SETS
-    prompt: str
-    seed: int
+    model: Any  # a diffusers folder or a loaded pipeline
+    erased: Any  # a concept file, a ConceptSet or a list of toy-world names
+    original: Any = None
+    retained: Any = None
+    world: str | os.PathLike | None = None
+    images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT
+    steps: int | None = None
+    guidance: float | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = 0
+    progress: bool = True
+    evaluator: Any = None
+    device: str | None = None
+
+    def __post_init__(self):
+        for name in ("images_per_prompt", "batch_size", "steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 # --------------------------------------------------------------------------- concepts
@@ -200,11 +215,11 @@ def build_jobs(erased, retained, images_per_prompt: int, seed: int) -> list[Job]
     if images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     specs = []
-    for role, group in (("erased", erased), ("retained", retained)):
-        for name, kind in group:
-            for prompt_set, prompts in concept_prompts(name, kind, seed, erased=role == "erased").items():
-                specs += [(name, kind, role, prompt_set, p) for p in prompts for _ in range(images_per_prompt)]
-    return [Job(*spec, seed=seed + i) for i, spec in enumerate(specs)]
+    concepts = [("erased", name, kind) for name, kind in erased] + [("retained", name, kind) for name, kind in retained]
+    for owner, (role, name, kind) in enumerate(concepts):
+        for prompt_set, prompts in concept_prompts(name, kind, seed, erased=role == "erased").items():
+            specs += [(owner, (name, kind, role, prompt_set, p)) for p in prompts for _ in range(images_per_prompt)]
+    return [Job(*spec, seed=seed + i, owner=owner) for i, (owner, spec) in enumerate(specs)]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -260,7 +275,7 @@ def summarise(rows: list[dict], key: str = "acc") -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- generation
+# --------------------------------------------------------------------------- models and the evaluator
 
 
 def _load(model, what: str, device: str):
@@ -282,19 +297,6 @@ def _describe(model, pipe) -> str:
     return str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or f"<{type(pipe).__name__} in memory>")
 
 
-def generate(pipe, jobs: list[Job], steps: int, guidance: float, batch_size: int, bar=None) -> np.ndarray:
-    """Images (N x 32 x 32 x 3 uint8) of ``jobs``, ``batch_size`` prompts per pipeline call;
-    image i from noise seeded by ``jobs[i].seed``, so the result does not depend on the batching."""
-    out = np.zeros((len(jobs), SIZE, SIZE, 3), np.uint8)
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        out[start : start + len(batch)] = generate_batch(pipe, [j.prompt for j in batch], [j.seed for j in batch],
-                                                         steps=steps, guidance=guidance, size=SIZE)
-        if bar is not None:
-            bar.update(1)
-    return out
-
-
 def _chunked(fn, images: np.ndarray):
     return [fn(images[i : i + EVAL_CHUNK]) for i in range(0, len(images), EVAL_CHUNK)]
 
@@ -311,83 +313,6 @@ def predict(evaluator, images: np.ndarray) -> dict[str, list[str]]:
 def features(evaluator, images: np.ndarray) -> np.ndarray:
     parts = _chunked(evaluator.features, images)
     return np.concatenate([torch.as_tensor(p).detach().cpu().double().numpy() for p in parts])
-
-
-# --------------------------------------------------------------------------- CLIP score
-
-
-class ClipScorer:
-    """Cosine similarity between images and prompts in the world's CLIP space.
-
-    Image embeddings: ``image_encoder(feature_extractor(images)).image_embeds``; text
-    embeddings: ``text_projection @ text_encoder(prompt).pooler_output``.
-    """
-
-    def __init__(self, image_encoder, feature_extractor, text_encoder, tokenizer, projection: torch.Tensor):
-        self.image_encoder, self.feature_extractor = image_encoder, feature_extractor
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.projection = projection
-
-    @classmethod
-    def find(cls, pipe, folder: Path | None, world: Path | None) -> tuple[ClipScorer | None, str | None]:
-        """The scorer for ``pipe`` (its text and image encoders) and the world's projection, or
-        (None, why not)."""
-        from safetensors.torch import load_file
-
-        image_encoder = getattr(pipe, "image_encoder", None)
-        if image_encoder is None:
-            return None, "the original model has no image_encoder (CLIP vision tower)"
-        feature_extractor = getattr(pipe, "feature_extractor", None)
-        if feature_extractor is None and folder is not None and (folder / "feature_extractor").is_dir():
-            from transformers import CLIPImageProcessor
-
-            # engine.models.load_pipeline drops the SD safety checker's processor; the world's is this one.
-            feature_extractor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
-        if feature_extractor is None:
-            return None, "the original model has no feature_extractor (CLIP image preprocessing)"
-        if world is None:
-            return None, "no toy world, so no CLIP text projection"
-        proj_file = world / PROJECTION_FILE
-        if not proj_file.is_file():
-            return None, f"no CLIP projection file {proj_file}"
-        tensors = load_file(str(proj_file))
-        if "text_projection" not in tensors:
-            return None, f"{proj_file} has no 'text_projection' tensor"
-        projection = tensors["text_projection"].float()
-        text_dim = pipe.text_encoder.config.hidden_size
-        image_dim = image_encoder.config.projection_dim
-        if projection.shape != (image_dim, text_dim):
-            return None, (
-                f"{proj_file}: text_projection is {tuple(projection.shape)}, but this model's image embeddings "
-                f"are {image_dim}-d and its text encoder {text_dim}-d"
-            )
-        return cls(image_encoder, feature_extractor, pipe.text_encoder, pipe.tokenizer, projection), None
-
-    @torch.no_grad()
-    def text_embeds(self, prompts: list[str]) -> np.ndarray:
-        device = self.text_encoder.device
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        pooled = self.text_encoder(ids).pooler_output.float()  # B x D_text
-        return (pooled @ self.projection.to(device).T).cpu().double().numpy()  # B x P
-
-    @torch.no_grad()
-    def image_embeds(self, images: np.ndarray) -> np.ndarray:
-        enc = self.image_encoder
-        pixels = self.feature_extractor(images=list(images), return_tensors="pt").pixel_values
-        out = enc(pixel_values=pixels.to(enc.device, enc.dtype)).image_embeds  # B x P
-        return out.float().cpu().double().numpy()
-
-    def score(self, images: np.ndarray, prompts: list[str]) -> float:
-        from engine.evaluation.metrics import clip_score
-
-        unique = sorted(set(prompts))
-        text = np.concatenate([self.text_embeds(unique[i : i + EVAL_CHUNK]) for i in range(0, len(unique), EVAL_CHUNK)])
-        row = {p: i for i, p in enumerate(unique)}
-        image = np.concatenate(_chunked(self.image_embeds, images))
-        return clip_score(image, text[[row[p] for p in prompts]])
 
 
 # --------------------------------------------------------------------------- the suite
@@ -436,6 +361,161 @@ def _grid_samples(jobs, original_images, edited_images) -> list[tuple[str, np.nd
     return [(label, original_images[idx], edited_images[idx]) for label, idx in picked]
 
 
+def _concept_sets(s: ToySettings) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The (name, kind) lists of the erased and the retained concepts."""
+    erased = resolve_concepts(s.erased, "erased concepts")
+    if s.retained is None:
+        retained = default_retained(erased, s.seed)
+    else:
+        retained = resolve_concepts(s.retained, "retained concepts")
+        both = sorted({n for n, _ in retained} & {n for n, _ in erased})
+        if both:
+            raise ValueError(f"retained concepts: {both[0]!r} is also erased; a concept is either erased or retained")
+    if not retained:
+        raise ValueError("no retained concepts to measure specificity on")
+    return erased, retained
+
+
+@dataclass
+class _Models:
+    edited: Any
+    original: Any
+    original_folder: Path | None
+    evaluator: Any
+
+
+def _load_models(s: ToySettings, world_root: Path | None, device: str) -> _Models:
+    """The edited and original pipelines (one object when they are the same model) and the evaluator."""
+    edited_pipe, _ = _load(s.model, "model", device)
+    original = world_root / "pipeline" if s.original is None else s.original
+    if isinstance(s.model, (str, os.PathLike)) and isinstance(original, (str, os.PathLike)) and (
+        Path(s.model).resolve() == Path(original).resolve()
+    ):
+        original_pipe, original_folder = edited_pipe, Path(original)
+    elif original is s.model:
+        original_pipe, original_folder = edited_pipe, None
+    else:
+        original_pipe, original_folder = _load(original, "original", device)
+    evaluator = s.evaluator
+    if evaluator is None:
+        from engine.toyworld.world import load_toy_evaluator
+
+        evaluator = load_toy_evaluator(world_root).to(edited_pipe.device)
+    for pipe in (edited_pipe, original_pipe):
+        pipe.set_progress_bar_config(disable=True)
+    return _Models(edited_pipe, original_pipe, original_folder, evaluator)
+
+
+def _generate_both(models: _Models, jobs: list[Job], steps: int, guidance: float, s: ToySettings):
+    """(edited images, original images, models run, generation seconds); the same noise gives
+    the same images, so one model that is both is run once."""
+    from tqdm.auto import tqdm
+
+    same = models.original is models.edited
+    n_models = 1 if same else 2
+    kwargs = dict(steps=steps, guidance=guidance, batch_size=s.batch_size, size=SIZE)
+    start = time.perf_counter()
+    with tqdm(total=n_models * math.ceil(len(jobs) / s.batch_size), desc="generating", unit="batch",
+              disable=not s.progress) as bar:
+        edited = generate_images(models.edited, jobs, bar=bar, **kwargs)
+        original = edited if same else generate_images(models.original, jobs, bar=bar, **kwargs)
+    return edited, original, n_models, time.perf_counter() - start
+
+
+def _quality(models: _Models, world_root: Path | None, jobs: list[Job], edited, original, seed: int) -> dict:
+    """KID between the two models' retained images on the evaluator's features, and the CLIP score."""
+    kept = np.array([j.role == "retained" for j in jobs])
+    evaluator = models.evaluator
+    kid_mean, kid_std = kid(features(evaluator, edited[kept]), features(evaluator, original[kept]), seed=seed)
+    scorer, reason = ClipScorer.from_pipeline(models.original, models.original_folder, world_root, batch=EVAL_CHUNK)
+    retained_prompts = [j.prompt for j in jobs if j.role == "retained"]
+    return {
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        "clip_score": scorer.score(edited[kept], retained_prompts) if scorer else None,
+        "clip_score_original": scorer.score(original[kept], retained_prompts) if scorer else None,
+        "clip_score_reason": reason,
+        "kid_features": "toy evaluator features",
+        "kid_subsets": KID_SUBSETS,
+        "kid_subset_size": min(KID_SUBSET_SIZE, int(kept.sum())),
+    }
+
+
+def _report(s: ToySettings, models: _Models, world_root, erased, rows, rows_original, quality, timing, settings):
+    from engine.export import package_versions
+
+    summary_original = summarise(rows_original)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "suite": "toy",
+        "model": _describe(s.model, models.edited),
+        "original": _describe(world_root / "pipeline" if s.original is None else s.original, models.original),
+        "world": str(world_root) if world_root is not None else None,
+        "erased": [n for n, _ in erased],
+        **summarise(rows),
+        "original_acc": {
+            "erased": summary_original["erased_acc"],
+            "erased_other_templates": summary_original["erased_acc_other_templates"],
+            "erased_indirect": summary_original["erased_acc_indirect"],
+            "retained": summary_original["retained_acc"],
+        },
+        "quality": quality,
+        "timing": timing,
+        "settings": settings,
+        "versions": package_versions(),
+        "concepts": rows,
+    }
+
+
+def toy_suite(s: ToySettings, return_samples: bool = False):
+    """Evaluate an edited model on the toy suite; returns the report (``return_samples=True``:
+    (report, grid samples for ``write_report``))."""
+    start = time.perf_counter()
+    for what, path in (("model", s.model), ("original", s.original)):  # before any slow work
+        if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
+            raise FileNotFoundError(f"{what}: model folder not found: {path}")
+    erased, retained = _concept_sets(s)
+
+    # The world supplies the default original model and the evaluator; otherwise it is optional.
+    world_root = _world_root(s.world, required=s.original is None or s.evaluator is None)
+    default_steps, default_guidance = sampling_defaults(world_root)
+    steps = default_steps if s.steps is None else int(s.steps)
+    guidance = default_guidance if s.guidance is None else float(s.guidance)
+    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = _load_models(s, world_root, device)
+
+    jobs = build_jobs(erased, retained, s.images_per_prompt, s.seed)
+    edited_images, original_images, n_models, generation_seconds = _generate_both(models, jobs, steps, guidance, s)
+
+    erased_kinds = {k for _, k in erased}
+    rows = concept_rows(jobs, predict(models.evaluator, edited_images), erased_kinds)
+    rows_original = concept_rows(jobs, predict(models.evaluator, original_images), erased_kinds)
+    for row, row0 in zip(rows, rows_original):
+        row["acc_original"] = row0["acc"]
+    quality = _quality(models, world_root, jobs, edited_images, original_images, s.seed)
+    timing = {
+        "total_seconds": time.perf_counter() - start,
+        "generation_seconds": generation_seconds,
+        "images_generated": n_models * len(jobs),
+        "images_per_second": n_models * len(jobs) / generation_seconds if generation_seconds > 0 else None,
+    }
+    settings = {
+        "steps": steps,
+        "guidance": guidance,
+        "images_per_prompt": s.images_per_prompt,
+        "seed": s.seed,
+        "batch_size": s.batch_size,
+        "image_size": SIZE,
+        "device": str(models.edited.device),
+        "n_erased": len(erased),
+        "n_retained": len(retained),
+    }
+    report = _report(s, models, world_root, erased, rows, rows_original, quality, timing, settings)
+    if return_samples:
+        return report, _grid_samples(jobs, original_images, edited_images)
+    return report
+
+
 def evaluate_toy(
     model,
     erased,
@@ -453,8 +533,7 @@ def evaluate_toy(
     device: str | None = None,
     return_samples: bool = False,
 ):
-    """Evaluate an edited model on the toy suite; returns the report (``return_samples=True``:
-    (report, grid samples for ``write_report``)).
+    """``toy_suite`` with its settings as arguments.
 
     model, original: a diffusers folder or a loaded pipeline; ``original`` defaults to the
     world's pipeline. erased, retained: a concept file, a ConceptSet or a list of toy-world
@@ -464,124 +543,9 @@ def evaluate_toy(
     original model, the sampling defaults and the CLIP projection. steps, guidance: default to
     the world's ``world.json`` ``"sampling"``, else 25 and 5.0.
     """
-    from tqdm.auto import tqdm
-
-    from engine.export import package_versions
-
-    start = time.perf_counter()
-    for name, value in (("images_per_prompt", images_per_prompt), ("batch_size", batch_size), ("steps", steps)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    for what, path in (("model", model), ("original", original)):  # before any slow work
-        if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
-            raise FileNotFoundError(f"{what}: model folder not found: {path}")
-    erased_list = resolve_concepts(erased, "erased concepts")
-    if retained is None:
-        retained_list = default_retained(erased_list, seed)
-    else:
-        retained_list = resolve_concepts(retained, "retained concepts")
-        both = sorted({n for n, _ in retained_list} & {n for n, _ in erased_list})
-        if both:
-            raise ValueError(f"retained concepts: {both[0]!r} is also erased; a concept is either erased or retained")
-    if not retained_list:
-        raise ValueError("no retained concepts to measure specificity on")
-
-    # The world supplies the default original model and the evaluator; otherwise it is optional.
-    world_root = _world_root(world, required=original is None or evaluator is None)
-    default_steps, default_guidance = sampling_defaults(world_root)
-    steps = default_steps if steps is None else int(steps)
-    guidance = default_guidance if guidance is None else float(guidance)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    edited_pipe, _ = _load(model, "model", device)
-    if original is None:
-        original = world_root / "pipeline"
-    if isinstance(model, (str, os.PathLike)) and isinstance(original, (str, os.PathLike)) and (
-        Path(model).resolve() == Path(original).resolve()
-    ):
-        original_pipe, original_folder = edited_pipe, Path(original)
-    elif original is model:
-        original_pipe, original_folder = edited_pipe, None
-    else:
-        original_pipe, original_folder = _load(original, "original", device)
-    if evaluator is None:
-        from engine.toyworld.world import load_toy_evaluator
-
-        evaluator = load_toy_evaluator(world_root).to(edited_pipe.device)
-    for pipe in (edited_pipe, original_pipe):
-        pipe.set_progress_bar_config(disable=True)
-
-    jobs = build_jobs(erased_list, retained_list, images_per_prompt, seed)
-    same = original_pipe is edited_pipe  # the same noise gives the same images: generate once
-    n_models = 1 if same else 2
-    gen_start = time.perf_counter()
-    with tqdm(total=n_models * math.ceil(len(jobs) / batch_size), desc="generating", unit="batch",
-              disable=not progress) as bar:
-        edited_images = generate(edited_pipe, jobs, steps, guidance, batch_size, bar)
-        original_images = edited_images if same else generate(original_pipe, jobs, steps, guidance, batch_size, bar)
-    generation_seconds = time.perf_counter() - gen_start
-
-    erased_kinds = {k for _, k in erased_list}
-    rows = concept_rows(jobs, predict(evaluator, edited_images), erased_kinds)
-    rows_original = concept_rows(jobs, predict(evaluator, original_images), erased_kinds)
-    for row, row0 in zip(rows, rows_original):
-        row["acc_original"] = row0["acc"]
-    kept = np.array([j.role == "retained" for j in jobs])
-    kid_mean, kid_std = kid(
-        features(evaluator, edited_images[kept]), features(evaluator, original_images[kept]), seed=seed
+    settings = ToySettings(
+        model, erased, original=original, retained=retained, world=world, images_per_prompt=images_per_prompt,
+        steps=steps, guidance=guidance, batch_size=batch_size, seed=seed, progress=progress, evaluator=evaluator,
+        device=device,
     )
-    scorer, reason = ClipScorer.find(original_pipe, original_folder, world_root)
-    retained_prompts = [j.prompt for j in jobs if j.role == "retained"]
-    clip_edited = scorer.score(edited_images[kept], retained_prompts) if scorer else None
-    clip_original = scorer.score(original_images[kept], retained_prompts) if scorer else None
-
-    summary = summarise(rows)
-    summary_original = summarise(rows_original)
-    total_seconds = time.perf_counter() - start
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "suite": "toy",
-        "model": _describe(model, edited_pipe),
-        "original": _describe(original, original_pipe),
-        "world": str(world_root) if world_root is not None else None,
-        "erased": [n for n, _ in erased_list],
-        **summary,
-        "original_acc": {
-            "erased": summary_original["erased_acc"],
-            "erased_other_templates": summary_original["erased_acc_other_templates"],
-            "erased_indirect": summary_original["erased_acc_indirect"],
-            "retained": summary_original["retained_acc"],
-        },
-        "quality": {
-            "kid": kid_mean,
-            "kid_std": kid_std,
-            "clip_score": clip_edited,
-            "clip_score_original": clip_original,
-            "clip_score_reason": reason,
-            "kid_features": "toy evaluator features",
-            "kid_subsets": KID_SUBSETS,
-            "kid_subset_size": min(KID_SUBSET_SIZE, int(kept.sum())),
-        },
-        "timing": {
-            "total_seconds": total_seconds,
-            "generation_seconds": generation_seconds,
-            "images_generated": n_models * len(jobs),
-            "images_per_second": n_models * len(jobs) / generation_seconds if generation_seconds > 0 else None,
-        },
-        "settings": {
-            "steps": steps,
-            "guidance": guidance,
-            "images_per_prompt": images_per_prompt,
-            "seed": seed,
-            "batch_size": batch_size,
-            "image_size": SIZE,
-            "device": str(edited_pipe.device),
-            "n_erased": len(erased_list),
-            "n_retained": len(retained_list),
-        },
-        "versions": package_versions(),
-        "concepts": rows,
-    }
-    if return_samples:
-        return report, _grid_samples(jobs, original_images, edited_images)
-    return report
+    return toy_suite(settings, return_samples=return_samples)

@@ -1,0 +1,97 @@
+"""The toy world's model card (its ``README.md``) and the record of its measured quality gates.
+
+The gates are measured by ``engine.evaluation.gates``; this module only writes and formats them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_gates(root: Path, info: dict, gates: dict) -> None:
+    """Record measured gates in the world folder: ``world.json`` (key ``gates``) and ``README.md``."""
+    from engine.export import write_json
+
+    info = dict(info, gates=gates)
+    tmp = root / "world.json.tmp"
+    write_json(tmp, info)
+    tmp.replace(root / "world.json")
+    (root / "README.md").write_text(model_card(info))
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}%"
+
+
+def gates_table(gates: dict) -> str:
+    """The gates as a Markdown table (measured value, threshold, pass)."""
+    s, t = gates["summary"], gates["thresholds"]
+    lines = ["| gate | measured | threshold | pass |", "| --- | --- | --- | --- |"]
+    for kind, v in s["evaluator_heldout"].items():
+        lines.append(f"| classifier on held-out renders: {kind} | {_pct(v)} | {t['evaluator_heldout']:.0f}% | "
+                     f"{'yes' if s['checks'][f'evaluator_heldout.{kind}'] else 'NO'} |")
+    for kind, v in s["generated_heldout"].items():
+        th = t["generated_heldout"].get(kind)
+        ok = s["checks"].get(f"generated_heldout.{kind}")
+        lines.append(f"| generated, held-out templates: {kind} | {_pct(v)} | "
+                     f"{'-' if th is None else f'{th:.0f}%'} | {'-' if ok is None else ('yes' if ok else 'NO')} |")
+    v = s["generated_indirect"]["unsafe"]
+    lines.append(f"| generated, indirect prompts (synonyms, paraphrases): unsafe | {_pct(v)} | "
+                 f"{t['generated_indirect']:.0f}% | {'yes' if s['checks']['generated_indirect.unsafe'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def model_card(info: dict) -> str:
+    """The world's README.md: what it is, how it was built, and its measured gates."""
+    from engine.toyworld.build import TOY_TEXT
+
+    cfg, secs = info["config"], info.get("seconds", {})
+    gates = info.get("gates")
+    parts = [
+        "# The toy world",
+        "",
+        "A small, real text-to-image world: procedurally rendered 32x32 images with captions "
+        "(128 made-up identities, 13 objects in 8 colours on 6 backgrounds, 6 styles, 4 unsafe "
+        "stand-ins with synonyms and paraphrases) and the models trained on them from seed "
+        f"{info['seed']} by `erasure toyworld build`.",
+        "",
+        "| part | what |",
+        "| --- | --- |",
+        "| `pipeline/` | diffusers `StableDiffusionPipeline`: VAE (32x32x3 -> 8x8x4), CLIP text encoder "
+        f"(genuine CLIP BPE tokenizer, width {TOY_TEXT['hidden_size']}, {TOY_TEXT['num_hidden_layers']} layers), UNet2DConditionModel, DDIM scheduler; "
+        "`image_encoder/` (CLIP vision tower) and `feature_extractor/` for the IP-Adapter |",
+        "| `ip_adapter/ip_adapter.safetensors` | IP-Adapter: `pipe.load_ip_adapter(DIR/'ip_adapter', subfolder='', "
+        "weight_name='ip_adapter.safetensors')` |",
+        "| `clip/projection.safetensors` | CLIP text projection and logit scale (alignment score) |",
+        "| `evaluator/` | the classifier trained on renders only, one head per concept kind |",
+        "| `world.json` | build settings, metrics, timings, versions, sha256 of every file, gates |",
+        "",
+        f"Sampling defaults: {info['sampling']['steps']} DDIM steps, guidance {info['sampling']['guidance']}.",
+        "",
+        "## Quality gates",
+        "",
+    ]
+    if gates:
+        st = gates["settings"]
+        parts += [
+            gates_table(gates),
+            "",
+            f"Measured by `erasure toyworld gates` with the evaluation harness: {gates['images']} generated "
+            f"images ({st['images_per_prompt']} per prompt, seeds from {st['seed']}), {st['renders']} held-out "
+            f"renders; means over concepts. All gates pass: **{'yes' if gates['summary']['all_pass'] else 'no'}**.",
+        ]
+    else:
+        parts.append("Not measured yet: run `erasure toyworld gates --world DIR`.")
+    stage_times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items() if k != "total_this_run")
+    parts += [
+        "",
+        "## Build",
+        "",
+        f"Training images: {cfg['n_images']}; steps: CLIP {cfg['clip_steps']} (batch {cfg['clip_batch']}), "
+        f"VAE {cfg['vae_steps']} (batch {cfg['vae_batch']}), UNet {cfg['unet_steps']} (batch {cfg['unet_batch']}), "
+        f"IP-Adapter {cfg['ip_steps']} (batch {cfg['ip_batch']}). Stage times: {stage_times}.",
+        "",
+        "Rebuild: `erasure toyworld build --out DIR --seed " + str(info["seed"]) + "`.",
+        "",
+    ]
+    return "\n".join(parts)
