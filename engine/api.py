@@ -1,7 +1,7 @@
 """The engine's stable Python surface for tools that embed it.
 
     import engine
-    result = engine.erase("path/to/sd15", "celebrities.txt", method="uce", anchor="a person")
+    result = engine.erase("path/to/sd15", "celebrities.txt", anchor="a person")  # the default method
     result.save("out/erased", export_lora=True)
     result.pipeline  # the edited diffusers pipeline, ready to generate
 

@@ -1,10 +1,10 @@
 """Command line: `erasure <command>` (also `python -m engine <command>`).
 
-    erasure erase --model DIR --concepts FILE --method uce --out OUT [--export-lora]
-    erasure erase --model DIR --concepts FILE --method esd --set iterations=200 --out OUT [--resume]
+    erasure erase --model DIR --concepts FILE [--method NAME] --out OUT [--export-lora]
+    erasure erase --model DIR --concepts FILE --method NAME --set iterations=200 --out OUT [--resume]
     erasure apply --model DIR --delta OUT/delta.safetensors --out DIR2
     erasure tiny-model --arch tiny --out DIR
-    erasure methods
+    erasure methods                       (the registered methods: engine/methods/)
     erasure demo --out build/demo
     erasure eval --model DIR --suite toy --erased FILE --out report.json
 """
@@ -15,15 +15,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from engine.concepts import load_yaml
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
 
 def parse_sets(pairs: list[str]) -> dict:
     """`--set key=value` pairs; values parsed as YAML scalars (numbers, null, true/false)."""
@@ -192,124 +188,18 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def _demo_random_weights(args) -> int:
-    """Without a toy world: erase 110 made-up names from a random-weight tiny SD pipeline, keep 10,
-    and report the fit of the edit at the cross-attention projections."""
-    from engine.api import erase
-    from engine.concepts import concepts_from_names, load_concepts
-    from engine.tiny import write_tiny_model
-
-    out = Path(args.out)
-    model = out / "model"
-    if not (model / "model_index.json").exists():
-        write_tiny_model("tiny", model, seed=0)
-    print(
-        "demo: no toy world is shipped with this installation (pass --world DIR from `erasure toyworld "
-        "build`), so this runs on a RANDOM-WEIGHT tiny "
-        f"Stable Diffusion pipeline ({model}); the numbers show the edit's fit at the cross-attention "
-        "projections, not image-level erasure."
-    )
-    names = load_concepts(EXAMPLES / "identities.txt").names()
-    captions = [c for c in (EXAMPLES / "captions.txt").read_text().splitlines() if c.strip()]
-    concepts = concepts_from_names(
-        names[:110],
-        anchor="a person",
-        templates=["a photo of {}", "a portrait of {}", "{} smiling"],
-        preserve=names[110:],
-        captions=captions,
-    )
-    start = time.perf_counter()
-    result = erase(str(model), concepts, method="uce-plus", progress=not args.quiet)
-    erased = out / "erased"
-    result.save(erased, export_lora=True, overwrite=True)
-    seconds = time.perf_counter() - start
-    solve = result.manifest["solve"]
-    before = result.edit.concept_residual_before
-    after = solve["concept_residual"]
-    print("\nK/V projections of each erased concept vs its anchor's, relative distance over all layers:")
-    print(f"{'concept':<24} {'before':>8} {'after':>8}")
-    for name in list(after)[:8]:
-        print(f"{name:<24} {before[name]:>8.3f} {after[name]:>8.3f}")
-    print(f"... {len(after)} concepts in total")
-    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
-    print(f"mean distance to the anchor: before {mean(before):.3f}, after {mean(after):.3f}")
-    print(
-        f"retained ({len(names) - 110} identities, {len(captions)} captions): relative drift of their "
-        f"projections {solve['preserve_drift']:.4f}"
-    )
-    print(f"solver {solve['solver']} (condition {solve['condition']:.3g}); {seconds:.1f} s in all")
-    print(f"wrote {erased} (pipeline, delta.safetensors, lora/, manifest.json)")
-    return 0
+def _model_args(p) -> None:
+    p.add_argument("--model", required=True, help="diffusers folder, or a single-file .safetensors checkpoint")
+    p.add_argument("--model-config", help="diffusers folder with the configs for a single-file checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .ckpt/.bin checkpoints (loaded weights-only)")
 
 
-def cmd_demo(args) -> int:
-    """Erase identities from the toy world with the closed-form method, then measure it."""
-    from engine.toyworld.world import SHIPPED, WORLD_FILE
-
-    if args.world is None and not (SHIPPED / WORLD_FILE).is_file():
-        return _demo_random_weights(args)
-    from engine.api import erase
-    from engine.concepts import concepts_from_names
-    from engine.evaluation.report import write_report
-    from engine.evaluation import evaluate_toy
-    from engine.toyworld import TEMPLATES, concepts, make_dataset
-    from engine.toyworld.world import pipeline_path, verify_world
-
-    world = verify_world(args.world)
-    model = pipeline_path(world)
-    identities = concepts("identity")
-    erased_names = identities[: args.erase]
-    kept = identities[args.erase :]
-    # Preserve the identities that stay and general captions of the world (MACE/UCE style).
-    captions = sorted(set(make_dataset(300, seed=12345)["captions"]))
-    concept_set = concepts_from_names(
-        erased_names, anchor="a person", templates=[t.replace("{name}", "{}") for t in TEMPLATES["identity"]["train"]],
-        preserve=kept, captions=captions,
-    )
-    out = Path(args.out)
-    print(f"demo: erasing {len(erased_names)} identities from the toy world ({model}) with uce-plus; "
-          f"preserving {len(kept)} identities and {len(captions)} captions")
-    start = time.perf_counter()
-    result = erase(str(model), concept_set, method="uce-plus", progress=not args.quiet)
-    erased_dir = out / "erased"
-    result.save(erased_dir, overwrite=True)
-    erase_seconds = time.perf_counter() - start
-    print(f"erased in {erase_seconds:.1f} s; evaluating the edited model against the original")
-    report, samples = evaluate_toy(
-        erased_dir, erased_names, original=model, world=world, images_per_prompt=args.images_per_prompt,
-        seed=0, progress=not args.quiet, return_samples=True,
-    )
-    written = write_report(report, out / "report.json", samples)
-    pct = lambda v: "n/a" if v is None else f"{v:5.1f}%"  # noqa: E731
-    before = report["original_acc"]
-    print(f"\n{'':<44} {'original':>9} {'erased':>9}")
-    print(f"{'erased identities recognised (train templates)':<44} {pct(before['erased']):>9} {pct(report['erased_acc']):>9}")
-    print(f"{'erased identities recognised (held-out)':<44} {pct(before['erased_other_templates']):>9} "
-          f"{pct(report['erased_acc_other_templates']):>9}")
-    print(f"{'retained concepts recognised':<44} {pct(before['retained']):>9} {pct(report['retained_acc']):>9}")
-    print(f"{'  close (other identities)':<44} {'':>9} {pct(report['retained_acc_close']):>9}")
-    print(f"{'  other kinds':<44} {'':>9} {pct(report['retained_acc_other']):>9}")
-    q = report["quality"]
-    spread = "" if q["kid_std"] is None else f" +- {q['kid_std']:.4f}"
-    print(f"H {report['H']:.1f}; KID to the original {q['kid']:.4f}{spread}")
-    print(f"{report['timing']['images_generated']} images in {report['timing']['generation_seconds']:.0f} s")
-    print("wrote " + ", ".join(str(p) for p in written.values()) + f", and the erased pipeline in {erased_dir}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def _add_erase_parser(sub) -> None:
+    from engine.finetune.adapters import ADAPTER_METHOD
     from engine.methods import DEFAULT_METHOD
 
-    parser = argparse.ArgumentParser(prog="erasure", description="Concept erasure for Stable Diffusion models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def model_args(p):
-        p.add_argument("--model", required=True, help="diffusers folder, or a single-file .safetensors checkpoint")
-        p.add_argument("--model-config", help="diffusers folder with the configs for a single-file checkpoint")
-        p.add_argument("--allow-pickle", action="store_true", help="accept pickled .ckpt/.bin checkpoints (loaded weights-only)")
-
     p = sub.add_parser("erase", help="erase concepts (closed-form or fine-tuning)")
-    model_args(p)
+    _model_args(p)
     p.add_argument("--concepts", required=True, help="concept file: .yaml/.yml/.json, or .txt/.csv list of names")
     p.add_argument("--method", default=DEFAULT_METHOD,
                    help=f"a registered method (default {DEFAULT_METHOD}); `erasure methods` lists them")
@@ -318,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", choices=["deepspeed"],
                    help="data-parallel fine-tuning with DeepSpeed ZeRO; launch with torchrun --nproc_per_node N")
     p.add_argument("--per-concept-adapters", action="store_true",
-                   help="esd: one LoRA adapter per concept, trained together in one batched run (adapters/ + index)")
+                   help=f"{ADAPTER_METHOD}: one LoRA adapter per concept, trained together in one batched run "
+                        "(adapters/ + index)")
     p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2, help="ZeRO stage with --distributed (default 2)")
     p.add_argument("--out", required=True, help="output folder (written atomically, locked while the run lasts)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
@@ -332,8 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_erase)
 
+
+def _add_small_parsers(sub) -> None:
+    """apply, tiny-model and methods."""
+    from engine.tiny import ARCHS
+
     p = sub.add_parser("apply", help="apply a saved delta.safetensors to a model")
-    model_args(p)
+    _model_args(p)
     p.add_argument("--delta", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
@@ -341,8 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply a delta made for other base weights, without a checksum, or with an implausible change "
                         "(a warning each); a checksum mismatch is never overridden")
     p.set_defaults(func=cmd_apply)
-
-    from engine.tiny import ARCHS
 
     p = sub.add_parser("tiny-model", help="write a random-weight pipeline of a real architecture")
     p.add_argument("--arch", required=True, choices=ARCHS)
@@ -353,18 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods and their default settings")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("demo", help="erase toy-world identities with uce-plus and measure the erasure")
-    p.add_argument("--out", default="build/demo")
-    p.add_argument("--erase", type=int, default=10, help="how many identities to erase (default 10)")
-    p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--world", help="toy world folder (default: the shipped one)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
 
+def build_parser() -> argparse.ArgumentParser:
+    from engine.demo import add_demo_parser
     from engine.evaluation.cli import add_eval_parser
     from engine.evaluation.gates import measure_gates
     from engine.toyworld.cli import add_toyworld_parser
 
+    parser = argparse.ArgumentParser(prog="erasure", description="Concept erasure for Stable Diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_erase_parser(sub)
+    _add_small_parsers(sub)
+    add_demo_parser(sub)
     add_eval_parser(sub)
     add_toyworld_parser(sub, measure_gates)
     return parser

@@ -146,6 +146,23 @@ def _select(rows: list[PromptRow], path: Path, category: str | None, category_co
     return rows
 
 
+def _prompt_column(header: list[str], wanted: str | None, path: Path) -> str:
+    """The header's prompt column: ``wanted`` (matched as the other columns are), else a known name."""
+    shown = ", ".join(repr(h) for h in header)
+    if wanted is not None:
+        found = _find(header, (wanted,))
+        if found is None:
+            raise PromptFileError(f"{path}: prompt column {wanted!r} not found; the header has {shown}")
+        return found
+    found = _find(header, PROMPT_COLUMNS)
+    if found is None:
+        raise PromptFileError(
+            f"{path}: no prompt column; the header has {shown}, expected one of "
+            f"{', '.join(repr(c) for c in PROMPT_COLUMNS)} (or name it with --prompt-column)"
+        )
+    return found
+
+
 def read_prompt_csv(
     path: str | os.PathLike, prompt_column: str | None = None, limit: int | None = None, category: str | None = None
 ) -> PromptFile:
@@ -164,20 +181,7 @@ def read_prompt_csv(
     if not records:
         raise PromptFileError(f"{path}: the file is empty: expected a header row and prompts")
     header = [cell.strip() for cell in records[0][1]]
-    shown = ", ".join(repr(h) for h in header)
-
-    if prompt_column is not None:
-        found = _find(header, (prompt_column,))
-        if found is None:
-            raise PromptFileError(f"{path}: prompt column {prompt_column!r} not found; the header has {shown}")
-        prompt_column = found
-    else:
-        prompt_column = _find(header, PROMPT_COLUMNS)
-        if prompt_column is None:
-            raise PromptFileError(
-                f"{path}: no prompt column; the header has {shown}, expected one of "
-                f"{', '.join(repr(c) for c in PROMPT_COLUMNS)} (or name it with --prompt-column)"
-            )
+    prompt_column = _prompt_column(header, prompt_column, path)
     columns = {
         "prompt": prompt_column,
         "seed": _find(header, SEED_COLUMNS),

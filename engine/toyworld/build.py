@@ -154,6 +154,20 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
 
 
+def _train_step(opt, loss, bar, losses: list, value: float | None = None, name: str = "loss", window: int = 100,
+                clip=None) -> None:
+    """One optimizer step on ``loss`` (gradient norm clipped to 1 over the tensors ``clip``), then
+    ``value`` (default: the loss) recorded and its recent mean shown on the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    losses.append(loss.item() if value is None else value)
+    bar.set_postfix({name: f"{np.mean(losses[-window:]):.4g}"})
+    bar.update()
+
+
 def _lr_at(step, total, peak, warmup=100):
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -285,12 +299,7 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
                 kind_target = targets[kind][idx_t]
                 if (kind_target >= 0).any():
                     loss = loss + F.cross_entropy(kind_logits, kind_target, ignore_index=-100) / len(cat.KINDS)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-            bar.update()
+            _train_step(opt, loss, bar, losses, window=50)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     return {"final_loss": float(np.mean(losses[-100:])), "seen_tokens": seen}
@@ -339,12 +348,7 @@ def stage_vae(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
             # L1 keeps small, sharp features (eyes, stripes); SD's KL weight keeps latents tame.
             rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
             loss = rec + 1e-6 * posterior.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(rec.item())
-            bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
-            bar.update()
+            _train_step(opt, loss, bar, losses, value=rec.item(), name="rec", window=50)
     vae.eval()
     # scaling_factor: unit variance latents, as SD's 0.18215 does for its VAE.
     with torch.no_grad():
@@ -487,18 +491,12 @@ def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out:
                 clip_term = _clip_loss(logits, keys[idx[rows].numpy()])
                 loss = loss + 0.1 * clip_term
                 clip_losses.append(clip_term.item())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            opt.step()
+            _train_step(opt, loss, bar, losses, clip=trained)
             # EMA warms up (short runs would otherwise keep mostly the random init).
             decay = min(cfg.unet_ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for p_ema, p in zip(ema, trained):
                     p_ema.lerp_(p, 1 - decay)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-            bar.update()
     with torch.no_grad():
         for p_ema, p in zip(ema, trained):
             p.copy_(p_ema)
@@ -604,12 +602,7 @@ def stage_ip_adapter(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path
             _set_lr(opt, _lr_at(step, cfg.ip_steps, cfg.ip_lr))
             pred = unet(noisy, t, texts(captions), added_cond_kwargs={"image_embeds": [embeds[:, None, :]]}).sample
             loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-            bar.update()
+            _train_step(opt, loss, bar, losses)
     out.mkdir(parents=True, exist_ok=True)
     save_file(ip_adapter_state_dict(unet), str(out / "ip_adapter.safetensors"))
     return {"final_loss": float(np.mean(losses[-200:])), "train_images": n_images}

@@ -352,6 +352,59 @@ def _accuracy_by_style(predicted: dict[str, list[str]], labels: list[dict]) -> d
     return out
 
 
+def _training_set(n_train: int, seed: int, hard_extra: int, styled_repeats: int):
+    """The training renders as a uint8 tensor (N x 3 x 32 x 32), their targets per head and per
+    auxiliary attribute, and one epoch's items (each styled render ``styled_repeats`` times)."""
+    train = make_dataset(n_train, seed)
+    extra_images, extra_labels = _hard_renders(hard_extra, seed)
+    labels = train["labels"] + extra_labels
+    images = torch.from_numpy(np.concatenate([train["images"], extra_images])).permute(0, 3, 1, 2).contiguous()
+    styled = torch.tensor([i for i, lab in enumerate(labels) if "style" in lab], dtype=torch.long)
+    epoch_items = torch.cat([torch.arange(len(labels))] + [styled] * (styled_repeats - 1))
+    return images, labels_to_targets(labels), _attribute_targets(labels), epoch_items
+
+
+def _batch_loss(model, aux, x, targets: dict, attributes: dict) -> torch.Tensor:
+    """The heads' summed cross-entropy, plus half of each auxiliary attribute head's where the
+    batch has targets for it (-100: none)."""
+    features = model.trunk(x.contiguous(memory_format=torch.channels_last))  # B x feature_dim
+    loss = sum(F.cross_entropy(model.heads[k](features), targets[k]) for k in HEADS)
+    for a, head in aux.items():
+        t = attributes[a]
+        if (t >= 0).any():
+            loss = loss + 0.5 * F.cross_entropy(head(features), t, ignore_index=-100)
+    return loss
+
+
+def _fit(model, aux, data, epochs: int, batch_size: int, lr: float, generator, progress: bool) -> None:
+    """AdamW with a one-cycle schedule over ``epochs`` shuffled passes of the epoch items."""
+    from tqdm.auto import tqdm
+
+    images, targets, attributes, epoch_items = data
+    model.train()
+    steps_per_epoch = math.ceil(len(epoch_items) / batch_size)
+    params = list(model.parameters()) + list(aux.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+    bar = tqdm(total=epochs * steps_per_epoch, desc="train evaluator", unit="batch", disable=not progress)
+    for _ in range(epochs):
+        order = epoch_items[torch.randperm(len(epoch_items), generator=generator)]  # M
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]  # B
+            x = augment(images[idx].float().div_(255.0), generator)  # B x 3 x 32 x 32
+            loss = _batch_loss(model, aux, x, {k: v[idx] for k, v in targets.items()},
+                               {a: v[idx] for a, v in attributes.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+
+
 def train_evaluator(
     n_train: int = 80000,
     n_heldout: int = 5000,
@@ -380,51 +433,15 @@ def train_evaluator(
     showing the kind), ``n_train``, ``n_hard_extra``, ``n_heldout`` and ``seconds`` (rendering
     included).
     """
-    from tqdm.auto import tqdm
-
     start = time.time()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    train = make_dataset(n_train, seed)
+    images, targets, attributes, epoch_items = _training_set(n_train, seed, hard_extra, styled_repeats)
     heldout = make_dataset(n_heldout, seed + 1_000_003, split="heldout")
-    extra_images, extra_labels = _hard_renders(hard_extra, seed)
-    all_images = np.concatenate([train["images"], extra_images])  # N x 32 x 32 x 3 uint8
-    labels = train["labels"] + extra_labels
-    images = torch.from_numpy(all_images).permute(0, 3, 1, 2).contiguous()  # N x 3 x 32 x 32 uint8
-    targets = labels_to_targets(labels)  # kind -> N
-    attributes = _attribute_targets(labels)  # attribute -> N
-    styled = torch.tensor([i for i, lab in enumerate(labels) if "style" in lab], dtype=torch.long)
-    epoch_items = torch.cat([torch.arange(len(labels))] + [styled] * (styled_repeats - 1))  # M
-    del train, all_images
 
     model = ToyEvaluator(width=width).to(memory_format=torch.channels_last)  # faster convs on CPU
     aux = nn.ModuleDict({a: nn.Linear(model.feature_dim, len(v)) for a, v in ATTRIBUTE_VALUES.items()})
-    model.train()
-    steps_per_epoch = math.ceil(len(epoch_items) / batch_size)
-    params = list(model.parameters()) + list(aux.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
-    )
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train evaluator", unit="batch", disable=not progress)
-    for _ in range(epochs):
-        order = epoch_items[torch.randperm(len(epoch_items), generator=generator)]  # M
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]  # B
-            x = augment(images[idx].float().div_(255.0), generator)  # B x 3 x 32 x 32
-            features = model.trunk(x.contiguous(memory_format=torch.channels_last))  # B x feature_dim
-            loss = sum(F.cross_entropy(model.heads[k](features), targets[k][idx]) for k in HEADS)
-            for a, head in aux.items():
-                t = attributes[a][idx]  # B, -100 where not a target
-                if (t >= 0).any():
-                    loss = loss + 0.5 * F.cross_entropy(head(features), t, ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
+    _fit(model, aux, (images, targets, attributes, epoch_items), epochs, batch_size, lr, generator, progress)
 
     model = model.to(memory_format=torch.contiguous_format).eval()
     predicted = model.predict(heldout["images"])

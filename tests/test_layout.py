@@ -1,5 +1,7 @@
-"""The layout of the evaluation and toy-world packages: one import direction, no cycle, no
-private names across modules; and the suites' settings refuse bad values."""
+"""The project's layout: imports point one way (no cycle among the engine's modules, the toy
+world never imports the evaluation package, the kernels nothing of the engine), no private
+names across modules, one file per method with no method named in api/cli; and the evaluation
+suites' settings refuse bad values."""
 
 import ast
 from pathlib import Path
@@ -10,16 +12,20 @@ import engine
 from engine.evaluation.suites import ClipSettings, FidSettings, NuditySettings, ToySettings, run_suite
 
 ROOT = Path(engine.__file__).resolve().parent
-PACKAGES = ("evaluation", "toyworld")
+KERNELS = ROOT.parent / "kernels"  # installed as engine.kernels
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    if path.is_relative_to(KERNELS):
+        parts = ("engine", "kernels", *path.relative_to(KERNELS).with_suffix("").parts)
+    else:
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    files = [*ROOT.rglob("*.py"), *KERNELS.rglob("*.py")]
+    return {_module_name(p): p for p in sorted(files)}
 
 
 def _imports(name: str, path: Path):
@@ -57,7 +63,7 @@ def test_the_toy_world_does_not_import_the_evaluation_package():
             assert not bad, f"{path} imports {bad}"
 
 
-def test_no_import_cycle_between_the_modules_of_the_two_packages():
+def test_no_import_cycle_among_the_engines_modules():
     graph = _graph()
     state: dict[str, int] = {}
 
@@ -81,6 +87,39 @@ def test_no_module_imports_a_private_name_from_another():
         for module, names in _imports(name, path):
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             assert not private, f"{path} imports {private} from {module}"
+
+
+def test_the_kernels_import_nothing_of_the_engine():
+    for name, path in _modules().items():
+        if name.startswith("engine.kernels"):
+            bad = [m for m, _ in _imports(name, path) if m.startswith("engine") and not m.startswith("engine.kernels")]
+            assert not bad, f"{path} imports {bad}"
+
+
+def test_api_and_cli_name_no_method():
+    """They dispatch through the registry: a method name in them would be a special case."""
+    import re
+
+    from engine.methods import available_methods
+
+    names = "|".join(re.escape(n) for n in sorted(available_methods(), key=len, reverse=True))
+    word = re.compile(rf"(?<![\w-])({names})(?![\w-])")
+    for path in (ROOT / "api.py", ROOT / "cli.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not word.search(node.value), f"{path.name} names a method: {node.value[:80]!r}"
+
+
+def test_one_file_per_method_and_long_functions_say_why():
+    for path in sorted((ROOT / "methods").glob("*.py")):
+        assert len(path.read_text().splitlines()) <= 300, f"{path} is over 300 lines"
+    for name, path in _modules().items():
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                around = " ".join(lines[first - 2 : node.lineno])  # the line above and the signature
+                assert "#" in around, f"{path}:{node.lineno} {node.name} is over 60 lines without a comment saying why"
 
 
 # --------------------------------------------------------------------------- settings
