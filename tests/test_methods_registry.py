@@ -46,6 +46,10 @@ def test_register_method_refuses_clashes_and_bad_names(monkeypatch):
         register_method(KVScale(name="two words", defaults=KVScaleConfig(), summary=""))
     with pytest.raises(TypeError, match="engine.methods.Method"):
         register_method("uce")
+    with pytest.raises(TypeError, match="replace"):
+        register_method(KVScale(name="no-settings", defaults={"factor": 1.0}, summary=""))
+    with pytest.raises(ValueError, match="needs its objective"):
+        FineTuningMethod(name="half", defaults=KVScaleConfig(), summary="")
 
 
 def _install_plugin(site: Path, entries: dict[str, str]) -> dict:

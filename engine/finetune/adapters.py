@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
 from engine.export import file_slug
-from engine.finetune.checkpoint import checkpoint_lock, checkpoint_signature, load_checkpoint, restore_checkpoint, save_checkpoint
+from engine.finetune.checkpoint import (checkpoint_lock, checkpoint_signature, load_checkpoint, restore_checkpoint,
+                                        save_checkpoint)
 from engine.finetune.frozen import Prompts, build_trajectory_cache, cached_guidance_batch, sdxl_conditioning
-from engine.finetune.params import LORA_SEED_OFFSET, LoRALinear, lora_parameters, start_training, unwrap_lora_targets, wrap_lora_targets
+from engine.finetune.params import (LORA_SEED_OFFSET, LoRALinear, lora_parameters, start_training, unwrap_lora_targets,
+                                    wrap_lora_targets)
 from engine.finetune.trainer import local_update, run_steps
 from engine.kernels import guidance_loss
 

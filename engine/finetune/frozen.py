@@ -205,7 +205,8 @@ def on_policy_xt(trainee, scheduler, cond, uncond, stop: int, guidance: float, g
 
 
 
-def cached_guidance_batch(cache: dict, prompts: Prompts, batch_size: int, eta: float, gen, device, dtype, part=slice(None)):
+def cached_guidance_batch(cache: dict, prompts: Prompts, batch_size: int, eta: float, gen, device, dtype,
+                          part=slice(None)):
     """A batch drawn from a trajectory cache: x_t, t, the prompts' text states, the frozen
     predictions [eps*(x_t,t,""), eps*(x_t,t,c)] and the loss coefficients [1 + eta_c, -eta_c];
     ``part``: this rank's share of the drawn batch (distributed runs)."""

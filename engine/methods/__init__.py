@@ -37,6 +37,8 @@ def register_method(method: Method, *, replace: bool = False) -> Method:
         raise TypeError(f"register_method takes an engine.methods.Method, got {type(method).__name__}")
     if not method.name or method.name != method.name.strip() or " " in method.name:
         raise ValueError(f"a method name is one word, got {method.name!r}")
+    if not (callable(getattr(method.defaults, "replace", None)) and callable(getattr(method.defaults, "to_dict", None))):
+        raise TypeError(f"method {method.name!r}: its defaults need replace(**changes) and to_dict()")
     if method.name in _REGISTRY and not replace and _REGISTRY[method.name] is not method:
         raise ValueError(f"a method named {method.name!r} is already registered (replace=True overrides it)")
     _REGISTRY[method.name] = method

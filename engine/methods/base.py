@@ -85,6 +85,10 @@ class FineTuningMethod(Method):
     trains: bool = True
     fingerprint_key: str = "trained_fingerprint"
 
+    def __post_init__(self):
+        if self.objective is None:
+            raise ValueError(f"fine-tuning method {self.name!r} needs its objective (an engine.finetune.Objective)")
+
     def touched(self, unet, cfg) -> set[str]:
         from engine.finetune.params import trainable_parameters
 

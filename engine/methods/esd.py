@@ -73,8 +73,8 @@ class ESDObjective(Objective):
         cfg, prompts = self.cfg, self.prompts
         device = unet.device
         if self.cache is not None:
-            x, t, cond, frozen, coeffs = cached_guidance_batch(self.cache, prompts, cfg.batch_size, cfg.eta, gen, device,
-                                                               unet.dtype, self.part)
+            x, t, cond, frozen, coeffs = cached_guidance_batch(self.cache, prompts, cfg.batch_size, cfg.eta, gen,
+                                                               device, unet.dtype, self.part)
         else:
             items = torch.randint(0, len(prompts.items), (cfg.batch_size,), generator=gen)
             stop = int(torch.randint(0, cfg.sample_steps, (1,), generator=gen))
