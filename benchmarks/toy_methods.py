@@ -11,8 +11,8 @@ Scenarios (concepts from the toy world's catalogue):
   paraphrases (never seen in the erasure's prompts) are measured too;
 * ``identities10``: erase the first 10 identities at once, anchor "a person".
 
-For each (method, scenario): erase with the method's defaults plus the toy settings below (a
-32x32 world trains in seconds per hundred steps on a CPU), then ``evaluate_toy`` against the
+For each (method, scenario): erase with the method's defaults plus its ``toy`` preset (a 32x32
+world trains in seconds per hundred steps on a CPU), then ``evaluate_toy`` against the
 original: erased-concept recognition (training templates, held-out templates, indirect
 prompts), retained accuracy, H, KID to the original and the time of each part. Writes
 ``benchmarks/results/toy_methods.json`` and prints a Markdown table.
@@ -38,18 +38,11 @@ from engine.methods import get_method
 from engine.toyworld import TEMPLATES, concepts
 from engine.toyworld.world import pipeline_path, verify_world
 
-# Fine-tuning settings for the toy world: the published ones are for SD's 860M-parameter UNet;
-# this one has 6M parameters and 8x8 latents, and learns at a larger step. Measured choices:
-# the image-branch methods train ESD-x's parameters (at 300 steps ESD-u's erase neither toy
-# concept) at a larger step, and TRCE's stage 1 uses UCE's preservation weight: the published
-# 1e-6 suits SD's wide text space, while the toy's 128 identities lie close together and the
-# published stage-1 edit alone (method trce-stage1 in the results) erases their neighbours too.
-TOY_FINETUNE = {"lr": 1e-4, "batch_size": 4, "sample_steps": 25, "trajectories": 4, "checkpoint_every": 0}
-TOY_METHOD = {
-    "co-erasing": {"params": "xattn", "lr": 3e-4, "concept_images": 8},
-    "bi-erasing": {"params": "xattn", "lr": 3e-4, "concept_images": 8},
-    "trce": {"lr": 1e-5, "early_steps": 13, "stage1_preserve_weight": None},
-}
+# Fine-tuning settings for the toy world: each method's ``toy`` preset (engine/methods/<method>.py,
+# e.g. `erasure erase --preset toy`; the published settings are for SD's 860M-parameter UNet, this
+# one has 6M parameters and 8x8 latents), without checkpoints, for the steps of the scenario.
+TOY_PRESET = "toy"
+TOY_RUN = {"checkpoint_every": 0}
 # Steps per scenario: ten concepts share one run, so it gets more steps (about 100 per concept).
 TOY_ITERATIONS = {"identity": 300, "unsafe": 300, "identities10": 1000}
 
@@ -87,7 +80,7 @@ def method_settings(method: str, scenario_name: str, iterations: int | None = No
                     overrides: dict | None = None) -> dict:
     if not get_method(method).trains:  # closed form: no fine-tuning settings
         return {}
-    settings = {**TOY_FINETUNE, "iterations": TOY_ITERATIONS[scenario_name], **TOY_METHOD.get(method, {})}
+    settings = {**get_method(method).preset(TOY_PRESET), **TOY_RUN, "iterations": TOY_ITERATIONS[scenario_name]}
     if iterations is not None:
         settings["iterations"] = iterations
     settings.update(overrides or {})

@@ -122,11 +122,17 @@ def _resolve_concepts(concepts, anchor, templates) -> tuple[ConceptSet, str | No
     raise TypeError("concepts must be a ConceptSet, a concept file path or a list of names")
 
 
-def method_config(method: str, config=None, **overrides):
-    """The named method's published defaults, then `config` (a dict or settings), then overrides:
-    the method's settings dataclass (ClosedFormConfig for closed-form methods, e.g. ESDConfig
-    for fine-tuning ones; `erasure methods` lists them)."""
-    base = get_method(method).defaults
+def method_config(method: str, config=None, preset: str | None = None, **overrides):
+    """The named method's published defaults, then its `preset` (a name; `erasure methods` lists
+    them), then `config` (a dict or settings), then overrides: the method's settings dataclass
+    (ClosedFormConfig for closed-form methods, e.g. ESDConfig for fine-tuning ones)."""
+    chosen = get_method(method)
+    base = chosen.defaults
+    if preset is not None:
+        if isinstance(config, type(base)):
+            raise ValueError(f"preset {preset!r} applies over the defaults: pass config as a dict, not "
+                             f"{type(base).__name__} settings")
+        base = base.replace(**_checked_types(type(base), chosen.preset(preset)))
     if isinstance(config, type(base)):
         base = config
     elif isinstance(config, dict):
@@ -197,10 +203,11 @@ def _inputs(pipe, model_path, concept_path, original, progress, fingerprint_key)
     return inputs
 
 
-def _manifest_head(method: str, cfg, concept_set: ConceptSet, pipe) -> dict:
+def _manifest_head(method: str, cfg, concept_set: ConceptSet, pipe, preset: str | None) -> dict:
     return {
         "engine": "erasure-engine",
         "method": method,
+        "preset": preset,
         "config": cfg.to_dict(),
         "concepts": concept_set.to_dict(),
         "versions": package_versions(),
@@ -220,6 +227,7 @@ def erase(
     allow_pickle: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    preset: str | None = None,
     **overrides,
 ) -> Result:
     """Erase `concepts` from `model` with the registered method named `method` (engine.methods;
@@ -230,18 +238,20 @@ def erase(
     model: a loaded StableDiffusion(XL)Pipeline (edited in place) or a local path (folder,
     single-file .safetensors with `model_config`). concepts: a ConceptSet, a concept file path
     or a list of names. Hyper-parameters: `config` and keyword overrides of the method's config
-    fields (ClosedFormConfig, e.g. ridge=0.5; a fine-tuning method's, e.g. iterations=200).
-    Fine-tuning runs checkpoint into `checkpoint_dir` and continue from it with resume=True.
+    fields (ClosedFormConfig, e.g. ridge=0.5; a fine-tuning method's, e.g. iterations=200),
+    applied over the method's `preset` if one is named (e.g. preset="toy": the settings that
+    erase on the toy world). Fine-tuning runs checkpoint into `checkpoint_dir` and continue from
+    it with resume=True. Every input is checked before the model is loaded.
     """
     chosen = get_method(method)
-    cfg = method_config(method, config, **overrides)
+    cfg = method_config(method, config, preset, **overrides)
     _check_cache_dir(cfg)
+    concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
     start = time.perf_counter()
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
     cfg = chosen.prepare(cfg, model_path)
     load_seconds = time.perf_counter() - start
-    concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
-    manifest = _manifest_head(method, cfg, concept_set, pipe)
+    manifest = _manifest_head(method, cfg, concept_set, pipe, preset)
     touched = chosen.touched(pipe.unet, cfg)
     original = {k: p.detach().clone() for k, p in pipe.unet.named_parameters() if k in touched}
     manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, chosen.fingerprint_key)
@@ -263,6 +273,7 @@ def erase_with_adapters(
     allow_pickle: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    preset: str | None = None,
     **overrides,
 ):
     """Train one ESD LoRA adapter per concept, concurrently in one batched run
@@ -272,20 +283,21 @@ def erase_with_adapters(
     from engine.finetune.adapters import ADAPTER_METHOD, train_concept_adapters
 
     explicit = "params" in overrides or (isinstance(config, dict) and "params" in config)
-    cfg = method_config(ADAPTER_METHOD, config, **overrides)
+    cfg = method_config(ADAPTER_METHOD, config, preset, **overrides)
     if not explicit and not isinstance(config, type(cfg)):
         cfg = cfg.replace(params="lora")
+    _check_cache_dir(cfg)
+    concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
     start = time.perf_counter()
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
     load_seconds = time.perf_counter() - start
-    concept_set, concept_path = _resolve_concepts(concepts, anchor, templates)
     base = {k: p.detach() for k, p in trainable_parameters(pipe.unet, "lora").items()}  # what the adapters add to
     inputs = _inputs(pipe, model_path, concept_path, base, cfg.progress, "base_fingerprint")
     with _naming_prompts(concept_set):
         run = train_concept_adapters(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
                                      model_fingerprint=_model_fingerprint(pipe, inputs))
     run.manifest = {
-        **_manifest_head(ADAPTER_METHOD, cfg, concept_set, pipe),
+        **_manifest_head(ADAPTER_METHOD, cfg, concept_set, pipe, preset),
         "per_concept_adapters": True,
         "inputs": inputs,
         "seed": cfg.seed,

@@ -74,6 +74,10 @@ def cmd_erase(args) -> int:
         config["progress"] = False
     with _reserve(args):
         if args.per_concept_adapters:
+            if args.preset:  # the preset's values under --config and --set
+                from engine.methods import get_method
+
+                config = {**get_method(args.method).preset(args.preset), **config}
             return _erase_with_adapters(args, config)
         return _erase(args, config)
 
@@ -97,6 +101,7 @@ def _erase(args, config) -> int:
         templates=args.template or None,
         model_config=args.model_config,
         allow_pickle=args.allow_pickle,
+        preset=args.preset,
         **({"checkpoint_dir": args.checkpoint_dir or f"{args.out}.checkpoints", "resume": args.resume}
            if trains else {}),
     )
@@ -185,6 +190,8 @@ def cmd_methods(args) -> int:
         kind = "fine-tuning" if method.trains else "one pass"
         print(f"{name} ({kind}): {method.summary}")
         print(f"    {type(method.defaults).__name__} {json.dumps(method.defaults.to_dict())}")
+        for preset, values in method.presets.items():
+            print(f"    preset {preset} (--preset {preset}): {json.dumps(values)}")
     return 0
 
 
@@ -213,6 +220,8 @@ def _add_erase_parser(sub) -> None:
     p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2, help="ZeRO stage with --distributed (default 2)")
     p.add_argument("--out", required=True, help="output folder (written atomically, locked while the run lasts)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
+    p.add_argument("--preset", help="named settings of the method applied over its defaults, under --config and "
+                                    "--set (e.g. toy: settings that erase on the toy world); `erasure methods` lists them")
     p.add_argument("--config", help="YAML/JSON file of hyper-parameters")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one hyper-parameter")
     p.add_argument("--anchor", help="anchor for concepts that set none (e.g. 'a person')")

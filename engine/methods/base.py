@@ -9,7 +9,7 @@ and ``run``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,13 +29,23 @@ class Outcome:
 @dataclass(frozen=True)
 class Method:
     """A named erasure method. ``defaults``: its settings dataclass with the published values
-    (``replace(**changes)`` and ``to_dict()`` required); ``summary``: one line and the paper."""
+    (``replace(**changes)`` and ``to_dict()`` required); ``summary``: one line and the paper;
+    ``presets``: named setting overrides applied over the defaults (e.g. ``toy``: the settings
+    that erase on the toy world's small model)."""
 
     name: str
     defaults: object
     summary: str
     trains: bool = False  # checkpoints, resume, --distributed apply
     fingerprint_key: str = "kv_fingerprint"  # the manifest's name for the changed tensors' fingerprint
+    presets: dict[str, dict] = field(default_factory=dict)
+
+    def preset(self, name: str) -> dict:
+        """The setting overrides of the preset ``name``; an unknown one is refused naming the others."""
+        if name not in self.presets:
+            known = ", ".join(sorted(self.presets)) or "none"
+            raise ValueError(f"method {self.name!r} has no preset {name!r}; its presets: {known}")
+        return dict(self.presets[name])
 
     def prepare(self, cfg, model_path: str | None):
         """Settings completed from what lies beside the model on disk (default: unchanged)."""

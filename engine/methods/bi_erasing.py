@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.concepts import ConceptSet
-from engine.finetune.config import check_numbers
+from engine.finetune.config import TOY_TRAINING, check_numbers
 from engine.finetune.images import generate_images
 from engine.kernels import guidance_loss
 from engine.methods.co_erasing import CoErasingConfig, CoErasingObjective, ImageBranchMethod
@@ -73,4 +73,5 @@ BI_ERASING = ImageBranchMethod(
     defaults=BiErasingConfig(),
     summary="Bi-Erasing: negative and positive image branches through an IP-Adapter (Chen et al., 2025)",
     objective=BiErasingObjective,
+    presets={"toy": {**TOY_TRAINING, "params": "xattn", "lr": 3e-4, "concept_images": 8}},  # as co-erasing's
 )

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
-from engine.finetune.config import TrainConfig, check_numbers, check_positive_ints
+from engine.finetune.config import TOY_TRAINING, TrainConfig, check_numbers, check_positive_ints
 from engine.finetune.frozen import Prompts, build_trajectory_cache
 from engine.finetune.images import generate_images, load_ip_adapter, read_images
 from engine.finetune.trainer import Objective
@@ -181,4 +181,6 @@ CO_ERASING = ImageBranchMethod(
     defaults=CoErasingConfig(),
     summary="Co-Erasing: ESD with a text-refined IP-Adapter image branch (Li et al., 2025)",
     objective=CoErasingObjective,
+    # ESD-x's parameters at a larger step: at 300 steps ESD-u's set erases neither toy concept.
+    presets={"toy": {**TOY_TRAINING, "params": "xattn", "lr": 3e-4, "concept_images": 8}},
 )

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.concepts import ConceptSet
-from engine.finetune.config import TrainConfig, check_choices, check_numbers
+from engine.finetune.config import TOY_TRAINING, TrainConfig, check_choices, check_numbers
 from engine.finetune.frozen import (Prompts, build_trajectory_cache, cached_guidance_batch, ddim_scheduler, guided_eps,
                                     on_policy_xt)
 from engine.finetune.trainer import Objective
@@ -93,4 +93,5 @@ ESD = FineTuningMethod(
     defaults=ESDConfig(),
     summary="ESD negative-guidance fine-tuning (Gandikota et al., ICCV 2023)",
     objective=ESDObjective,
+    presets={"toy": TOY_TRAINING},
 )
