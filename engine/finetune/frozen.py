@@ -218,3 +218,22 @@ def cached_guidance_batch(cache: dict, prompts: Prompts, batch_size: int, eta: f
     frozen = torch.stack([cache["eps_uncond"][rows, steps], cache["eps_cond"][rows, steps]], 1).to(device)
     items = cache["prompt"][rows]
     return x, t, prompts.cond[items], frozen, prompts.guidance_coeffs(items, eta, device)
+
+
+@torch.no_grad()
+def guidance_moved(unet, cache: dict, prompts: Prompts, eta: float, samples: int = 8) -> float:
+    """How far ``unet``'s eps(x_t, t, c) has moved from the frozen eps*(x_t, t, c), as a fraction
+    of the distance from eps* to the negative-guidance target, on ``samples`` fixed cached x_t
+    (spread over the trajectories and their steps): 0 nothing moved, 1 the target reached."""
+    n, steps = cache["x"].shape[:2]
+    k = min(samples, n * steps)
+    rows = torch.arange(k) % n
+    at = torch.linspace(0, steps - 1, k).round().long()
+    device, dtype = unet.device, unet.dtype
+    items = cache["prompt"][rows]
+    frozen = torch.stack([cache["eps_uncond"][rows, at], cache["eps_cond"][rows, at]], 1).to(device).float().flatten(2)
+    target = (prompts.guidance_coeffs(items, eta, device).float()[:, :, None] * frozen).sum(1)
+    pred = unet(cache["x"][rows, at].to(device, dtype), cache["timesteps"][at].to(device),
+                prompts.cond[items].to(device, dtype)).sample.float().flatten(1)
+    wanted = (target - frozen[:, 1]).norm(dim=1).sum()
+    return float((pred - frozen[:, 1]).norm(dim=1).sum() / wanted.clamp_min(1e-12))

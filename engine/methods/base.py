@@ -118,7 +118,8 @@ class FineTuningMethod(Method):
                          model_fingerprint=model_fingerprint)
         manifest = {"seed": cfg.seed,
                     "training": training_summary(run.losses, run.steps_run, run.resumed_from,
-                                                 parameters_trained=sum(v.numel() for v in run.changed.values()))}
+                                                 parameters_trained=sum(v.numel() for v in run.changed.values()),
+                                                 moved_to_target=run.moved)}
         if cfg.distributed != "none":
             from engine import distributed
 

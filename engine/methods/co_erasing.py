@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
 from engine.finetune.config import TOY_TRAINING, TrainConfig, check_numbers, check_positive_ints
-from engine.finetune.frozen import Prompts, build_trajectory_cache
+from engine.finetune.frozen import Prompts, build_trajectory_cache, guidance_moved
 from engine.finetune.images import generate_images, load_ip_adapter, read_images
 from engine.finetune.trainer import Objective
 from engine.kernels import guidance_loss
@@ -153,6 +153,10 @@ class CoErasingObjective(Objective):
         rows, steps = self._draw(gen)
         pred, frozen = self._branch_batch(unet, "neg", rows, steps)
         return guidance_loss(pred, frozen, self._coeffs(rows, 1.0, pred.device), backend=self.cfg.loss_backend).mean()
+
+    def moved(self, unet) -> float | None:
+        """ESD's measure on the text condition (the cached trajectories), the IP-Adapter taken out."""
+        return guidance_moved(unet, self.cache, self.prompts, self.cfg.eta)
 
     def finish(self) -> None:
         """Put the projection back and take the IP-Adapter out of the pipeline."""

@@ -31,7 +31,7 @@ import torch
 from engine.concepts import ConceptSet
 from engine.finetune.config import TOY_TRAINING, TrainConfig, check_choices, check_numbers
 from engine.finetune.frozen import (Prompts, build_trajectory_cache, cached_guidance_batch, ddim_scheduler, guided_eps,
-                                    on_policy_xt)
+                                    guidance_moved, on_policy_xt)
 from engine.finetune.trainer import Objective
 from engine.kernels import guidance_loss
 from engine.methods.base import FineTuningMethod
@@ -86,6 +86,10 @@ class ESDObjective(Objective):
             cond, coeffs = prompts.cond[items], prompts.guidance_coeffs(items, cfg.eta, device)
         pred = unet(x, t, cond).sample
         return guidance_loss(pred.flatten(1), frozen.flatten(2), coeffs, backend=cfg.loss_backend).mean()
+
+    def moved(self, unet) -> float | None:
+        """On cached trajectories (``guidance_moved``); on-policy runs keep none: None."""
+        return guidance_moved(unet, self.cache, self.prompts, self.cfg.eta) if self.cache is not None else None
 
 
 ESD = FineTuningMethod(
