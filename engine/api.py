@@ -31,11 +31,13 @@ from engine.export import (
     LORA_NAME,
     MANIFEST_NAME,
     atomic_output_dir,
+    link_tree,
     lora_from_delta,
     package_versions,
     save_delta,
     sha256_file,
     sha256_tree,
+    shareable_source,
     tensors_fingerprint,
     write_json,
 )
@@ -63,10 +65,16 @@ class Result:
         lora_rank: int | None = None,
         save_pipeline: bool = True,
         overwrite: bool = False,
+        link_unchanged: bool = True,
     ) -> Path:
         """Write the pipeline, delta.safetensors, optional LoRA and manifest.json atomically.
 
-        In a distributed run only rank 0 writes (every rank holds the same result)."""
+        When the model came from a local diffusers folder (with no pickled weights) only the
+        UNet, the one component an erasure changes, is written; every other file is hard-linked
+        from that folder (copied where a link cannot be made): the files are shared, so a tool
+        that rewrote one in place would change the source too. ``link_unchanged=False`` writes
+        the whole pipeline. In a distributed run only rank 0 writes (every rank holds the same
+        result)."""
         from engine.distributed import is_main
 
         if not is_main():
@@ -85,12 +93,22 @@ class Result:
                 save_file(state, str(tmp / LORA_DIR / LORA_NAME))
                 manifest["lora"] = info
             if save_pipeline:
-                self.pipeline.save_pretrained(tmp, safe_serialization=True)
+                manifest["pipeline_files"] = self._save_pipeline(tmp, link_unchanged)
             manifest["timings"] = dict(manifest.get("timings", {}), save=time.perf_counter() - start)
             manifest["outputs"] = sha256_tree(tmp, "sha256 outputs", progress=manifest["config"].get("progress", True))
             write_json(tmp / MANIFEST_NAME, manifest)
         self.manifest = manifest
         return Path(out_dir)
+
+    def _save_pipeline(self, out: Path, link_unchanged: bool) -> dict:
+        """The pipeline into ``out``: the UNet written and the rest linked from the source folder
+        where there is one (``save``), else every component written. Returns what was done."""
+        source = shareable_source(self.manifest.get("inputs", {}).get("model")) if link_unchanged else None
+        if source is None:
+            self.pipeline.save_pretrained(out, safe_serialization=True)
+            return {"written": "all"}
+        self.pipeline.unet.save_pretrained(out / "unet", safe_serialization=True)
+        return {"written": ["unet"], "source": str(source), **link_tree(source, out, skip={"unet"})}
 
 
 def _resolve_model(model, *, model_config=None, allow_pickle=False):

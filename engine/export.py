@@ -393,5 +393,44 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
                               f"and this run's result is in {kept}") from None
 
 
+PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def shareable_source(model_path: str | os.PathLike | None, changed: str = "unet") -> Path | None:
+    """The local diffusers folder ``model_path`` if a saved pipeline can take its unchanged files
+    as they are: it has a model_index.json and no pickled weights outside ``changed`` (those
+    would need allow_pickle to load again). None otherwise (a single file, a pipeline in memory)."""
+    if model_path is None:
+        return None
+    root = Path(model_path)
+    if not (root / "model_index.json").is_file():
+        return None
+    for path in root.rglob("*"):
+        if path.suffix in PICKLED_SUFFIXES and path.relative_to(root).parts[0] != changed:
+            return None
+    return root
+
+
+def link_tree(source: str | os.PathLike, dest: str | os.PathLike, skip: set[str]) -> dict[str, int]:
+    """Hard-link every file under ``source`` into ``dest`` (same relative paths; a symbolic link,
+    as in a hub cache, links its target), copying where a link cannot be made (another file
+    system); top-level names in ``skip`` are left out. Returns the counts linked and copied."""
+    source, dest = Path(source), Path(dest)
+    counts = {"linked": 0, "copied": 0}
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if rel.parts[0] in skip or not path.is_file():
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+            counts["linked"] += 1
+        except OSError:
+            shutil.copy2(path, target)
+            counts["copied"] += 1
+    return counts
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
