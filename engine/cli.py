@@ -106,7 +106,7 @@ def _erase(args, config) -> int:
            if trains else {}),
     )
     out = result.save(args.out, export_lora=args.export_lora, lora_rank=args.lora_rank, save_pipeline=not args.no_pipeline,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, link_unchanged=not args.copy_pipeline)
     if args.distributed:
         from engine import distributed
 
@@ -229,6 +229,9 @@ def _add_erase_parser(sub) -> None:
     p.add_argument("--export-lora", action="store_true", help="also write lora/ loadable with load_lora_weights")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default: exact rank of the edit)")
     p.add_argument("--no-pipeline", action="store_true", help="write only the delta, LoRA and manifest")
+    p.add_argument("--copy-pipeline", action="store_true",
+                   help="write every pipeline file (default from a diffusers folder: the UNet written, the other "
+                        "files hard-linked from --model)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_erase)
 

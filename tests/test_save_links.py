@@ -54,3 +54,15 @@ def test_whole_pipeline_written_without_links_or_a_source_folder(result, tiny_sd
     assert json.loads((out / MANIFEST_NAME).read_text())["pipeline_files"] == {"written": "all"}
     loaded, edited = _state(load_pipeline(out)), _state(result.pipeline)
     assert all(torch.equal(loaded[k], edited[k]) for k in edited)
+
+
+def test_cli_links_by_default_and_copies_with_copy_pipeline(tiny_sd_dir, tmp_path):
+    from engine.cli import main
+
+    (tmp_path / "c.txt").write_text("Van Gogh\n")
+    for name, extra, written in [("linked", [], ["unet"]), ("copied", ["--copy-pipeline"], "all")]:
+        assert main(["erase", "--model", str(tiny_sd_dir), "--concepts", str(tmp_path / "c.txt"), "--anchor",
+                     "a painting", "--quiet", "--out", str(tmp_path / name), *extra]) == 0
+        manifest = json.loads((tmp_path / name / MANIFEST_NAME).read_text())
+        assert manifest["pipeline_files"]["written"] == written
+        assert os.path.samefile(tiny_sd_dir / "model_index.json", tmp_path / name / "model_index.json") == (not extra)
