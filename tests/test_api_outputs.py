@@ -89,10 +89,12 @@ def test_interrupted_save_leaves_nothing(tiny_sd_dir, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C half way through the write
 
-    monkeypatch.setattr(result.pipeline, "save_pretrained", broken)
-    with pytest.raises(KeyboardInterrupt):
-        result.save(tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(result.pipeline, "save_pretrained", broken)  # the whole pipeline written
+    monkeypatch.setattr(result.pipeline.unet, "save_pretrained", broken)  # the UNet written, the rest linked
+    for link_unchanged in (False, True):
+        with pytest.raises(KeyboardInterrupt):
+            result.save(tmp_path / "out", link_unchanged=link_unchanged)
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_nonempty_output_folder_is_refused(tmp_path):
