@@ -213,7 +213,8 @@ def _train(pipe, concepts, cfg, objective_cls, method, checkpoint_dir, resume, m
     tuned = stepper.finish(objective)
     changed = {**objective.extra_changed, **tuned}
     moved = objective.moved(pipe.unet)
-    warn_if_unmoved(moved, method, cfg.iterations)
+    if main:  # every rank holds the same weights: one warning
+        warn_if_unmoved(moved, method, cfg.iterations)
     return FinetuneRun(changed=changed, losses=losses, timings=timings, steps_run=cfg.iterations - run.first,
                        resumed_from=run.first, moved=moved)
 
