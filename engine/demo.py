@@ -70,6 +70,13 @@ def _demo_random_weights(args) -> int:
     return 0
 
 
+def preservation_captions(captions: list[str], erased: list[str]) -> list[str]:
+    """The distinct ``captions`` (sorted) that name none of the ``erased`` concepts: a caption that
+    names one would ask the edit to keep what it erases."""
+    names = [n.lower() for n in erased]
+    return sorted({c for c in captions if not any(n in c.lower() for n in names)})
+
+
 def run_demo(args) -> int:
     """Erase identities from the toy world with the closed-form method, then measure it."""
     from engine.toyworld.world import SHIPPED, WORLD_FILE
@@ -89,7 +96,7 @@ def run_demo(args) -> int:
     erased_names = identities[: args.erase]
     kept = identities[args.erase :]
     # Preserve the identities that stay and general captions of the world (MACE/UCE style).
-    captions = sorted(set(make_dataset(300, seed=12345)["captions"]))
+    captions = preservation_captions(make_dataset(300, seed=12345)["captions"], erased_names)
     concept_set = concepts_from_names(
         erased_names, anchor="a person", templates=[t.replace("{name}", "{}") for t in TEMPLATES["identity"]["train"]],
         preserve=kept, captions=captions,
