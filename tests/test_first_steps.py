@@ -144,3 +144,40 @@ def test_bars_redraw_rarely_in_a_log_and_as_before_on_a_terminal(monkeypatch):
     with progress_bar(total=10, desc="work") as bar, tqdm(total=10, file=sys.stderr) as plain:
         assert bar.mininterval == plain.mininterval and bar.ascii == plain.ascii
     assert progress_bar(range(3), progress=False).disable
+
+
+def test_the_demo_prints_the_recorded_figures_with_their_scales(tmp_path, capsys, monkeypatch):
+    """The demo on the shipped world, with the erasure and the evaluation replaced by the recorded report."""
+    import argparse
+
+    import engine.api
+    import engine.evaluation
+    import engine.evaluation.report
+    from engine.demo import run_demo
+
+    record = json.loads((ROOT / "benchmarks" / "results" / "toyworld_seed0_demo_uce_10_identities.json").read_text())
+    seen = {}
+
+    class Result:
+        manifest = {}
+
+        def save(self, out, **kwargs):
+            return out
+
+    def erase(model, concept_set, **kwargs):
+        seen["concepts"] = concept_set
+        return Result()
+
+    monkeypatch.setattr(engine.api, "erase", erase)
+    monkeypatch.setattr(engine.evaluation, "evaluate_toy", lambda *a, **k: (record, []))
+    monkeypatch.setattr(engine.evaluation.report, "write_report", lambda report, out, samples: {"json": out})
+    args = argparse.Namespace(out=str(tmp_path), erase=10, images_per_prompt=1, world=None, quiet=True)
+    assert run_demo(args) == 0
+    printed = capsys.readouterr().out
+    erased = [c.name.lower() for c in seen["concepts"].concepts]
+    assert erased == [n.lower() for n in record["erased"]]
+    assert not [c for c in seen["concepts"].preserve_captions if any(n in c.lower() for n in erased)]
+    q = record["quality"]
+    assert f"{q['clip_score_original']:5.1f}" in printed and f"{q['clip_score']:5.1f}" in printed
+    assert f"KID {q['kid']:.4g} (squared MMD on toy evaluator features;" in printed
+    assert f"H {record['H']:.1f} (" in printed
