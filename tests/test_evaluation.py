@@ -366,7 +366,7 @@ def test_erasure_eval_end_to_end(edited_dir, world_dir, tmp_path, capsys):
     assert strip(reports[0]) == strip(reports[1])
     markdown = (tmp_path / "a" / "report.md").read_text()
     assert "| H:" in markdown and ID_A in markdown and "grid.png" in markdown
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in printed
 
 
 def test_default_retained_set_and_the_grid(edited_dir, world_dir, tmp_path, monkeypatch):
