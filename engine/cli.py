@@ -297,10 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # optional-backend notices are noise for CLI users
+    from engine.progress import is_terminal
+
+    if not is_terminal():  # in a log the libraries' loading bars are noise; the engine's own bars redraw rarely
+        from diffusers.utils import logging as diffusers_logging
+
+        hf_logging.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # outputs are written atomically: an interrupted run leaves none
+        print("erasure: interrupted", file=sys.stderr)
+        return 130
     except BAD_INPUT as err:
         print(f"erasure: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from engine.concepts import TOKEN_MODES, ConceptSet
 from engine.export import read_safetensors
 from engine.models import encode_prompts, text_encoder_fingerprint, tokenize_prompts
+from engine.progress import progress_bar
 from engine.tokenizer import MAX_LENGTH
 from engine.kernels import transform_each, weighted_gram
 
@@ -204,7 +204,7 @@ class _RowPlan:
         keys = torch.tensor(list(self.rows), dtype=torch.int64).reshape(-1, 2)  # (n_rows, [prompt, position])
         texts = list(self.prompts)
         table = None
-        for lo in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        for lo in progress_bar(range(0, len(texts), batch_size), desc=desc, progress=progress, unit="batch"):
             batch = texts[lo : lo + batch_size]
             mine = ((keys[:, 0] >= lo) & (keys[:, 0] < lo + len(batch))).nonzero().squeeze(1)  # rows of this batch
             # Encode only as far as the last position asked for (at least through each end-of-text).

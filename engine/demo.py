@@ -70,6 +70,13 @@ def _demo_random_weights(args) -> int:
     return 0
 
 
+def preservation_captions(captions: list[str], erased: list[str]) -> list[str]:
+    """The distinct ``captions`` (sorted) that name none of the ``erased`` concepts: a caption that
+    names one would ask the edit to keep what it erases."""
+    names = [n.lower() for n in erased]
+    return sorted({c for c in captions if not any(n in c.lower() for n in names)})
+
+
 def run_demo(args) -> int:
     """Erase identities from the toy world with the closed-form method, then measure it."""
     from engine.toyworld.world import SHIPPED, WORLD_FILE
@@ -78,7 +85,7 @@ def run_demo(args) -> int:
         return _demo_random_weights(args)
     from engine.api import erase
     from engine.concepts import concepts_from_names
-    from engine.evaluation.report import write_report
+    from engine.evaluation.report import describe_kid, write_report
     from engine.evaluation import evaluate_toy
     from engine.toyworld import TEMPLATES, concepts, make_dataset
     from engine.toyworld.world import pipeline_path, verify_world
@@ -89,7 +96,7 @@ def run_demo(args) -> int:
     erased_names = identities[: args.erase]
     kept = identities[args.erase :]
     # Preserve the identities that stay and general captions of the world (MACE/UCE style).
-    captions = sorted(set(make_dataset(300, seed=12345)["captions"]))
+    captions = preservation_captions(make_dataset(300, seed=12345)["captions"], erased_names)
     concept_set = concepts_from_names(
         erased_names, anchor="a person", templates=[t.replace("{name}", "{}") for t in TEMPLATES["identity"]["train"]],
         preserve=kept, captions=captions,
@@ -118,8 +125,12 @@ def run_demo(args) -> int:
     print(f"{'  close (other identities)':<44} {'':>9} {pct(report['retained_acc_close']):>9}")
     print(f"{'  other kinds':<44} {'':>9} {pct(report['retained_acc_other']):>9}")
     q = report["quality"]
-    spread = "" if q["kid_std"] is None else f" +- {q['kid_std']:.4f}"
-    print(f"H {report['H']:.1f}; KID to the original {q['kid']:.4f}{spread}")
+    if q["clip_score"] is not None:
+        score = lambda v: "n/a" if v is None else f"{v:5.1f}"  # noqa: E731
+        print(f"{'CLIP score (image-prompt agreement)':<44} {score(q['clip_score_original']):>9} "
+              f"{score(q['clip_score']):>9}")
+    print(f"H {report['H']:.1f} (harmonic mean of 100 - erased recognised and retained recognised; higher is better)")
+    print(describe_kid(q))
     print(f"{report['timing']['images_generated']} images in {report['timing']['generation_seconds']:.0f} s")
     print("wrote " + ", ".join(str(p) for p in written.values()) + f", and the erased pipeline in {erased_dir}")
     return 0

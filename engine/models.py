@@ -3,6 +3,7 @@
 Supported: a diffusers folder (model_index.json) of a StableDiffusionPipeline or
 StableDiffusionXLPipeline; a single original-format `.safetensors` file together with `config=`, a
 local diffusers folder of the same architecture (its configs, tokenizers and scheduler are used);
+a toy world folder (its pipeline/ subfolder);
 and, only with allow_pickle=True, pickled weights (a single .ckpt/.pt/.pth/.bin file, or a folder
 whose components hold .bin files), read with torch.load(weights_only=True) so that no code in them
 is run. Without allow_pickle a folder is read from its .safetensors files only, as diffusers does
@@ -30,6 +31,8 @@ PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+# A toy world folder (engine.toyworld.world) holds its diffusers pipeline in a subfolder.
+WORLD_FILE, WORLD_PIPELINE = "world.json", "pipeline"
 
 
 # --------------------------------------------------------------------------- loading
@@ -149,6 +152,17 @@ def _from_single_file(cls, path: Path, config: Path, torch_dtype, state_dict: di
         return cls.from_single_file(str(path), **kwargs)
 
 
+def pipeline_folder(path: str | os.PathLike) -> Path:
+    """The diffusers folder that ``path`` stands for: a toy world folder (``world.json`` and
+    ``pipeline/model_index.json``, no ``model_index.json`` of its own) stands for its ``pipeline/``;
+    any other path for itself."""
+    path = Path(path)
+    if (path.is_dir() and not (path / "model_index.json").is_file() and (path / WORLD_FILE).is_file()
+            and (path / WORLD_PIPELINE / "model_index.json").is_file()):
+        return path / WORLD_PIPELINE
+    return path
+
+
 def load_pipeline(
     path: str | os.PathLike,
     *,
@@ -159,13 +173,14 @@ def load_pipeline(
 ):
     """Load a Stable Diffusion (SD1/SD2) or SDXL pipeline from a local path, without the hub.
 
-    path: a diffusers folder (with model_index.json), or a single original-format checkpoint file
+    path: a diffusers folder (with model_index.json), a toy world folder (its pipeline/ is loaded,
+    see ``pipeline_folder``), or a single original-format checkpoint file
     (`.safetensors`; `.ckpt`/`.pt`/`.pth`/`.bin` only with allow_pickle=True). A single file needs
     config: a local diffusers folder of the same architecture, whose model_index.json decides SD vs
     SDXL and whose component configs, tokenizers and scheduler are used (ignored for a folder).
     Every tokenizer is checked to hold the full CLIP vocabulary. Returns the pipeline on `device`.
     """
-    path = Path(path)
+    path = pipeline_folder(path)
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
 
@@ -375,7 +390,7 @@ def _padded_to(pipe, length: int):
 
 def _encode(pipe, prompts, batch_size: int, progress: bool, min_positions: int = MAX_LENGTH):
     """(hidden states, pooled embeddings or None for SD1/SD2, input_ids): see `encode_prompts`."""
-    from tqdm.auto import tqdm
+    from engine.progress import progress_bar
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of strings")
@@ -397,7 +412,7 @@ def _encode(pipe, prompts, batch_size: int, progress: bool, min_positions: int =
     device = pipe.text_encoder.device
     hidden, pooled = [], []
     with torch.no_grad(), _padded_to(pipe, length):
-        for lo in tqdm(range(0, len(prompts), batch_size), desc="encode prompts", disable=not progress, unit="batch"):
+        for lo in progress_bar(range(0, len(prompts), batch_size), desc="encode prompts", progress=progress, unit="batch"):
             batch = prompts[lo : lo + batch_size]
             if sdxl:
                 out = pipe.encode_prompt(batch, device=device, do_classifier_free_guidance=False)

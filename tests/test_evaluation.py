@@ -347,6 +347,8 @@ def test_erasure_eval_end_to_end(edited_dir, world_dir, tmp_path, capsys):
         assert code == 0, capsys.readouterr().err
         assert (out.parent / "report.md").is_file() and (out.parent / "grid.png").is_file()
         reports.append(json.loads(out.read_text()))
+    printed = capsys.readouterr().out
+    assert "(squared MMD on toy evaluator features; 0 = same distribution as the original model's images; lower is better)" in printed
     report = reports[0]
     assert set(REQUIRED_KEYS) <= set(report) and report["schema_version"] == 1
     assert report["suite"] == "toy" and report["erased"] == [ID_A, "skull"]
@@ -364,7 +366,7 @@ def test_erasure_eval_end_to_end(edited_dir, world_dir, tmp_path, capsys):
     assert strip(reports[0]) == strip(reports[1])
     markdown = (tmp_path / "a" / "report.md").read_text()
     assert "| H:" in markdown and ID_A in markdown and "grid.png" in markdown
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in printed
 
 
 def test_default_retained_set_and_the_grid(edited_dir, world_dir, tmp_path, monkeypatch):

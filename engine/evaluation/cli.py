@@ -220,7 +220,7 @@ def run_suite(args, return_samples: bool = False):
 
 def cmd_eval(args) -> int:
     """Evaluate an edited model; write report.json, report.md and grid.png."""
-    from engine.evaluation.report import write_report
+    from engine.evaluation.report import describe_kid, write_report
     from engine.export import check_writable_parent
 
     out = Path(args.out)
@@ -238,8 +238,8 @@ def cmd_eval(args) -> int:
         f"H {num(report['H'], '.1f')}"
     )
     print(
-        f"KID {num(q['kid'], '.4g')} +- {num(q['kid_std'], '.2g')}; CLIP score {num(q['clip_score'], '.2f')} "
-        f"(original {num(q['clip_score_original'], '.2f')})"
+        f"{describe_kid(q)}; CLIP score {num(q['clip_score'], '.2f')} "
+        f"(original {num(q['clip_score_original'], '.2f')}; higher is better)"
     )
     print(
         f"generation {num(timing.get('generation_seconds'), '.1f')} s, {num(timing.get('total_seconds'), '.1f')} s in all"

@@ -72,7 +72,7 @@ def measure_gates(world=None, images_per_prompt: int = 4, n_renders: int = 5000,
     ``limit`` caps the concepts per kind and ``steps`` overrides the world's sampling steps (for
     quick checks; the published gates use neither).
     """
-    from tqdm.auto import tqdm
+    from engine.progress import progress_bar
 
     from engine.toyworld.card import write_gates
     from engine.toyworld.world import load_toy_evaluator, load_toy_pipeline, world_info, world_path
@@ -91,7 +91,7 @@ def measure_gates(world=None, images_per_prompt: int = 4, n_renders: int = 5000,
     jobs = [j for j in build_jobs(concepts, [], images_per_prompt, seed) if j.prompt_set != "direct"]
     n_batches = -(-len(jobs) // batch_size)
     gen_start = time.perf_counter()
-    with tqdm(total=n_batches, desc="gates: generate", disable=not progress) as bar:
+    with progress_bar(total=n_batches, desc="gates: generate", progress=progress) as bar:
         images = generate_images(pipe, jobs, steps=sampling["steps"], guidance=sampling["guidance"],
                                  batch_size=batch_size, size=SIZE, bar=bar)
     gen_seconds = time.perf_counter() - gen_start

@@ -113,6 +113,17 @@ def validate_report(report: dict) -> dict:
 # --------------------------------------------------------------------------- Markdown
 
 
+def describe_kid(quality: dict) -> str:
+    """The report's KID (unscaled, as ``metrics.kid`` returns it) with what it measures and what is good."""
+    if quality.get("kid") is None:
+        return "KID n/a"
+    spread = "" if quality.get("kid_std") is None else f" +- {quality['kid_std']:.2g}"
+    against = "the reference images" if quality.get("kid_reference") else "the original model's images"
+    features = quality.get("kid_features") or "image features"
+    return (f"KID {quality['kid']:.4g}{spread} (squared MMD on {features}; 0 = same distribution as {against}; "
+            "lower is better)")
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
 from engine.export import file_slug
@@ -35,6 +34,7 @@ from engine.finetune.params import (LORA_SEED_OFFSET, LoRALinear, lora_parameter
                                     wrap_lora_targets)
 from engine.finetune.trainer import local_update, run_steps
 from engine.kernels import guidance_loss
+from engine.progress import progress_bar
 
 ADAPTER_METHOD = "esd"  # the registered method whose settings and loss the adapters train with
 ADAPTER_DIR = "adapters"
@@ -144,7 +144,7 @@ def _train(pipe, concepts: ConceptSet, cfg, folder: Path | None, resume: bool,
         start = time.perf_counter()
         quiet = cfg.replace(progress=False)
         targets = []  # per concept: its prompts and its own trajectory cache, as its own run builds them
-        for c in tqdm(concepts.concepts, desc="cached targets", unit="concept", disable=not cfg.progress):
+        for c in progress_bar(concepts.concepts, desc="cached targets", unit="concept", progress=cfg.progress):
             prompts = Prompts(pipe, ConceptSet(concepts=(c,)), False)
             targets.append((prompts, build_trajectory_cache(pipe, prompts, quiet)))
         timings = {"targets": time.perf_counter() - start}

@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
 from engine.finetune.config import TrainConfig
+from engine.progress import progress_bar
 
 # --- SDXL: the UNet also takes each prompt's pooled text embedding and six size/crop ids. The
 # trainer passes a text condition as one (N, rows, D) tensor everywhere (cached, batched, indexed
@@ -152,7 +152,7 @@ def sample_trajectories(pipe, cond, uncond, steps: int, keep_steps: int, guidanc
     scheduler = ddim_scheduler(pipe, steps)
     shape = latent_shape(pipe)
     n, batch = (len(cond) if cond is not None else n), 16
-    with tqdm(total=n, desc=desc, disable=not progress, unit="traj") as bar:
+    with progress_bar(total=n, desc=desc, progress=progress, unit="traj") as bar:
         for lo in range(0, n, batch):
             rows = list(range(lo, min(n, lo + batch)))
             x = torch.stack([trajectory_noise(shape, seed, r) for r in rows]).to(unet.device, unet.dtype)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from engine.finetune.frozen import latent_shape
+from engine.progress import progress_bar
 
 def read_images(folder: Path, name: str) -> tuple[list, list | None]:
     """The images of concept ``name`` in ``folder/<name>/`` (png, jpg, jpeg, webp), sorted by file
@@ -41,7 +41,7 @@ def read_images(folder: Path, name: str) -> tuple[list, list | None]:
 def generate_images(pipe, prompts: list[str], n: int, guidance: float, steps: int, seed: int, progress: bool) -> list:
     """``n`` images per prompt from the (original) pipeline, seeded per image."""
     out = []
-    for i, prompt in enumerate(tqdm(prompts, desc="generate concept images", disable=not progress)):
+    for i, prompt in enumerate(progress_bar(prompts, desc="generate concept images", progress=progress)):
         gens = [torch.Generator().manual_seed(seed * 7919 + i * 1000 + j) for j in range(n)]
         shape = (n, *latent_shape(pipe))
         latents = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(pipe.unet.device, pipe.unet.dtype)

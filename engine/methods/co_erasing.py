@@ -172,9 +172,11 @@ class ImageBranchMethod(FineTuningMethod):
     """A fine-tuning method with an IP-Adapter image branch."""
 
     def prepare(self, cfg, model_path):
+        from engine.models import pipeline_folder
+
         if cfg.ip_adapter is None and model_path is not None:
-            # A toy world's pipeline: its IP-Adapter lies beside it (world/ip_adapter/).
-            beside = Path(model_path).parent / "ip_adapter" / "ip_adapter.safetensors"
+            # A toy world (its folder or its pipeline/): its IP-Adapter lies beside the pipeline.
+            beside = pipeline_folder(model_path).parent / "ip_adapter" / "ip_adapter.safetensors"
             if beside.is_file():
                 return cfg.replace(ip_adapter=str(beside))
         return cfg

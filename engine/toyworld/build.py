@@ -149,9 +149,9 @@ class BuildConfig:
 
 
 def _bar(total, desc, progress):
-    from tqdm.auto import tqdm
+    from engine.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, progress=progress, dynamic_ncols=True)
 
 
 def _train_step(opt, loss, bar, losses: list, value: float | None = None, name: str = "loss", window: int = 100,

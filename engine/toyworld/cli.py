@@ -1,4 +1,5 @@
-"""``erasure toyworld ...``: build the toy world, say where it is, check it, measure its gates.
+"""``erasure toyworld ...``: build the toy world, say where it is, list its concepts, check it,
+measure its gates.
 
 The gates are measured by the evaluation side (``engine.evaluation.gates.measure_gates``), which
 the ``erasure`` parser passes in: the toy world does not import the evaluation package.
@@ -30,6 +31,42 @@ def cmd_path(args) -> int:
     return 0
 
 
+# The kinds a user erases (colours and backgrounds are attributes of the scenes).
+CONCEPT_KINDS = ("identity", "object", "style", "unsafe")
+
+
+def concepts_text(kinds: tuple[str, ...] = CONCEPT_KINDS) -> str:
+    """The concept names of ``kinds``, one per line under a ``# kind`` heading: a names file
+    (``.txt``, ``#`` lines are comments) that ``erasure erase --concepts`` reads."""
+    from engine.toyworld.catalogue import concepts
+
+    blocks = []
+    for kind in kinds:
+        names = concepts(kind)
+        blocks.append("\n".join([f"# {kind} ({len(names)})", *names]))
+    return "\n\n".join(blocks) + "\n"
+
+
+def cmd_concepts(args) -> int:
+    from engine.toyworld.world import world_path
+
+    if args.world is not None:
+        world_path(args.world)  # a folder that is not a world is an error, not the catalogue
+    text = concepts_text((args.kind,) if args.kind else CONCEPT_KINDS)
+    if args.out is None:
+        print(text, end="")
+        return 0
+    from pathlib import Path
+
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    count = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    print(f"wrote {count} concept names to {out} (use it as --concepts)")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from engine.toyworld.world import verify_world, world_info
 
@@ -49,7 +86,7 @@ def add_toyworld_parser(sub, measure_gates) -> None:
     """Add ``toyworld`` and its sub-commands to the ``erasure`` parser's sub-parsers;
     ``measure_gates(world, images_per_prompt=..., progress=..., write=...)`` measures and records
     a world's quality gates (``engine.evaluation.gates.measure_gates``)."""
-    p = sub.add_parser("toyworld", help="the embedded toy world: build, path, verify, gates")
+    p = sub.add_parser("toyworld", help="the embedded toy world: build, path, concepts, verify, gates")
     tsub = p.add_subparsers(dest="toyworld_command", required=True)
 
     b = tsub.add_parser("build", help="train the toy world from a seed (about 90 minutes on 2 CPU cores)")
@@ -64,6 +101,12 @@ def add_toyworld_parser(sub, measure_gates) -> None:
     w.add_argument("--world", help="a world folder (default: $ERASURE_TOYWORLD or the shipped world)")
     w.add_argument("--pipeline", action="store_true", help="print its diffusers pipeline folder instead")
     w.set_defaults(func=cmd_path)
+
+    c = tsub.add_parser("concepts", help="list the world's concept names by kind (or write a names file)")
+    c.add_argument("--world", help="a world folder (default: $ERASURE_TOYWORLD or the shipped world)")
+    c.add_argument("--kind", choices=CONCEPT_KINDS, help="only this kind (default: all four)")
+    c.add_argument("--out", metavar="FILE", help="write the names to FILE (a .txt usable as `erasure erase --concepts`)")
+    c.set_defaults(func=cmd_concepts)
 
     v = tsub.add_parser("verify", help="check every file of the world against its sha256")
     v.add_argument("--world")

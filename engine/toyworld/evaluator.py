@@ -378,7 +378,7 @@ def _batch_loss(model, aux, x, targets: dict, attributes: dict) -> torch.Tensor:
 
 def _fit(model, aux, data, epochs: int, batch_size: int, lr: float, generator, progress: bool) -> None:
     """AdamW with a one-cycle schedule over ``epochs`` shuffled passes of the epoch items."""
-    from tqdm.auto import tqdm
+    from engine.progress import progress_bar
 
     images, targets, attributes, epoch_items = data
     model.train()
@@ -388,7 +388,7 @@ def _fit(model, aux, data, epochs: int, batch_size: int, lr: float, generator, p
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
     )
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train evaluator", unit="batch", disable=not progress)
+    bar = progress_bar(total=epochs * steps_per_epoch, desc="train evaluator", unit="batch", progress=progress)
     for _ in range(epochs):
         order = epoch_items[torch.randperm(len(epoch_items), generator=generator)]  # M
         for lo in range(0, len(order), batch_size):

@@ -190,13 +190,13 @@ class SuiteRun:
 
     def _images(self, pipe, jobs: list[Job], tag: str):
         """Yield (start, images); generation and the caller's scoring go to their own clocks."""
-        from tqdm.auto import tqdm
+        from engine.progress import progress_bar
 
         folder = self.save_root / tag if self.save_root is not None else None
         kept = self.kept.setdefault(tag, {})
         s = self.settings
         stream = iter_images(pipe, jobs, steps=s.steps, guidance=s.guidance, batch_size=s.batch_size)
-        with tqdm(total=len(jobs), desc=f"generate ({tag})", unit="img", disable=not self.progress) as bar:
+        with progress_bar(total=len(jobs), desc=f"generate ({tag})", unit="img", progress=self.progress) as bar:
             while True:
                 t = time.perf_counter()
                 try:

@@ -130,10 +130,10 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def reference_features(extractor, files: list[Path], batch_size: int = 32, progress: bool = True) -> np.ndarray:
-    from tqdm.auto import tqdm
+    from engine.progress import progress_bar
 
     out = []
-    for lo in tqdm(range(0, len(files), batch_size), desc="reference features", unit="batch", disable=not progress):
+    for lo in progress_bar(range(0, len(files), batch_size), desc="reference features", unit="batch", progress=progress):
         # Reference images may differ in size: the extractors resize each image on its own.
         out.append(extractor([_read_image(p) for p in files[lo : lo + batch_size]]))
     return np.concatenate(out)

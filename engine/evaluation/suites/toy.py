@@ -409,14 +409,14 @@ def _load_models(s: ToySettings, world_root: Path | None, device: str) -> _Model
 def _generate_both(models: _Models, jobs: list[Job], steps: int, guidance: float, s: ToySettings):
     """(edited images, original images, models run, generation seconds); the same noise gives
     the same images, so one model that is both is run once."""
-    from tqdm.auto import tqdm
+    from engine.progress import progress_bar
 
     same = models.original is models.edited
     n_models = 1 if same else 2
     kwargs = dict(steps=steps, guidance=guidance, batch_size=s.batch_size, size=SIZE)
     start = time.perf_counter()
-    with tqdm(total=n_models * math.ceil(len(jobs) / s.batch_size), desc="generating", unit="batch",
-              disable=not s.progress) as bar:
+    with progress_bar(total=n_models * math.ceil(len(jobs) / s.batch_size), desc="generating", unit="batch",
+                      progress=s.progress) as bar:
         edited = generate_images(models.edited, jobs, bar=bar, **kwargs)
         original = edited if same else generate_images(models.original, jobs, bar=bar, **kwargs)
     return edited, original, n_models, time.perf_counter() - start
