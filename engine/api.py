@@ -44,7 +44,7 @@ from engine.export import (
 from engine.export import apply_delta as _apply_delta_to_pipe
 from engine.finetune.params import trainable_parameters
 from engine.methods import DEFAULT_METHOD, get_method, training_summary
-from engine.models import PromptTooLongError, check_pipeline, load_pipeline, text_encoder_fingerprint
+from engine.models import PromptTooLongError, check_pipeline, load_pipeline, pipeline_folder, text_encoder_fingerprint
 
 
 @dataclass
@@ -113,7 +113,9 @@ class Result:
 
 def _resolve_model(model, *, model_config=None, allow_pickle=False):
     if isinstance(model, (str, os.PathLike)):
-        return load_pipeline(model, config=model_config, allow_pickle=allow_pickle), str(model)
+        # A toy world folder stands for its pipeline/: the manifest hashes and the saved pipeline's
+        # linked files are the pipeline's.
+        return load_pipeline(model, config=model_config, allow_pickle=allow_pickle), str(pipeline_folder(model))
     if not hasattr(model, "unet") or not hasattr(model, "tokenizer"):
         raise TypeError(f"model must be a diffusers Stable Diffusion pipeline or a path, got {type(model).__name__}")
     check_pipeline(model, "passed in")  # load_pipeline checks the ones it loads

@@ -74,10 +74,6 @@ def cmd_erase(args) -> int:
         config["progress"] = False
     with _reserve(args):
         if args.per_concept_adapters:
-            if args.preset:  # the preset's values under --config and --set
-                from engine.methods import get_method
-
-                config = {**get_method(args.method).preset(args.preset), **config}
             return _erase_with_adapters(args, config)
         return _erase(args, config)
 
@@ -117,7 +113,14 @@ def _erase(args, config) -> int:
     print(_erase_summary(args.method, result))
     _print_timings(result.manifest)
     print(f"wrote {out}")
+    _say_where_checkpoints_are(args.checkpoint_dir or f"{args.out}.checkpoints" if trains else None)
     return 0
+
+
+def _say_where_checkpoints_are(folder) -> None:
+    """A fine-tuning run keeps its checkpoints (a later --resume or a longer run continues from them)."""
+    if folder is not None and Path(folder).is_dir():
+        print(f"checkpoints kept in {folder} (for --resume; delete the folder when done)")
 
 
 def _erase_summary(method: str, result) -> str:
@@ -132,9 +135,14 @@ def _erase_summary(method: str, result) -> str:
     if "training" in manifest:
         tr = manifest["training"]
         losses = f", loss {tr['first_loss']:.4g} -> {tr['final_loss']:.4g}" if tr["steps_run"] else ""
-        return (head + f"{tr['steps_run']} steps (resumed from step {tr['resumed_from']}), "
-                f"{tr['parameters_trained']:,} parameters{losses}")
+        return head + f"{_steps(tr)}, {tr['parameters_trained']:,} parameters{losses}"
     return head + f"{len(result.delta)} tensors changed"
+
+
+def _steps(training: dict) -> str:
+    """"N steps", and where a resumed run started."""
+    resumed = training["resumed_from"]
+    return f"{training['steps_run']} steps" + (f" (resumed from step {resumed})" if resumed else "")
 
 
 def _print_timings(manifest: dict) -> None:
@@ -151,14 +159,14 @@ def _erase_with_adapters(args, config) -> int:
     run = erase_with_adapters(
         args.model, args.concepts, config=config or None, anchor=args.anchor, templates=args.template or None,
         model_config=args.model_config, allow_pickle=args.allow_pickle,
-        checkpoint_dir=args.checkpoint_dir or f"{args.out}.checkpoints", resume=args.resume,
+        checkpoint_dir=args.checkpoint_dir or f"{args.out}.checkpoints", resume=args.resume, preset=args.preset,
     )
     out = run.save(args.out, overwrite=args.overwrite)
     tr = run.manifest["training"]
-    print(f"trained {tr['adapters']} per-concept adapter(s) (rank {tr['rank']}): {tr['steps_run']} steps "
-          f"(resumed from step {tr['resumed_from']})")
+    print(f"trained {tr['adapters']} per-concept adapter(s) (rank {tr['rank']}): {_steps(tr)}")
     _print_timings(run.manifest)
     print(f"wrote {out} (adapters/index.json lists one LoRA file per concept)")
+    _say_where_checkpoints_are(args.checkpoint_dir or f"{args.out}.checkpoints")
     return 0
 
 

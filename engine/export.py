@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+
+from engine.progress import progress_bar
 
 DELTA_NAME = "delta.safetensors"
 LORA_DIR = "lora"
@@ -64,7 +65,7 @@ def sha256_tree(root: str | os.PathLike, desc: str = "sha256", progress: bool = 
     root = Path(root)
     files = [p for p in sorted(root.rglob("*")) if p.is_file()]
     total = sum(p.stat().st_size for p in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress or total < 1 << 28) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc=desc, progress=progress and total >= 1 << 28) as bar:
         return {str(p.relative_to(root)): sha256_file(p, bar=bar) for p in files}
 
 

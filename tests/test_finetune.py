@@ -250,7 +250,9 @@ def test_cli_erase_with_esd_writes_outputs_and_resumes(tiny_sd_dir, tmp_path, ca
             "--set", "iterations=3", "--set", "sample_steps=3", "--set", "trajectories=1", "--set", "lr=1e-3",
             "--set", "checkpoint_every=1"]
     assert main(args + ["--out", str(tmp_path / "out")]) == 0
-    assert "3 steps (resumed from step 0)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 steps," in out and "resumed" not in out  # a fresh run does not speak of resuming
+    assert f"checkpoints kept in {tmp_path / 'out'}.checkpoints" in out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["method"] == "esd" and manifest["config"]["iterations"] == 3 and manifest["seed"] == 0
     assert manifest["training"]["steps_run"] == 3 and "trained_fingerprint" in manifest["inputs"]

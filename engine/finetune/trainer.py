@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
 from engine.finetune import checkpoint as ckpt
 from engine.finetune.config import TrainConfig
 from engine.finetune.frozen import sdxl_conditioning
 from engine.finetune.params import add_lora, lora_parameters, merge_lora, start_training, trainable_parameters
+from engine.progress import progress_bar
 
 
 class Objective:
@@ -91,7 +91,7 @@ def run_steps(cfg: TrainConfig, first: int, step_loss, update, save, desc: str, 
     ``update(step_loss(step))``, the loss tracked (``value`` of it), ``save(done)`` when a
     checkpoint is due (``save=None``: never). Returns the losses."""
     losses = []
-    with tqdm(total=cfg.iterations, initial=first, desc=desc, disable=not show) as bar:
+    with progress_bar(total=cfg.iterations, initial=first, desc=desc, progress=show) as bar:
         for step in range(first, cfg.iterations):
             loss = step_loss(step)
             update(loss)

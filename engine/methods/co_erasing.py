@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from engine.concepts import ConceptSet
 from engine.finetune.config import TOY_TRAINING, TrainConfig, check_numbers, check_positive_ints
@@ -22,6 +21,7 @@ from engine.finetune.images import generate_images, load_ip_adapter, read_images
 from engine.finetune.trainer import Objective
 from engine.kernels import guidance_loss
 from engine.methods.base import FineTuningMethod
+from engine.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class CoErasingObjective(Objective):
             out[f"{branch}_image"] = offsets[item][:, None] + pick
             e_img, u_img = (torch.empty_like(cache["x"]) for _ in range(2))
             all_tokens = out[f"{branch}_tokens"].to(unet.device, unet.dtype)
-            with tqdm(total=cache["x"].shape[0], desc=f"{self.name}: {branch} image targets", disable=not cfg.progress) as bar:
+            with progress_bar(total=cache["x"].shape[0], desc=f"{self.name}: {branch} image targets",
+                              progress=cfg.progress) as bar:
                 for r in range(cache["x"].shape[0]):
                     x = cache["x"][r].to(unet.device, unet.dtype)
                     t = cache["timesteps"].to(unet.device)
