@@ -45,6 +45,12 @@ def test_the_example_toy_identities_are_identities_of_the_world():
 
     names = load_concepts(ROOT / "examples" / "toy_identities.txt", anchor="a person").names()
     assert len(names) == 3 and set(names) <= set(concepts("identity"))
+    # The YAML form erases the same three and keeps every other identity and captions naming none of them.
+    full = load_concepts(ROOT / "examples" / "toy_identities.yaml")
+    assert full.names() == names and all(c.anchor == "a person" for c in full.concepts)
+    kept = [c.name for c in full.preserve_concepts]
+    assert sorted(kept + names) == sorted(concepts("identity"))
+    assert full.preserve_captions and not any(n.lower() in cap.lower() for cap in full.preserve_captions for n in names)
 
 
 # --- a world folder as --model ------------------------------------------------------------------
