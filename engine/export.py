@@ -397,30 +397,47 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
+def pipeline_entries(root: Path) -> set[str] | None:
+    """The top-level names a diffusers folder's pipeline consists of: model_index.json and the
+    component folders it lists (None if it has no readable model_index.json). Anything else in the
+    folder (notes, earlier outputs, other files) is not part of the pipeline."""
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    return {"model_index.json"} | {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+
+
 def shareable_source(model_path: str | os.PathLike | None, changed: str = "unet") -> Path | None:
     """The local diffusers folder ``model_path`` if a saved pipeline can take its unchanged files
-    as they are: it has a model_index.json and no pickled weights outside ``changed`` (those
+    as they are: it has a model_index.json and no pickled weights in its other components (those
     would need allow_pickle to load again). None otherwise (a single file, a pipeline in memory)."""
     if model_path is None:
         return None
     root = Path(model_path)
-    if not (root / "model_index.json").is_file():
+    entries = pipeline_entries(root)
+    if entries is None:
         return None
-    for path in root.rglob("*"):
-        if path.suffix in PICKLED_SUFFIXES and path.relative_to(root).parts[0] != changed:
+    for name in entries - {changed}:
+        files = [root / name] if (root / name).is_file() else (root / name).rglob("*")
+        if any(path.suffix in PICKLED_SUFFIXES for path in files):
             return None
     return root
 
 
 def link_tree(source: str | os.PathLike, dest: str | os.PathLike, skip: set[str]) -> dict[str, int]:
-    """Hard-link every file under ``source`` into ``dest`` (same relative paths; a symbolic link,
-    as in a hub cache, links its target), copying where a link cannot be made (another file
-    system); top-level names in ``skip`` are left out. Returns the counts linked and copied."""
+    """Hard-link the pipeline's files under ``source`` (model_index.json and its components'
+    folders; ``pipeline_entries``) into ``dest`` at the same relative paths (a symbolic link, as in
+    a hub cache, links its target), copying where a link cannot be made (another file system);
+    top-level names in ``skip`` are left out. Returns the counts linked and copied."""
     source, dest = Path(source), Path(dest)
+    entries = (pipeline_entries(source) or set()) - set(skip)
     counts = {"linked": 0, "copied": 0}
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
-        if rel.parts[0] in skip or not path.is_file():
+        if rel.parts[0] not in entries or not path.is_file():
             continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -66,3 +66,21 @@ def test_cli_links_by_default_and_copies_with_copy_pipeline(tiny_sd_dir, tmp_pat
         manifest = json.loads((tmp_path / name / MANIFEST_NAME).read_text())
         assert manifest["pipeline_files"]["written"] == written
         assert os.path.samefile(tiny_sd_dir / "model_index.json", tmp_path / name / "model_index.json") == (not extra)
+
+
+def test_only_the_pipelines_own_files_are_taken_from_the_source(tiny_sd_dir, tmp_path):
+    """Files in the model folder that are not part of the pipeline (notes, an earlier output) stay out."""
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, source)
+    (source / "notes.txt").write_text("not a component")
+    (source / "old_output").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(source / "old_output" / "weights.safetensors"))
+    out = engine.erase(str(source), ["Van Gogh"], anchor="a painting", progress=False).save(tmp_path / "out")
+    saved = _files(out)
+    assert "notes.txt" not in saved and not any(rel.startswith("old_output") for rel in saved)
+    assert "model_index.json" in saved and any(rel.startswith("text_encoder/") for rel in saved)
+    load_pipeline(out)
