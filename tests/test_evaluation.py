@@ -348,7 +348,7 @@ def test_erasure_eval_end_to_end(edited_dir, world_dir, tmp_path, capsys):
         assert (out.parent / "report.md").is_file() and (out.parent / "grid.png").is_file()
         reports.append(json.loads(out.read_text()))
     printed = capsys.readouterr().out
-    assert "(squared MMD on toy evaluator features; 0 = same distribution as the original model's images; lower is better)" in printed
+    assert "(squared MMD on toy evaluator features; 0 = same distribution as the original model's images; lower is better" in printed
     report = reports[0]
     assert set(REQUIRED_KEYS) <= set(report) and report["schema_version"] == 1
     assert report["suite"] == "toy" and report["erased"] == [ID_A, "skull"]

@@ -121,7 +121,8 @@ def describe_kid(quality: dict) -> str:
     against = "the reference images" if quality.get("kid_reference") else "the original model's images"
     features = quality.get("kid_features") or "image features"
     return (f"KID {quality['kid']:.4g}{spread} (squared MMD on {features}; 0 = same distribution as {against}; "
-            "lower is better)")
+            "lower is better; the estimate is unbiased, so values near 0, negative ones included, mean no "
+            "measurable difference)")
 
 
 def _pct(value) -> str:
