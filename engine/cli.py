@@ -98,8 +98,7 @@ def _erase(args, config) -> int:
         model_config=args.model_config,
         allow_pickle=args.allow_pickle,
         preset=args.preset,
-        **({"checkpoint_dir": args.checkpoint_dir or f"{args.out}.checkpoints", "resume": args.resume}
-           if trains else {}),
+        **({"checkpoint_dir": _checkpoint_dir(args), "resume": args.resume} if trains else {}),
     )
     out = result.save(args.out, export_lora=args.export_lora, lora_rank=args.lora_rank, save_pipeline=not args.no_pipeline,
                       overwrite=args.overwrite, link_unchanged=not args.copy_pipeline)
@@ -113,13 +112,19 @@ def _erase(args, config) -> int:
     print(_erase_summary(args.method, result))
     _print_timings(result.manifest)
     print(f"wrote {out}")
-    _say_where_checkpoints_are(args.checkpoint_dir or f"{args.out}.checkpoints" if trains else None)
+    if trains:
+        _say_where_checkpoints_are(_checkpoint_dir(args))
     return 0
 
 
-def _say_where_checkpoints_are(folder) -> None:
+def _checkpoint_dir(args) -> str:
+    """Where a fine-tuning run checkpoints: --checkpoint-dir, else OUT.checkpoints."""
+    return args.checkpoint_dir or f"{args.out}.checkpoints"
+
+
+def _say_where_checkpoints_are(folder: str) -> None:
     """A fine-tuning run keeps its checkpoints (a later --resume or a longer run continues from them)."""
-    if folder is not None and Path(folder).is_dir():
+    if Path(folder).is_dir():
         print(f"checkpoints kept in {folder} (for --resume; delete the folder when done)")
 
 
@@ -159,14 +164,14 @@ def _erase_with_adapters(args, config) -> int:
     run = erase_with_adapters(
         args.model, args.concepts, config=config or None, anchor=args.anchor, templates=args.template or None,
         model_config=args.model_config, allow_pickle=args.allow_pickle,
-        checkpoint_dir=args.checkpoint_dir or f"{args.out}.checkpoints", resume=args.resume, preset=args.preset,
+        checkpoint_dir=_checkpoint_dir(args), resume=args.resume, preset=args.preset,
     )
     out = run.save(args.out, overwrite=args.overwrite)
     tr = run.manifest["training"]
     print(f"trained {tr['adapters']} per-concept adapter(s) (rank {tr['rank']}): {_steps(tr)}")
     _print_timings(run.manifest)
     print(f"wrote {out} (adapters/index.json lists one LoRA file per concept)")
-    _say_where_checkpoints_are(args.checkpoint_dir or f"{args.out}.checkpoints")
+    _say_where_checkpoints_are(_checkpoint_dir(args))
     return 0
 
 
