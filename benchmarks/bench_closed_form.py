@@ -221,7 +221,10 @@ def run(arch: str, n_concepts: list[int], templates: list[str], device: torch.de
     kv = cross_attention_kv(pipe.unet)
     originals = {k: m.weight.detach().clone() for k, m in kv}
     results = []
-    cfg = get_method("uce-plus").defaults.replace(progress=False, backend=backend, batch_size=128)  # the rows of earlier records
+    # The rows of earlier records: the concept's tokens and [EoT], the file's preservation only.
+    cfg = get_method("uce-plus").defaults.replace(progress=False, backend=backend, batch_size=128, tokens="concept",
+                                                  preserve_weight=None, prior="none", neighbours=0,
+                                                  skip_shared_rows=False)
     with torch.no_grad():  # the captions' Gram cached before any timing, as on any repeated run
         caption_gram(pipe, CAPTIONS, cfg)
     for n in n_concepts:

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from engine import prior
 from engine.concepts import TOKEN_MODES, ConceptSet
 from engine.export import read_safetensors
 from engine.models import encode_prompts, text_encoder_fingerprint, tokenize_prompts
@@ -58,6 +59,10 @@ from engine.kernels import transform_each, weighted_gram
 # 1 to 1000 concepts on SD1.5-size encoders in benchmarks/bench_closed_form.py), where fp32 sums
 # moved the edited weights by 3e-4 to 0.4 relative to an exact solve; fp64 sums keep fp32 round-off.
 GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+PRIORS = ("none", "generic")
+AUTO = "auto"  # preserve_weight chosen from the data (choose_preserve_weight)
+PRESERVE_GRID = tuple(10.0 ** (k / 4) for k in range(-12, 13))  # 1e-3 .. 1e3, four steps a decade
+AUTO_RESIDUAL = 0.5  # the most of a concept's distance to its anchor an automatic weight may leave
 
 
 @dataclass(frozen=True)
@@ -66,13 +71,16 @@ class ClosedFormConfig:
 
     tokens: str = "concept"  # which token positions carry the edit: last | eot | concept | all
     erase_weight: float = 1.0  # multiplies every concept's own weight (w_i)
-    preserve_weight: float | None = None  # lam; None: UCE's max(0.1, 1 / #preservation prompts)
+    preserve_weight: float | str | None = None  # lam; None: UCE's max(0.1, 1 / #prompts); "auto": choose_preserve_weight
     ridge: float = 0.1  # mu, pulls W' towards W; keeps the system well posed
     max_condition: float = 1e12  # above this the solve falls back to a clamped eigen-solve
     batch_size: int = 64  # prompts per text-encoder call
     backend: str = "auto"  # kernels: auto | triton | torch
     gram_dtype: str = "float64"  # Gram accumulation: float64 (the solve amplifies rounding) | float32
     cache_dir: str | None = None  # caption Gram cache; None: $ERASURE_CACHE or ~/.cache/erasure-engine
+    prior: str = "none"  # none | generic: also preserve the empty prompt and generic captions (engine/prior.py)
+    neighbours: int = 0  # per word of a multi-word name: nearest-vocabulary substitutes to preserve
+    skip_shared_rows: bool = False  # skip edit rows whose token prefix a preserved prompt shares
     progress: bool = True
 
     def __post_init__(self):
@@ -88,16 +96,20 @@ class ClosedFormConfig:
             raise ValueError(f"config field 'ridge' must be >= 0, got {self.ridge}")
         if self.max_condition <= 1:
             raise ValueError(f"config field 'max_condition' must be > 1, got {self.max_condition}")
-        if self.preserve_weight is not None and (
+        if self.preserve_weight is not None and self.preserve_weight != AUTO and (
             not isinstance(self.preserve_weight, (int, float))
             or not math.isfinite(self.preserve_weight)
             or self.preserve_weight < 0
         ):
-            raise ValueError(f"config field 'preserve_weight' must be a number >= 0 or null, got {self.preserve_weight!r}")
+            raise ValueError(f"config field 'preserve_weight' must be a number >= 0, 'auto' or null, got {self.preserve_weight!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"config field 'batch_size' must be a positive integer, got {self.batch_size!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"config field 'backend' must be auto, triton or torch, got {self.backend!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"config field 'prior' must be one of {PRIORS}, got {self.prior!r}")
+        if not isinstance(self.neighbours, int) or isinstance(self.neighbours, bool) or self.neighbours < 0:
+            raise ValueError(f"config field 'neighbours' must be an integer >= 0, got {self.neighbours!r}")
         if self.gram_dtype not in GRAM_DTYPES:
             raise ValueError(f"config field 'gram_dtype' must be one of {tuple(GRAM_DTYPES)}, got {self.gram_dtype!r}")
 
@@ -129,6 +141,8 @@ class ClosedFormEdit:
     rows: dict[str, int]  # how many edit / preservation / caption rows entered the sums
     preserve_weight: float  # the lam actually used
     timings: dict[str, float]  # seconds per phase
+    preserved: dict = dataclasses.field(default_factory=dict)  # what the edit preserved (EditRows.preserved)
+    preserve_weight_search: dict | None = None  # preserve_weight="auto": the weights tried and their fit
 
 
 # --------------------------------------------------------------------------- helpers
@@ -217,7 +231,7 @@ class _RowPlan:
 
 
 def _tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
-    return tokenize_prompts(tokenizer, prompts).tolist()
+    return tokenize_prompts(tokenizer, prompts).tolist() if prompts else []
 
 
 def token_positions(mode: str, tokenizer, template: str, fill: str, ids: list[int], eot_id: int, where: str) -> list[int]:
@@ -242,14 +256,16 @@ def _cache_dir(config: ClosedFormConfig) -> Path:
     return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure-engine"))
 
 
-def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[torch.Tensor, int]:
-    """sum_j p_j p_j^T over every real token of every caption, cached on disk.
+def caption_gram(pipe, captions: list[str], config: ClosedFormConfig, padding: bool = False) -> tuple[torch.Tensor, int]:
+    """sum_j p_j p_j^T over every real token of every caption (with ``padding``: all 77 positions,
+    the padding rows after the end-of-text too, which cross-attention also reads), cached on disk.
 
     The cache key covers the text encoder(s)' weights, the captions in order and this row rule,
     so a changed model or list never reuses a stale matrix. Returns (gram, number of rows).
     """
+    rule = "all" if padding else "bos..eot"
     key_src = json.dumps(
-        {"encoder": text_encoder_fingerprint(pipe), "captions": captions, "rows": "bos..eot", "dtype": config.gram_dtype}
+        {"encoder": text_encoder_fingerprint(pipe), "captions": captions, "rows": rule, "dtype": config.gram_dtype}
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     path = _cache_dir(config) / f"caption-gram-{key}.safetensors"
@@ -265,7 +281,7 @@ def caption_gram(pipe, captions: list[str], config: ClosedFormConfig) -> tuple[t
     plan = _RowPlan()
     for text, ids in zip(captions, _tokenize(tokenizer, captions)):
         p = plan.prompt(text)
-        for pos in range(ids.index(eot_id) + 1):
+        for pos in range(MAX_LENGTH if padding else ids.index(eot_id) + 1):
             plan.row(p, pos)
     table = plan.encode(pipe, config.batch_size, config.progress, "encode captions")
     index = torch.arange(table.shape[0], device=table.device)
@@ -350,6 +366,7 @@ class EditRows:
     preserve_weight: float  # lam
     caption_gram: torch.Tensor | None  # (D, D) sum of caption rows' outer products, unweighted
     caption_rows: int
+    preserved: dict = dataclasses.field(default_factory=dict)  # what was preserved, for the manifest
 
 
 def target_positions(mode: str, tokenizer, template: str, anchor: str, src_pos: list[int], ids_s: list[int],
@@ -365,16 +382,15 @@ def target_positions(mode: str, tokenizer, template: str, anchor: str, src_pos: 
     return src_pos
 
 
-def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRows:
-    """Select the token rows of every concept and preservation prompt and encode them."""
-    tokenizer = pipe.tokenizer
+def _edit_rows(plan: _RowPlan, tokenizer, concepts: ConceptSet, config: ClosedFormConfig, shared: set):
+    """(source rows, target rows, weights, owners, rows skipped per concept) of every concept's
+    prompt pairs; a row whose token prefix is in ``shared`` (a preserved prompt's) is skipped."""
     eot_id = tokenizer.eos_token_id
-    plan = _RowPlan()
-    src_rows, tgt_rows, weights, owner = [], [], [], []
-    # Edit rows: source prompt -> target prompt, per concept and template.
+    src_rows, tgt_rows, weights, owner, skipped = [], [], [], [], {}
     for ci, concept in enumerate(concepts.concepts):
         pairs = concept.prompt_pairs()
         ids_all = _tokenize(tokenizer, [s for _, s, _ in pairs] + [t for _, _, t in pairs])
+        kept = 0
         for k, (template, src, tgt) in enumerate(pairs):
             ids_s, ids_t = ids_all[k], ids_all[len(pairs) + k]
             where = f"concept {concept.name!r}, template {template!r}"
@@ -383,35 +399,92 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
             tgt_pos = target_positions(mode, tokenizer, template, concept.anchor, src_pos, ids_s, ids_t, eot_id, where)
             ps, pt = plan.prompt(src), plan.prompt(tgt)
             for a, b in zip(src_pos, tgt_pos):
+                if tuple(ids_s[: a + 1]) in shared:
+                    skipped[concept.name] = skipped.get(concept.name, 0) + 1
+                    continue
                 src_rows.append(plan.row(ps, a))
                 tgt_rows.append(plan.row(pt, b))
                 weights.append(config.erase_weight * concept.weight)
                 owner.append(ci)
-    n_edit = len(src_rows)
-    if n_edit == 0:
-        raise ValueError(f"{concepts.source}: no concepts to edit")
-    # Preservation rows of retained concepts: the same positions, mapped onto themselves.
-    n_pres_prompts = len(concepts.preserve_captions)
-    for concept in concepts.preserve_concepts:
+                kept += 1
+        if kept == 0:
+            raise ValueError(f"{concepts.source}: every token row of concept {concept.name!r} is also a row of a "
+                             "preserved prompt (the same words in the same place), so nothing would erase it; "
+                             "remove the preserved prompt that starts like it, or set skip_shared_rows=false")
+    return src_rows, tgt_rows, weights, owner, skipped
+
+
+def _preserved_prompts(pipe, concepts: ConceptSet, config: ClosedFormConfig):
+    """(preserved concepts with their positions [(text, ids, positions, where)], captions, the
+    preservation summary for the manifest): the file's, and the prior's (engine/prior.py)."""
+    tokenizer = pipe.tokenizer
+    eot_id = tokenizer.eos_token_id
+    neighbours = prior.name_neighbours(pipe, concepts, config.neighbours) if config.neighbours else {}
+    kept_concepts = list(concepts.preserve_concepts) + prior.neighbour_concepts(neighbours, concepts)
+    prompts = []
+    for concept in kept_concepts:
         for template in concept.templates:
             text = template.format(concept.name)
             (ids,) = _tokenize(tokenizer, [text])
             where = f"preserved concept {concept.name!r}, template {template!r}"
-            p = plan.prompt(text)
-            n_pres_prompts += 1
-            for a in token_positions(config.tokens, tokenizer, template, concept.name, ids, eot_id, where):
-                r = plan.row(p, a)
-                src_rows.append(r)
-                tgt_rows.append(r)
-                owner.append(-1)
+            prompts.append((text, ids, token_positions(config.tokens, tokenizer, template, concept.name, ids, eot_id, where)))
+    captions = list(concepts.preserve_captions)
+    summary = {"concepts": len(concepts.preserve_concepts), "captions": len(captions), "prior": config.prior}
+    generic, vocabulary = [], []
+    if config.prior == "generic":
+        # Every position, padding included: cross-attention reads all 77 rows of a prompt.
+        generic, left_out = prior.naming_erased(("", *prior.generic_captions()), concepts)
+        vocabulary = prior.vocabulary_words(pipe, concepts, prior.VOCABULARY_WORDS)
+        summary.update(generic_captions=len(generic) - 1, generic_left_out=left_out, empty_prompt=True,
+                       vocabulary_words=len(vocabulary))
+    if config.neighbours:
+        summary["neighbours"] = neighbours
+    return prompts, captions + vocabulary, generic, summary
+
+
+def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRows:
+    """Select the token rows of every concept and preservation prompt and encode them."""
+    tokenizer = pipe.tokenizer
+    eot_id = tokenizer.eos_token_id
+    plan = _RowPlan()
+    prompts, captions, generic, preserved = _preserved_prompts(pipe, concepts, config)
+    shared = set()
+    if config.skip_shared_rows:
+        # Every position of a preserved prompt through its end-of-text is a row the model reads for
+        # it, whether or not that row enters the preservation sums.
+        texts = [text for text, _, _ in prompts] + captions + generic
+        shared = prior.shared_prefixes([(ids, range(ids.index(eot_id) + 1)) for ids in _tokenize(tokenizer, texts)])
+    src_rows, tgt_rows, weights, owner, skipped = _edit_rows(plan, tokenizer, concepts, config, shared)
+    n_edit = len(src_rows)
+    if n_edit == 0:
+        raise ValueError(f"{concepts.source}: no concepts to edit")
+    if config.skip_shared_rows:
+        preserved["skipped_shared_rows"] = skipped
+    # Preservation rows of retained concepts and the prior: their positions, mapped onto themselves.
+    for text, _, positions in prompts:
+        p = plan.prompt(text)
+        for a in positions:
+            r = plan.row(p, a)
+            src_rows.append(r)
+            tgt_rows.append(r)
+            owner.append(-1)
     lam = config.preserve_weight
-    if lam is None:
-        lam = max(0.1, 1.0 / n_pres_prompts) if n_pres_prompts else 0.0
+    if lam == AUTO:
+        lam = 1.0  # replaced by choose_preserve_weight once the rows are encoded
+    elif lam is None:
+        n_prompts = len(prompts) + len(captions) + len(generic)
+        lam = max(0.1, 1.0 / n_prompts) if n_prompts else 0.0
     weights += [lam] * (len(src_rows) - n_edit)
     table = plan.encode(pipe, config.batch_size, config.progress, "encode prompts")
     P_cap, caption_rows = None, 0
-    if concepts.preserve_captions:
-        P_cap, caption_rows = caption_gram(pipe, list(concepts.preserve_captions), config)
+    for texts, padding in ((captions, False), (generic, True)):
+        if texts:
+            gram, n = caption_gram(pipe, texts, config, padding=padding)
+            P_cap, caption_rows = (gram if P_cap is None else P_cap + gram), caption_rows + n
+    if len(src_rows) == n_edit and P_cap is None:
+        warnings.warn("the edit preserves nothing (no preserve: concepts or captions, prior=none): it will also move "
+                      "prompts it does not name; list what to keep, or use a preset with the generic prior "
+                      "(e.g. uce-plus)", UserWarning, stacklevel=3)
     dev = table.device  # where the text encoder ran: the fused kernels run there too
     return EditRows(
         table=table,
@@ -423,6 +496,7 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
         preserve_weight=lam,
         caption_gram=P_cap,
         caption_rows=caption_rows,
+        preserved=preserved,
     )
 
 
@@ -461,6 +535,53 @@ def apply_transform(kv: list[tuple[str, torch.nn.Linear]], T: torch.Tensor, back
     return changed
 
 
+def edit_residuals(rows: EditRows, T: torch.Tensor, Re: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Per concept, ||W (T e - e')|| / ||W (e - e')|| over its rows and every layer: the share of the
+    way from the concept to its anchor that the edit leaves (0: all the way, 1: unmoved)."""
+    dev = rows.table.device
+    src, tgt = rows.src_index[: rows.n_edit], rows.tgt_index[: rows.n_edit]
+    M = T.double().cpu() - torch.eye(T.shape[0], dtype=torch.float64)
+    before = Re[src] - Re[tgt]
+    after = before + rows.table.double()[src] @ (R @ M).T.to(dev)
+    owner = rows.owner[: rows.n_edit].to(dev)
+    n = int(owner.max()) + 1
+    per = lambda x: torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, x.square().sum(1))  # noqa: E731
+    return (per(after) / per(before).clamp_min(1e-300)).sqrt().cpu()
+
+
+def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig) -> tuple[float, dict]:
+    """The largest preservation weight on a log grid (1e-3 .. 1e3) whose edit still moves every
+    concept at least ``1 - AUTO_RESIDUAL`` of the way to its anchor (``edit_residuals``): as much
+    of the preserved prompts kept as erasing every concept allows. The sums are linear in the
+    weight, S(lam) = S_edit + lam P, so each try is one D x D solve."""
+    if len(rows.src_index) == rows.n_edit and rows.caption_gram is None:
+        return 0.0, {"rule": "nothing to preserve"}
+    weight = rows.weight.clone()
+    weight[rows.n_edit :] = 0.0
+    S_e, C_e = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
+                             out_dtype=torch.float64, backend=config.backend)
+    weight = torch.zeros_like(weight)
+    weight[rows.n_edit :] = 1.0
+    P, _ = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
+                         out_dtype=torch.float64, backend=config.backend)
+    if rows.caption_gram is not None:
+        P = P + rows.caption_gram.to(P.device, P.dtype)
+    R = gram_root(G)
+    Re = rows.table.double() @ R.T.to(rows.table.device)
+    tried, chosen = {}, PRESERVE_GRID[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an ill-conditioned try is only a try
+        for lam in PRESERVE_GRID:
+            T, _, _ = solve_transform(S_e + lam * P, C_e + lam * P, config.ridge, config.max_condition)
+            worst = float(edit_residuals(rows, T, Re, R).max())
+            tried[f"{lam:.3g}"] = worst
+            if worst > AUTO_RESIDUAL:
+                break
+            chosen = lam
+    return chosen, {"rule": f"largest weight with every concept's residual <= {AUTO_RESIDUAL}",
+                    "max_concept_residual": tried}
+
+
 def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> ClosedFormEdit:
     """Solve the edit for every concept at once and write it into `pipe.unet` in place.
 
@@ -470,12 +591,17 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     kv = cross_attention_kv(pipe.unet)
     with timer("text_encoding"):
         rows = collect_rows(pipe, concepts, config)
+    with timer("report"):
+        G = kv_gram(kv)  # of the weights before the edit
+    search = None
+    if config.preserve_weight == AUTO:
+        with timer("preserve_weight"):
+            rows.preserve_weight, search = choose_preserve_weight(rows, G, config)
+        rows.weight[rows.n_edit :] = rows.preserve_weight
     with timer("gram"):
         S, C = accumulate(rows, config.backend, config.gram_dtype)
     with timer("solve"):
         T, solver, cond = solve_transform(S, C, config.ridge, config.max_condition)
-    with timer("report"):
-        G = kv_gram(kv)  # of the weights before the edit
     with timer("weight_update"):
         changed = apply_transform(kv, T, config.backend)
     with timer("report"):
@@ -491,6 +617,8 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
         rows={"edit": rows.n_edit, "preserve": len(rows.src_index) - rows.n_edit, "caption": rows.caption_rows},
         preserve_weight=rows.preserve_weight,
         timings=timer.seconds,
+        preserved=rows.preserved,
+        preserve_weight_search=search,
     )
 
 
@@ -512,6 +640,19 @@ def kv_gram(kv: list[tuple[str, torch.nn.Linear]], chunk_elements: int = 1 << 25
     return G
 
 
+def gram_root(G: torch.Tensor) -> torch.Tensor:
+    """R with R^T R = G (D x D float64): ||W x||^2 over every layer is ||R x||^2."""
+    # G is singular where the K/V matrices have fewer rows than D (tiny models): a jitter at the
+    # level of G's fp32 rounding keeps it factorizable and moves each form by ~1e-6 relative.
+    jitter = 1e-6 * float(G.diagonal().mean().clamp_min(1e-300))
+    L, info = torch.linalg.cholesky_ex(G + jitter * torch.eye(G.shape[0], dtype=torch.float64))
+    if info == 0:
+        return L.T
+    with single_threaded():
+        evals, evecs = torch.linalg.eigh(G)
+    return (evecs * evals.clamp_min(0).sqrt()).T
+
+
 def fit_report(rows: EditRows, T: torch.Tensor, G: torch.Tensor, concepts: ConceptSet):
     """Per-concept residual after (and distance before) the edit, and the preservation drift.
 
@@ -521,16 +662,7 @@ def fit_report(rows: EditRows, T: torch.Tensor, G: torch.Tensor, concepts: Conce
     rows enter through their Gram: sum_j ||R M p_j||^2 = tr(M^T G M P_cap), M = T - I.
     """
     dev = rows.table.device
-    # G is singular where the K/V matrices have fewer rows than D (tiny models): a jitter at the
-    # level of G's fp32 rounding keeps it factorizable and moves each form by ~1e-6 relative.
-    jitter = 1e-6 * float(G.diagonal().mean().clamp_min(1e-300))
-    L, info = torch.linalg.cholesky_ex(G + jitter * torch.eye(G.shape[0], dtype=torch.float64))
-    if info == 0:
-        R = L.T  # (D, D): R^T R = G
-    else:
-        with single_threaded():
-            evals, evecs = torch.linalg.eigh(G)
-        R = (evecs * evals.clamp_min(0).sqrt()).T
+    R = gram_root(G)
     M = T.double().cpu() - torch.eye(T.shape[0], dtype=torch.float64)  # T - I
     table = rows.table.double()
     Re = table @ R.T.to(dev)  # (n_rows, D): R e for every encoded row

@@ -21,6 +21,10 @@ from engine.methods import get_method
 from engine.models import encode_prompts, load_pipeline
 
 
+# uce-plus's solve without what it preserves by itself (tests/test_prior.py covers that part).
+PLAIN = dict(tokens="concept", preserve_weight=None, prior="none", neighbours=0, skip_shared_rows=False)
+
+
 @pytest.fixture
 def pipe(tiny_sd_dir):
     return load_pipeline(tiny_sd_dir)
@@ -100,7 +104,7 @@ def test_uce_maps_concept_rows_onto_anchor_rows_and_preserves_others(pipe):
 def test_concept_token_mode_edits_every_selected_row(pipe):
     before = kv_weights(pipe)
     concepts = ConceptSet(concepts=(Concept("Arlen Corrance", anchor="a person", templates=("a photo of {}",)),))
-    edit = closed_form_edit(pipe, concepts, get_method("uce-plus").defaults.replace(ridge=1e-4, progress=False))
+    edit = closed_form_edit(pipe, concepts, get_method("uce-plus").defaults.replace(**PLAIN, ridge=1e-4, progress=False))
     after = kv_weights(pipe)
     tok = pipe.tokenizer
     ids_s = tok("a photo of Arlen Corrance").input_ids
@@ -158,7 +162,7 @@ def test_captions_enter_the_preservation_sum(tiny_sd_dir, tmp_path):
         concepts=CONCEPTS.concepts[:1],
         preserve_captions=("a dog on a beach", "a bowl of fruit"),
     )
-    cfg = get_method("uce-plus").defaults.replace(cache_dir=str(tmp_path), progress=False)
+    cfg = get_method("uce-plus").defaults.replace(**PLAIN, cache_dir=str(tmp_path), progress=False)
     edit = closed_form_edit(load_pipeline(tiny_sd_dir), concepts, cfg)
     assert edit.rows["caption"] > 0
     assert edit.preserve_weight == pytest.approx(0.5)  # max(0.1, 1/2 prompts)
@@ -224,7 +228,7 @@ def test_a_concept_can_choose_its_own_token_rows(pipe):
             Concept("Bexley Holloway", anchor="a person", templates=("a photo of {}",)),
         )
     )
-    edit = closed_form_edit(pipe, concepts, get_method("uce-plus").defaults.replace(progress=False))
+    edit = closed_form_edit(pipe, concepts, get_method("uce-plus").defaults.replace(**PLAIN, progress=False))
     tok = pipe.tokenizer
     ids = tok("a photo of Bexley Holloway").input_ids
     concept_rows = token_positions("concept", tok, "a photo of {}", "Bexley Holloway", ids, tok.eos_token_id, "t")
@@ -240,7 +244,7 @@ def test_fit_report_matches_a_direct_per_layer_computation(tiny_sd_dir, tmp_path
     captions = ("a dog on a beach", "a bowl of fruit")
     concepts = ConceptSet(concepts=CONCEPTS.concepts, preserve_concepts=CONCEPTS.preserve_concepts,
                           preserve_captions=captions)
-    cfg = get_method("uce-plus").defaults.replace(cache_dir=str(tmp_path), progress=False, backend="torch")
+    cfg = get_method("uce-plus").defaults.replace(**PLAIN, cache_dir=str(tmp_path), progress=False, backend="torch")
     rows = collect_rows(pipe, concepts, cfg)
     before = {k: w.double() for k, w in kv_weights(pipe).items()}
     edit = closed_form_edit(pipe, concepts, cfg)

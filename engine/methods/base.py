@@ -75,7 +75,8 @@ class ClosedFormMethod(Method):
         edit = closed_form_edit(pipe, concepts, cfg)
         solve = {"solver": edit.solver, "condition": edit.condition, "rows": edit.rows,
                  "preserve_weight": edit.preserve_weight, "preserve_drift": edit.preserve_drift,
-                 "concept_residual": edit.concept_residual, "layers_changed": len(edit.changed)}
+                 "concept_residual": edit.concept_residual, "layers_changed": len(edit.changed),
+                 "preserved": edit.preserved, "preserve_weight_search": edit.preserve_weight_search}
         # The solve is deterministic: no seed.
         return Outcome(changed=edit.changed, timings=edit.timings, manifest={"seed": None, "solve": solve}, edit=edit)
 

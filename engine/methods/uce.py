@@ -6,8 +6,13 @@ closed-form solve (engine/closed_form.py).
   ""), erase and preserve scales 1, lambda 0.5 on the identity term; with the bare concept string
   as the prompt (the concept files' default template "{}") and guide "" (the default anchor) it
   gives UCE's weights.
-* ``uce-plus``: the engine's richer row choice on the same solve: every concept token and the
-  [EoT] (what the concept's context reaches), preservation max(0.1, 1/#prompts), ridge 0.1.
+* ``uce-plus``: the engine's preset of the same solve, safe with a names file alone: every
+  concept token and the [EoT] (what the concept's context reaches);
+  besides what the concept file lists, it preserves the generic prior of engine/prior.py (the
+  empty prompt, shipped generic captions, the model's frequent words) and each erased name's
+  neighbours, skips edit rows a preserved prompt shares, and chooses the preservation weight
+  from the data (``preserve_weight="auto"``: the largest that still moves every concept at
+  least half of its way to the anchor); ridge 0.1.
 """
 
 from engine.closed_form import ClosedFormConfig
@@ -21,6 +26,8 @@ UCE = ClosedFormMethod(
 
 UCE_PLUS = ClosedFormMethod(
     name="uce-plus",
-    defaults=ClosedFormConfig(tokens="concept", erase_weight=1.0, preserve_weight=None, ridge=0.1),
-    summary="UCE's solve on every concept token and the [EoT], preservation max(0.1, 1/n)",
+    defaults=ClosedFormConfig(tokens="concept", erase_weight=1.0, preserve_weight="auto", ridge=0.1, prior="generic",
+                              neighbours=4, skip_shared_rows=True),
+    summary="UCE's solve on every concept token and the [EoT], keeping a generic prior and the names' "
+            "neighbours, with the preservation weight chosen from the data",
 )

@@ -1,0 +1,145 @@
+"""What a closed-form edit preserves by itself (engine/prior.py) and the automatic preservation
+weight, on a tiny real-format pipeline."""
+
+import warnings
+
+import pytest
+import torch
+
+from engine import prior
+from engine.closed_form import AUTO_RESIDUAL, PRESERVE_GRID, closed_form_edit, collect_rows, cross_attention_kv
+from engine.concepts import Concept, ConceptSet, concepts_from_names
+from engine.methods import get_method
+from engine.models import encode_prompts, load_pipeline
+
+
+@pytest.fixture
+def pipe(tiny_sd_dir):
+    return load_pipeline(tiny_sd_dir)
+
+
+def plain(**changes):
+    """uce-plus's rows with none of the preservation it adds by itself, then ``changes``."""
+    base = dict(prior="none", neighbours=0, skip_shared_rows=False, preserve_weight=None, progress=False)
+    return get_method("uce-plus").defaults.replace(**{**base, **changes})
+
+
+def test_the_shipped_captions_are_many_distinct_and_generic():
+    captions = prior.generic_captions()
+    assert len(captions) >= 300 and len(set(captions)) == len(captions)
+    assert all(c.strip() == c and c for c in captions)
+
+
+def test_captions_naming_an_erased_concept_are_left_out():
+    concepts = concepts_from_names(["Bo Park", "skull"])
+    kept, dropped = prior.naming_erased(["a photo of Bo Park smiling", "a parking lot at night",
+                                         "a skull on a desk", "a skullcap", "bo and park"], concepts)
+    assert dropped == ["a photo of Bo Park smiling", "a skull on a desk"]
+    assert kept == ["a parking lot at night", "a skullcap", "bo and park"]
+
+
+def test_neighbours_recombine_erased_names_then_take_the_vocabulary(pipe):
+    concepts = concepts_from_names(["Ann Lee", "Bo Park", "skull"], preserve=["Ann Park"])
+    found = prior.name_neighbours(pipe, concepts, k=3)
+    assert "skull" not in found  # single words: their nearest words are often synonyms
+    assert "Bo Lee" in found["Ann Lee"] and "Bo Park" not in found["Ann Lee"]
+    assert "Ann Park" not in found["Bo Park"]  # already preserved
+    every = [n for names in found.values() for n in names]
+    assert len(every) == len(set(n.lower() for n in every))
+    for name in found["Ann Lee"]:  # one word replaced, the other kept
+        first, last = name.split()
+        assert (first == "Ann") != (last == "Lee")
+    assert len(found["Ann Lee"]) == 6  # k per word position
+
+
+def test_neighbours_and_vocabulary_skip_untrained_words(pipe):
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    vocab = pipe.tokenizer.get_vocab()
+    concepts = concepts_from_names(["Ann Lee"])
+    first = prior.name_neighbours(pipe, concepts, k=2)["Ann Lee"]
+    chosen = first[0].split()[0].lower()
+    with torch.no_grad():
+        embeddings[vocab[chosen + "</w>"]] = 0.0  # a word this model never trained
+    again = prior.name_neighbours(pipe, concepts, k=2)["Ann Lee"]
+    assert all(chosen not in n.lower().split() for n in again)
+    words = prior.vocabulary_words(pipe, concepts_from_names(["the cat"]), 50)
+    assert chosen not in words and "the" not in words and "cat" not in words and len(words) == 50
+    ids = [vocab[w + "</w>"] for w in words]
+    assert ids == sorted(ids)  # the most frequent (earliest merged) first
+
+
+def test_rows_a_preserved_prompt_shares_are_not_edited(pipe):
+    kept = Concept("Ann Park")
+    concepts = ConceptSet(concepts=(Concept("Ann Lee", anchor="a person"),), preserve_concepts=(kept,))
+    n_ann = len(pipe.tokenizer("Ann", add_special_tokens=False).input_ids)
+    full = collect_rows(pipe, concepts, plain())
+    skipping = collect_rows(pipe, concepts, plain(skip_shared_rows=True))
+    assert skipping.n_edit == full.n_edit - n_ann  # the first name's rows are the same vector in both prompts
+    assert skipping.preserved["skipped_shared_rows"] == {"Ann Lee": n_ann}
+
+
+def test_a_concept_left_without_rows_is_refused_by_name(pipe):
+    concepts = ConceptSet(concepts=(Concept("Ann", anchor="a person"),), preserve_concepts=(Concept("Ann Park"),))
+    with pytest.raises(ValueError, match="'Ann'.*nothing would erase it"):
+        collect_rows(pipe, concepts, plain(tokens="last", skip_shared_rows=True))
+
+
+def test_the_prior_keeps_what_the_file_never_names(pipe):
+    """The same names-only edit, with and without the prior: prompts that no file lists (an
+    everyday caption, the unconditional prompt) move less with it, and the concept still moves."""
+    concepts = concepts_from_names(["Ann Lee", "Bo Park"], anchor="a person", templates=["a photo of {}"])
+    probes = ["a dog sleeping on a porch", ""]
+    x, _ = encode_prompts(pipe, probes)
+
+    def change(cfg):
+        before = {k: m.weight.detach().clone() for k, m in cross_attention_kv(pipe.unet)}
+        edit = closed_form_edit(pipe, concepts, cfg)
+        for k, m in cross_attention_kv(pipe.unet):  # the next edit starts from the same weights
+            with torch.no_grad():
+                m.weight.copy_(before[k])
+        M = edit.transform.float() - torch.eye(edit.transform.shape[0])
+        return float((x @ M.T).norm() / x.norm()), edit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bare, _ = change(plain(preserve_weight=0.1))
+        kept, edit = change(plain(preserve_weight="auto", prior="generic", neighbours=2, skip_shared_rows=True))
+    assert kept < 0.5 * bare
+    for name in concepts.names():  # at least half of the way to the anchor
+        assert edit.concept_residual[name] <= AUTO_RESIDUAL * edit.concept_residual_before[name] + 1e-9
+    listed = edit.preserved
+    assert listed["prior"] == "generic" and listed["empty_prompt"] is True
+    assert listed["generic_captions"] == len(prior.generic_captions())
+    assert listed["vocabulary_words"] == prior.VOCABULARY_WORDS
+    assert set(listed["neighbours"]) == {"Ann Lee", "Bo Park"}
+
+
+def test_an_edit_that_preserves_nothing_says_so(pipe):
+    concepts = concepts_from_names(["Ann Lee"], anchor="a person")
+    with pytest.warns(UserWarning, match="preserves nothing"):
+        closed_form_edit(pipe, concepts, get_method("uce").defaults.replace(progress=False))
+
+
+def test_the_automatic_weight_is_the_largest_that_still_erases(pipe):
+    concepts = concepts_from_names(["Ann Lee", "Bo Park"], anchor="a person", preserve=["Cy Moss"],
+                                   captions=["a dog sleeping on a porch", "a bowl of fruit"])
+    edit = closed_form_edit(pipe, concepts, plain(preserve_weight="auto", prior="generic"))
+    tried = edit.preserve_weight_search["max_concept_residual"]
+    lam = edit.preserve_weight
+    assert lam in PRESERVE_GRID and tried[f"{lam:.3g}"] <= AUTO_RESIDUAL
+    following = list(tried.values())[list(tried).index(f"{lam:.3g}") + 1 :]  # tried in increasing order
+    assert lam == PRESERVE_GRID[-1] or following[0] > AUTO_RESIDUAL
+    ratios = [edit.concept_residual[n] / edit.concept_residual_before[n] for n in concepts.names()]
+    assert max(ratios) == pytest.approx(tried[f"{lam:.3g}"], rel=1e-3)  # the search's fit is the edit's
+
+
+def test_preserve_weight_accepts_auto_and_nothing_else_of_its_kind():
+    from engine.closed_form import ClosedFormConfig
+
+    assert ClosedFormConfig(preserve_weight="auto").preserve_weight == "auto"
+    for bad in ("automatic", -1.0):
+        with pytest.raises(ValueError, match="preserve_weight"):
+            ClosedFormConfig(preserve_weight=bad)
+    for field, bad in (("prior", "coco"), ("neighbours", -1), ("neighbours", 1.5)):
+        with pytest.raises(ValueError, match=field):
+            ClosedFormConfig(**{field: bad})
