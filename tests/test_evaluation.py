@@ -433,3 +433,23 @@ def test_write_report_refuses_an_incomplete_report(tmp_path):
     with pytest.raises(ValueError, match="missing the key 'suite'"):
         write_report({"schema_version": 1}, tmp_path / "report.json")
     assert not list(tmp_path.iterdir())
+
+
+def test_retained_concepts_are_split_by_whether_the_edit_listed_them(tmp_path):
+    """The model folder's manifest names what the edit preserved (its file's list and the
+    neighbours the solve added); the report keeps those apart from concepts never listed."""
+    from engine.evaluation.suites.toy import ToySettings, listed_names, summarise
+
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "concepts": {"preserve": {"concepts": ["Bexley Vantorre", {"name": "Brisa Oakhurst", "templates": ["{}"]}]}},
+        "solve": {"preserved": {"neighbours": {"Aldric Corrance": ["Aldric Vantorre"]}}},
+    }))
+    listed = listed_names(ToySettings(model=tmp_path, erased=["Aldric Corrance"]))
+    assert listed == {"bexley vantorre", "brisa oakhurst", "aldric vantorre"}
+    assert listed_names(ToySettings(model=tmp_path, erased=["Aldric Corrance"], listed=["X Y"])) == {"x y"}
+    rows = [{"role": "erased", "group": None, "acc": {"direct": 0.0}},
+            {"role": "retained", "group": "close", "listed": True, "acc": {"direct": 100.0}},
+            {"role": "retained", "group": "close", "listed": False, "acc": {"direct": 50.0}},
+            {"role": "retained", "group": "other", "listed": False, "acc": {"direct": 70.0}}]
+    summary = summarise(rows)
+    assert summary["retained_acc_listed"] == 100.0 and summary["retained_acc_never_listed"] == 60.0

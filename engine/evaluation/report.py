@@ -18,6 +18,9 @@ A value that cannot be measured is ``null`` (JSON) / ``None``, never a made-up n
     retained_acc                macro % of retained-concept images recognised as their concept
     retained_acc_close          over retained concepts of a kind that is erased (null if none)
     retained_acc_other          over the other retained concepts (null if none)
+    retained_acc_listed         (toy suite) over retained concepts the edit listed to preserve
+                                (its concept file, or neighbours the solve added; null if none)
+    retained_acc_never_listed   (toy suite) over retained concepts no preservation list names
     H                           harmonic mean of (100 - erased_acc) and retained_acc; 0 when
                                 either is 0
     original_acc                {"erased", "erased_other_templates", "erased_indirect",
@@ -41,6 +44,8 @@ A value that cannot be measured is ``null`` (JSON) / ``None``, never a made-up n
     concepts                    one row per concept, erased first:
                                 {"name", "kind", "role": "erased" | "retained",
                                  "group": "close" | "other" (retained) | null (erased),
+                                 "listed": bool (toy suite, retained: named by the edit's
+                                 preservation lists),
                                  "n_images": int,
                                  "acc": {prompt set: %}, "acc_original": {prompt set: %}}
                                 prompt sets: "direct", "other_templates", "indirect" (erased
@@ -157,6 +162,9 @@ def render_markdown(report: dict, grid_labels: list[str] | None = None) -> str:
         f"| retained concepts recognised (higher is better) | {_pct(report['retained_acc'])} | {_pct(orig.get('retained'))} |",
         f"| retained, close neighbours (same kind as an erased concept) | {_pct(report['retained_acc_close'])} | |",
         f"| retained, other kinds | {_pct(report['retained_acc_other'])} | |",
+        *([f"| retained, listed to preserve by the edit | {_pct(report['retained_acc_listed'])} | |",
+           f"| retained, never listed | {_pct(report['retained_acc_never_listed'])} | |"]
+          if "retained_acc_never_listed" in report else []),
         f"| H: harmonic mean of (100 - erased) and retained | {_pct(report['H'])} | |",
         "",
         "| quality | value |",

@@ -26,6 +26,7 @@ a concept's prompts do not depend on which other concepts are evaluated.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -74,6 +75,7 @@ class ToySettings:
     progress: bool = True
     evaluator: Any = None
     device: str | None = None
+    listed: Any = None  # names the edit listed to preserve; None: from the model's manifest (listed_names)
 
     def __post_init__(self):
         for name in ("images_per_prompt", "batch_size", "steps"):
@@ -270,9 +272,31 @@ def summarise(rows: list[dict], key: str = "acc") -> dict:
         "retained_acc": _macro(retained, "direct", key),
         "retained_acc_close": _macro([r for r in retained if r["group"] == "close"], "direct", key),
         "retained_acc_other": _macro([r for r in retained if r["group"] == "other"], "direct", key),
+        "retained_acc_listed": _macro([r for r in retained if r.get("listed")], "direct", key),
+        "retained_acc_never_listed": _macro([r for r in retained if not r.get("listed")], "direct", key),
     }
     out["H"] = harmonic_h(out["erased_acc"], out["retained_acc"])
     return out
+
+
+def listed_names(s: ToySettings) -> set[str]:
+    """The toy concepts the edit was told to preserve, normalised: ``s.listed`` if given; else
+    the edited model folder's manifest.json (its concept file's preserve list and the neighbours
+    the solve added); else the preserve list of ``s.erased`` when it is a concept file or set."""
+    from engine.concepts import ConceptSet, load_concepts
+    from engine.export import MANIFEST_NAME
+
+    if s.listed is not None:
+        return {_norm(n) for n in s.listed}
+    manifest = Path(s.model) / MANIFEST_NAME if isinstance(s.model, (str, os.PathLike)) else None
+    if manifest is not None and manifest.is_file():
+        data = json.loads(manifest.read_text())
+        kept = (data.get("concepts") or {}).get("preserve", {}).get("concepts", [])
+        names = [k["name"] if isinstance(k, dict) else k for k in kept]
+        neighbours = ((data.get("solve") or {}).get("preserved") or {}).get("neighbours") or {}
+        return {_norm(n) for n in names + [n for group in neighbours.values() for n in group]}
+    spec = load_concepts(s.erased) if isinstance(s.erased, (str, os.PathLike)) else s.erased
+    return {_norm(c.name) for c in spec.preserve_concepts} if isinstance(spec, ConceptSet) else set()
 
 
 # --------------------------------------------------------------------------- models and the evaluator
@@ -490,8 +514,11 @@ def toy_suite(s: ToySettings, return_samples: bool = False):
     erased_kinds = {k for _, k in erased}
     rows = concept_rows(jobs, predict(models.evaluator, edited_images), erased_kinds)
     rows_original = concept_rows(jobs, predict(models.evaluator, original_images), erased_kinds)
+    listed = listed_names(s)
     for row, row0 in zip(rows, rows_original):
         row["acc_original"] = row0["acc"]
+        if row["role"] == "retained":
+            row["listed"] = _norm(row["name"]) in listed
     quality = _quality(models, world_root, jobs, edited_images, original_images, s.seed)
     timing = {
         "total_seconds": time.perf_counter() - start,
@@ -531,6 +558,7 @@ def evaluate_toy(
     *,
     evaluator=None,
     device: str | None = None,
+    listed=None,
     return_samples: bool = False,
 ):
     """``toy_suite`` with its settings as arguments.
@@ -538,7 +566,8 @@ def evaluate_toy(
     model, original: a diffusers folder or a loaded pipeline; ``original`` defaults to the
     world's pipeline. erased, retained: a concept file, a ConceptSet or a list of toy-world
     names (identities, objects, styles, unsafe concepts); ``retained`` defaults to
-    ``default_retained``. world: the toy world folder (default: ``$ERASURE_TOYWORLD`` or the
+    ``default_retained``; ``listed``: the names the edit listed to preserve, reported apart from
+    those never listed (default: ``listed_names``). world: the toy world folder (default: ``$ERASURE_TOYWORLD`` or the
     shipped one); it supplies the evaluator (unless ``evaluator`` is given), the default
     original model, the sampling defaults and the CLIP projection. steps, guidance: default to
     the world's ``world.json`` ``"sampling"``, else 25 and 5.0.
@@ -546,6 +575,6 @@ def evaluate_toy(
     settings = ToySettings(
         model, erased, original=original, retained=retained, world=world, images_per_prompt=images_per_prompt,
         steps=steps, guidance=guidance, batch_size=batch_size, seed=seed, progress=progress, evaluator=evaluator,
-        device=device,
+        device=device, listed=listed,
     )
     return toy_suite(settings, return_samples=return_samples)
