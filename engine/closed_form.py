@@ -78,7 +78,7 @@ class ClosedFormConfig:
     backend: str = "auto"  # kernels: auto | triton | torch
     gram_dtype: str = "float64"  # Gram accumulation: float64 (the solve amplifies rounding) | float32
     cache_dir: str | None = None  # caption Gram cache; None: $ERASURE_CACHE or ~/.cache/erasure-engine
-    prior: str = "none"  # none | generic: also preserve the empty prompt and generic captions (engine/prior.py)
+    prior: str = "none"  # none | generic: also keep the empty prompt, generic captions, frequent words (engine/prior.py)
     neighbours: int = 0  # per word of a multi-word name: nearest-vocabulary substitutes to preserve
     skip_shared_rows: bool = False  # skip edit rows whose token prefix a preserved prompt shares
     progress: bool = True
@@ -415,8 +415,9 @@ def _edit_rows(plan: _RowPlan, tokenizer, concepts: ConceptSet, config: ClosedFo
 
 
 def _preserved_prompts(pipe, concepts: ConceptSet, config: ClosedFormConfig):
-    """(preserved concepts with their positions [(text, ids, positions, where)], captions, the
-    preservation summary for the manifest): the file's, and the prior's (engine/prior.py)."""
+    """What the edit preserves: (preserved concepts' prompts [(text, ids, positions)], captions
+    whose rows run from the start token to [EoT] (the file's, then the model's frequent words),
+    the prior's captions whose every row counts, the summary for the manifest)."""
     tokenizer = pipe.tokenizer
     eot_id = tokenizer.eos_token_id
     neighbours = prior.name_neighbours(pipe, concepts, config.neighbours) if config.neighbours else {}
