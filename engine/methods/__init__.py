@@ -1,10 +1,10 @@
 """The method registry: name -> ``Method`` (engine/methods/base.py), one file per method.
 
 Built in: uce, uce-plus (uce.py), trce-stage1 and trce (trce.py), esd (esd.py), co-erasing
-(co_erasing.py), bi-erasing (bi_erasing.py). Other packages add methods without forking, either
-by calling ``register_method(method)`` or through the ``erasure_engine.methods`` entry-point
-group (a ``Method`` object, or a callable returning one), which is read the first time the
-registry is consulted:
+(co_erasing.py), bi-erasing (bi_erasing.py), speed (speed.py). Other packages add methods
+without forking, either by calling ``register_method(method)`` or through the
+``erasure_engine.methods`` entry-point group (a ``Method`` object, or a callable returning one),
+which is read the first time the registry is consulted:
 
     [project.entry-points."erasure_engine.methods"]
     my-method = "my_package.erasure:MY_METHOD"
@@ -21,13 +21,15 @@ from engine.methods.base import ClosedFormMethod, FineTuningMethod, Method, Outc
 from engine.methods.bi_erasing import BI_ERASING, BiErasingConfig
 from engine.methods.co_erasing import CO_ERASING, CoErasingConfig
 from engine.methods.esd import ESD, ESDConfig
+from engine.methods.speed import SPEED, SpeedConfig
 from engine.methods.trce import TRCE, TRCE_STAGE1, TRCEConfig
 from engine.methods.uce import UCE, UCE_PLUS
 
 ENTRY_POINT_GROUP = "erasure_engine.methods"
 DEFAULT_METHOD = "uce"  # what `erase` and `erasure erase` use when no method is named
 
-_REGISTRY: dict[str, Method] = {m.name: m for m in (UCE, UCE_PLUS, TRCE_STAGE1, ESD, CO_ERASING, BI_ERASING, TRCE)}
+_REGISTRY: dict[str, Method] = {m.name: m for m in (UCE, UCE_PLUS, TRCE_STAGE1, ESD, CO_ERASING, BI_ERASING, TRCE,
+                                                     SPEED)}
 _entry_points_read = False
 
 
@@ -93,5 +95,5 @@ def finetune(pipe, concepts: ConceptSet, cfg, checkpoint_dir: str | os.PathLike 
 __all__ = [
     "Method", "ClosedFormMethod", "FineTuningMethod", "Outcome", "training_summary", "register_method",
     "available_methods", "get_method", "finetune", "ENTRY_POINT_GROUP", "DEFAULT_METHOD",
-    "ESDConfig", "CoErasingConfig", "BiErasingConfig", "TRCEConfig",
+    "ESDConfig", "CoErasingConfig", "BiErasingConfig", "TRCEConfig", "SpeedConfig",
 ]
