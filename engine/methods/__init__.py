@@ -26,7 +26,7 @@ from engine.methods.trce import TRCE, TRCE_STAGE1, TRCEConfig
 from engine.methods.uce import UCE, UCE_PLUS
 
 ENTRY_POINT_GROUP = "erasure_engine.methods"
-DEFAULT_METHOD = "uce"  # what `erase` and `erasure erase` use when no method is named
+DEFAULT_METHOD = "uce-plus"  # what `erase` and `erasure erase` use when no method is named
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in (UCE, UCE_PLUS, TRCE_STAGE1, ESD, CO_ERASING, BI_ERASING, TRCE,
                                                      SPEED)}
