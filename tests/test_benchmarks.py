@@ -169,3 +169,24 @@ def test_every_script_runs_as_a_module(name, help_runs):
     code, out, err = help_runs[name]
     assert code == 0, err[-2000:]
     assert out.startswith("usage:") and "--help" in out
+
+
+def test_toy_scale_lists_half_of_the_rest_and_splits_what_was_kept():
+    from benchmarks.toy_scale import concept_set, split_retained
+    from engine.toyworld import concepts
+
+    ids = concepts("identity")
+    cs, names, listed = concept_set(3, "listed")
+    assert names == ids[:3] and listed == ids[3:][::2] and [c.name for c in cs.preserve_concepts] == listed
+    assert concept_set(3, "names")[2] == [] and not concept_set(3, "names")[0].preserve_concepts
+    with pytest.raises(ValueError, match="identities"):
+        concept_set(len(ids) + 1, "names")
+    report = {"concepts": [
+        {"name": ids[0], "kind": "identity", "role": "erased", "acc": {"direct": 0.0}},
+        {"name": listed[0], "kind": "identity", "role": "retained", "acc": {"direct": 100.0}},
+        {"name": ids[4], "kind": "identity", "role": "retained", "acc": {"direct": 40.0}},
+        {"name": "star", "kind": "object", "role": "retained", "acc": {"direct": 80.0}},
+    ]}
+    split = split_retained(report, listed)
+    assert split["identities_listed"] == 100.0 and split["identities_never_listed"] == 40.0
+    assert split["object"] == 80.0 and split["style"] is None
