@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 from engine import prior
 from engine.concepts import TOKEN_MODES, ConceptSet
 from engine.export import read_safetensors
-from engine.models import encode_prompts, text_encoder_fingerprint, tokenize_prompts
+from engine.models import PromptTooLongError, encode_prompts, text_encoder_fingerprint, tokenize_prompts
 from engine.progress import progress_bar
 from engine.tokenizer import MAX_LENGTH
 from engine.kernels import transform_each, weighted_gram
@@ -421,12 +421,18 @@ def _preserved_prompts(pipe, concepts: ConceptSet, config: ClosedFormConfig):
     tokenizer = pipe.tokenizer
     eot_id = tokenizer.eos_token_id
     neighbours = prior.name_neighbours(pipe, concepts, config.neighbours) if config.neighbours else {}
+    file_kept = len(concepts.preserve_concepts)
     kept_concepts = list(concepts.preserve_concepts) + prior.neighbour_concepts(neighbours, concepts)
     prompts = []
-    for concept in kept_concepts:
+    for i, concept in enumerate(kept_concepts):
         for template in concept.templates:
             text = template.format(concept.name)
-            (ids,) = _tokenize(tokenizer, [text])
+            try:
+                (ids,) = _tokenize(tokenizer, [text])
+            except PromptTooLongError:
+                if i < file_kept:
+                    raise
+                continue  # a neighbour is optional: one whose prompt is too long is left out
             where = f"preserved concept {concept.name!r}, template {template!r}"
             prompts.append((text, ids, token_positions(config.tokens, tokenizer, template, concept.name, ids, eot_id, where)))
     captions = list(concepts.preserve_captions)
@@ -448,6 +454,8 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
     tokenizer = pipe.tokenizer
     eot_id = tokenizer.eos_token_id
     plan = _RowPlan()
+    for concept in concepts.concepts:  # the concepts' own prompts first: their errors name the entry
+        _tokenize(tokenizer, [text for pair in concept.prompt_pairs() for text in pair[1:]])
     prompts, captions, generic, preserved = _preserved_prompts(pipe, concepts, config)
     shared = set()
     if config.skip_shared_rows:
