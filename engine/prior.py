@@ -2,7 +2,7 @@
 
 A closed-form edit changes K/V along every direction its erased rows span. CLIP embeddings
 share large common components (the start token, template words, the end-of-text), so an edit
-with nothing to preserve moves every prompt, not only the erased ones. Three sources of
+with nothing to preserve moves every prompt, not only the erased ones. Four sources of
 preservation rows need no input from the user:
 
 * the empty prompt, every one of its 77 positions: the unconditional branch of classifier-free
@@ -15,8 +15,9 @@ preservation rows need no input from the user:
 * the neighbours of each erased multi-word name (``name_neighbours``): the name with one word
   replaced by the same word of another erased name, or by one of its nearest whole-word tokens
   in the text encoder's token-embedding table (e.g. another first name). They share a word with
-  the erased name, which is where a name-level edit does collateral damage. Single-word concepts get none: their nearest words
-  are often synonyms (skull -> skeleton), which an erasure should not keep.
+  the erased name, which is where a name-level edit does collateral damage. Single-word
+  concepts get none: their nearest words are often synonyms (skull -> skeleton), which an
+  erasure should not keep.
 
 ``shared_prefixes``: CLIP's text encoders are causal, so the row at position p of a prompt
 depends only on its tokens 0..p. An edit row whose token prefix is also a preserved prompt's
