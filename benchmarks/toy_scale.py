@@ -91,7 +91,8 @@ def print_table(results: list[dict]) -> None:
         print(f"| {r['method']} | {r.get('tag', '')} | {r['count']} | {r['variant']} | {pct(r['erased_acc'])} / "
               f"{pct(r['erased_acc_other_templates'])} | {pct(k['identities_never_listed'])} / "
               f"{pct(k['identities_listed'])} / {pct(k['object'])} / {pct(k['style'])} / {pct(r['retained_acc'])} | "
-              f"{pct(r['H'])} | {r['kid']:.2f} | {r['preserve_weight']:.3g} | {r['erase_seconds']:.1f} |")
+              f"{pct(r['H'])} | {r['kid']:.2f} | {'-' if r['preserve_weight'] is None else format(r['preserve_weight'], '.3g')} | "
+              f"{r['erase_seconds']:.1f} |")
 
 
 def main(argv=None):
