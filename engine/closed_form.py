@@ -79,7 +79,7 @@ class ClosedFormConfig:
     gram_dtype: str = "float64"  # Gram accumulation: float64 (the solve amplifies rounding) | float32
     cache_dir: str | None = None  # caption Gram cache; None: $ERASURE_CACHE or ~/.cache/erasure-engine
     prior: str = "none"  # none | generic: also keep the empty prompt, generic captions, frequent words (engine/prior.py)
-    neighbours: int = 0  # per word of a multi-word name: nearest-vocabulary substitutes to preserve
+    neighbours: int = 0  # per word position of a multi-word name: neighbour names to preserve (prior.name_neighbours)
     skip_shared_rows: bool = False  # skip edit rows whose token prefix a preserved prompt shares
     progress: bool = True
 
@@ -382,14 +382,21 @@ def target_positions(mode: str, tokenizer, template: str, anchor: str, src_pos: 
     return src_pos
 
 
-def _edit_rows(plan: _RowPlan, tokenizer, concepts: ConceptSet, config: ClosedFormConfig, shared: set):
+def _pair_ids(tokenizer, concept) -> list[list[int]]:
+    """Token ids of a concept's source prompts, then of its target prompts (template order)."""
+    pairs = concept.prompt_pairs()
+    return _tokenize(tokenizer, [s for _, s, _ in pairs] + [t for _, _, t in pairs])
+
+
+def _edit_rows(plan: _RowPlan, tokenizer, concepts: ConceptSet, config: ClosedFormConfig, shared: set,
+               pair_ids: list[list[list[int]]]):
     """(source rows, target rows, weights, owners, rows skipped per concept) of every concept's
-    prompt pairs; a row whose token prefix is in ``shared`` (a preserved prompt's) is skipped."""
+    prompt pairs (``pair_ids``: ``_pair_ids`` of each); a row whose token prefix is in ``shared``
+    (a preserved prompt's) is skipped."""
     eot_id = tokenizer.eos_token_id
     src_rows, tgt_rows, weights, owner, skipped = [], [], [], [], {}
-    for ci, concept in enumerate(concepts.concepts):
+    for ci, (concept, ids_all) in enumerate(zip(concepts.concepts, pair_ids)):
         pairs = concept.prompt_pairs()
-        ids_all = _tokenize(tokenizer, [s for _, s, _ in pairs] + [t for _, _, t in pairs])
         kept = 0
         for k, (template, src, tgt) in enumerate(pairs):
             ids_s, ids_t = ids_all[k], ids_all[len(pairs) + k]
@@ -454,16 +461,16 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
     tokenizer = pipe.tokenizer
     eot_id = tokenizer.eos_token_id
     plan = _RowPlan()
-    for concept in concepts.concepts:  # the concepts' own prompts first: their errors name the entry
-        _tokenize(tokenizer, [text for pair in concept.prompt_pairs() for text in pair[1:]])
+    # The concepts' own prompts first: a prompt too long is reported with its entry, not a neighbour's.
+    pair_ids = [_pair_ids(tokenizer, concept) for concept in concepts.concepts]
     prompts, captions, generic, preserved = _preserved_prompts(pipe, concepts, config)
     shared = set()
     if config.skip_shared_rows:
         # Every position of a preserved prompt through its end-of-text is a row the model reads for
         # it, whether or not that row enters the preservation sums.
-        texts = [text for text, _, _ in prompts] + captions + generic
-        shared = prior.shared_prefixes([(ids, range(ids.index(eot_id) + 1)) for ids in _tokenize(tokenizer, texts)])
-    src_rows, tgt_rows, weights, owner, skipped = _edit_rows(plan, tokenizer, concepts, config, shared)
+        kept_ids = [ids for _, ids, _ in prompts] + _tokenize(tokenizer, captions + generic)
+        shared = prior.shared_prefixes([(ids, range(ids.index(eot_id) + 1)) for ids in kept_ids])
+    src_rows, tgt_rows, weights, owner, skipped = _edit_rows(plan, tokenizer, concepts, config, shared, pair_ids)
     n_edit = len(src_rows)
     if n_edit == 0:
         raise ValueError(f"{concepts.source}: no concepts to edit")
@@ -544,18 +551,29 @@ def apply_transform(kv: list[tuple[str, torch.nn.Linear]], T: torch.Tensor, back
     return changed
 
 
+def concept_norms(rows: EditRows, Re: torch.Tensor, moved: torch.Tensor):
+    """Per concept, sums over its edit rows and every layer of ||W (T e - e')||^2 (after),
+    ||W (e - e')||^2 (before) and ||W e'||^2 (reference), on the CPU. Re: R e for every encoded row;
+    moved: R (T - I) e for the edit rows' sources (R from ``gram_root``)."""
+    dev = rows.table.device
+    src, tgt = rows.src_index[: rows.n_edit], rows.tgt_index[: rows.n_edit]
+    owner = rows.owner[: rows.n_edit].to(dev)
+    n = int(owner.max()) + 1  # every concept keeps at least one row
+
+    def per_concept(x):  # (n_edit, D) -> (n,) sums of squared norms
+        return torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, x.square().sum(1)).cpu()
+
+    before = Re[src] - Re[tgt]
+    return per_concept(before + moved), per_concept(before), per_concept(Re[tgt])
+
+
 def edit_residuals(rows: EditRows, T: torch.Tensor, Re: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Per concept, ||W (T e - e')|| / ||W (e - e')|| over its rows and every layer: the share of the
     way from the concept to its anchor that the edit leaves (0: all the way, 1: unmoved)."""
-    dev = rows.table.device
-    src, tgt = rows.src_index[: rows.n_edit], rows.tgt_index[: rows.n_edit]
     M = T.double().cpu() - torch.eye(T.shape[0], dtype=torch.float64)
-    before = Re[src] - Re[tgt]
-    after = before + rows.table.double()[src] @ (R @ M).T.to(dev)
-    owner = rows.owner[: rows.n_edit].to(dev)
-    n = int(owner.max()) + 1
-    per = lambda x: torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, x.square().sum(1))  # noqa: E731
-    return (per(after) / per(before).clamp_min(1e-300)).sqrt().cpu()
+    moved = rows.table.double()[rows.src_index[: rows.n_edit]] @ (R @ M).T.to(rows.table.device)
+    after, before, _ = concept_norms(rows, Re, moved)
+    return (after / before.clamp_min(1e-300)).sqrt()
 
 
 def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig) -> tuple[float, dict]:
@@ -677,19 +695,11 @@ def fit_report(rows: EditRows, T: torch.Tensor, G: torch.Tensor, concepts: Conce
     Re = table @ R.T.to(dev)  # (n_rows, D): R e for every encoded row
     RM = R @ M
     RMe = table @ RM.T.to(dev)  # (n_rows, D): R (T - I) e
-    src, tgt = rows.src_index, rows.tgt_index
+    src = rows.src_index
     # Edit rows: before = R (e - e'), after = R (T e - e') = before + R (T - I) e, reference = R e'.
-    edit_src, edit_tgt = src[: rows.n_edit], tgt[: rows.n_edit]
-    before = Re[edit_src] - Re[edit_tgt]
-    after = before + RMe[edit_src]
-    owner = rows.owner[: rows.n_edit].to(dev)
-    n = len(concepts.concepts)
-
-    def per_concept(x):  # (n_edit, D) -> (n,) sums of squared norms
-        return torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, owner, x.square().sum(1)).cpu()
-
-    ref = per_concept(Re[edit_tgt]).clamp_min(1e-300)
-    after_rel, before_rel = (per_concept(after) / ref).sqrt(), (per_concept(before) / ref).sqrt()
+    after, before, ref = concept_norms(rows, Re, RMe[src[: rows.n_edit]])
+    ref = ref.clamp_min(1e-300)
+    after_rel, before_rel = (after / ref).sqrt(), (before / ref).sqrt()
     names = [c.name for c in concepts.concepts]
     residual = dict(zip(names, after_rel.tolist()))
     before_d = dict(zip(names, before_rel.tolist()))
