@@ -66,6 +66,7 @@ class Result:
         save_pipeline: bool = True,
         overwrite: bool = False,
         link_unchanged: bool = True,
+        staged=None,
     ) -> Path:
         """Write the pipeline, delta.safetensors, optional LoRA and manifest.json atomically.
 
@@ -73,8 +74,9 @@ class Result:
         UNet, the one component an erasure changes, is written; every other file is hard-linked
         from that folder (copied where a link cannot be made): the files are shared, so a tool
         that rewrote one in place would change the source too. ``link_unchanged=False`` writes
-        the whole pipeline. In a distributed run only rank 0 writes (every rank holds the same
-        result)."""
+        the whole pipeline. ``staged`` (``engine.staged_unet.staged_unet``, started before the
+        edit) supplies a copy of the source UNet file to patch instead of writing the UNet again.
+        In a distributed run only rank 0 writes (every rank holds the same result)."""
         from engine.distributed import is_main
 
         if not is_main():
@@ -93,22 +95,33 @@ class Result:
                 save_file(state, str(tmp / LORA_DIR / LORA_NAME))
                 manifest["lora"] = info
             if save_pipeline:
-                manifest["pipeline_files"] = self._save_pipeline(tmp, link_unchanged)
+                manifest["pipeline_files"] = self._save_pipeline(tmp, link_unchanged, staged)
             manifest["timings"] = dict(manifest.get("timings", {}), save=time.perf_counter() - start)
+            start = time.perf_counter()
             manifest["outputs"] = sha256_tree(tmp, "sha256 outputs", progress=manifest["config"].get("progress", True))
+            manifest["timings"]["hash_outputs"] = time.perf_counter() - start
             write_json(tmp / MANIFEST_NAME, manifest)
         self.manifest = manifest
         return Path(out_dir)
 
-    def _save_pipeline(self, out: Path, link_unchanged: bool) -> dict:
-        """The pipeline into ``out``: the UNet written and the rest linked from the source folder
-        where there is one (``save``), else every component written. Returns what was done."""
+    def _save_pipeline(self, out: Path, link_unchanged: bool, staged) -> dict:
+        """The pipeline into ``out``: the UNet written (or its staged copy patched) and the rest
+        linked from the source folder where there is one (``save``), else every component
+        written. Returns what was done."""
         source = shareable_source(self.manifest.get("inputs", {}).get("model")) if link_unchanged else None
         if source is None:
             self.pipeline.save_pretrained(out, safe_serialization=True)
             return {"written": "all"}
-        self.pipeline.unet.save_pretrained(out / "unet", safe_serialization=True)
-        return {"written": ["unet"], "source": str(source), **link_tree(source, out, skip={"unet"})}
+        done = {"written": ["unet"], "source": str(source)}
+        not_patched = "no staged copy"
+        if staged is not None and staged.source.parent == source / "unet":
+            not_patched = staged.finish(self.pipeline.unet, self.delta, out / "unet")
+        if not_patched is None:
+            done["unet"] = f"the source's {staged.source.name} with the {len(self.delta)} changed tensors rewritten"
+        else:
+            self.pipeline.unet.save_pretrained(out / "unet", safe_serialization=True)
+            done["unet"] = f"written in full ({not_patched})"
+        return {**done, **link_tree(source, out, skip={"unet"})}
 
 
 def _resolve_model(model, *, model_config=None, allow_pickle=False):
@@ -274,11 +287,13 @@ def erase(
     manifest = _manifest_head(method, cfg, concept_set, pipe, preset)
     touched = chosen.touched(pipe.unet, cfg)
     original = {k: p.detach().clone() for k, p in pipe.unet.named_parameters() if k in touched}
+    start = time.perf_counter()
     manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, chosen.fingerprint_key)
+    hash_seconds = time.perf_counter() - start
     with _naming_prompts(concept_set):
         outcome = chosen.run(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
                              model_fingerprint=_model_fingerprint(pipe, manifest["inputs"]))
-    manifest.update(outcome.manifest, timings={"load": load_seconds, **outcome.timings})
+    manifest.update(outcome.manifest, timings={"load": load_seconds, "hash_inputs": hash_seconds, **outcome.timings})
     return Result(pipeline=pipe, delta=outcome.changed, original=original, manifest=manifest, edit=outcome.edit)
 
 

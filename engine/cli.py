@@ -79,8 +79,8 @@ def cmd_erase(args) -> int:
 
 
 def _erase(args, config) -> int:
-    from engine.api import erase
     from engine.methods import available_methods, get_method
+    from engine.staged_unet import staged_unet
 
     trains = get_method(args.method).trains
     if args.distributed:
@@ -88,6 +88,16 @@ def _erase(args, config) -> int:
             training = ", ".join(name for name, m in available_methods().items() if m.trains)
             raise SystemExit(f"--distributed trains a fine-tuning method ({training}), not {args.method}")
         config.update(distributed=args.distributed, zero_stage=args.zero_stage)
+    # The saved pipeline's UNet is copied from the model folder while the edit runs (I/O beside
+    # the text encoder's compute); a distributed run writes from rank 0 only, so it does not stage.
+    wants_stage = not (args.no_pipeline or args.copy_pipeline or args.distributed)
+    with staged_unet(args.model if wants_stage else None, args.out) as staged:
+        return _erase_and_save(args, config, trains, staged)
+
+
+def _erase_and_save(args, config, trains: bool, staged) -> int:
+    from engine.api import erase
+
     result = erase(
         args.model,
         args.concepts,
@@ -101,7 +111,7 @@ def _erase(args, config) -> int:
         **({"checkpoint_dir": _checkpoint_dir(args), "resume": args.resume} if trains else {}),
     )
     out = result.save(args.out, export_lora=args.export_lora, lora_rank=args.lora_rank, save_pipeline=not args.no_pipeline,
-                      overwrite=args.overwrite, link_unchanged=not args.copy_pipeline)
+                      overwrite=args.overwrite, link_unchanged=not args.copy_pipeline, staged=staged)
     if args.distributed:
         from engine import distributed
 
@@ -243,8 +253,8 @@ def _add_erase_parser(sub) -> None:
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default: exact rank of the edit)")
     p.add_argument("--no-pipeline", action="store_true", help="write only the delta, LoRA and manifest")
     p.add_argument("--copy-pipeline", action="store_true",
-                   help="write every pipeline file (default from a diffusers folder: the UNet written, the other "
-                        "files hard-linked from --model)")
+                   help="write every pipeline file (default from a diffusers folder: the UNet file copied from "
+                        "--model while the edit runs and its changed tensors rewritten, the other files hard-linked)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_erase)
 

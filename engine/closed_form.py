@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 
 from engine import prior
 from engine.concepts import TOKEN_MODES, ConceptSet
-from engine.export import read_safetensors
+from engine.export import cache_root, read_safetensors
 from engine.models import PromptTooLongError, encode_prompts, text_encoder_fingerprint, tokenize_prompts
 from engine.progress import progress_bar
 from engine.tokenizer import MAX_LENGTH
@@ -251,9 +251,7 @@ def aligned_targets(src_pos: list[int], src_eot: int, tgt_eot: int, tgt_lo: int)
 
 
 def _cache_dir(config: ClosedFormConfig) -> Path:
-    if config.cache_dir:
-        return Path(config.cache_dir)
-    return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure-engine"))
+    return Path(config.cache_dir) if config.cache_dir else cache_root()
 
 
 def caption_gram(pipe, captions: list[str], config: ClosedFormConfig, padding: bool = False) -> tuple[torch.Tensor, int]:

@@ -60,13 +60,65 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22, bar=None) -> str:
     return digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """Where the engine keeps caches that only save time: $ERASURE_CACHE or ~/.cache/erasure-engine."""
+    return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure-engine"))
+
+
+# Weight files are hashed for the manifest on every run (4 GB for SD1.5: seconds). Their hashes
+# are remembered under the file's identity (device, inode, size, modification time in ns): a
+# rewrite or an edit in place changes the time, a hard link (an output sharing the model's
+# files) keeps it. Small files are hashed every time.
+HASH_CACHE_NAME = "file-sha256.json"
+HASH_CACHE_MIN_BYTES = 1 << 24
+HASH_CACHE_ENTRIES = 10_000
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_hash_cache(path: Path) -> dict[str, str]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in cache.items() if isinstance(v, str)} if isinstance(cache, dict) else {}
+
+
+def _write_hash_cache(path: Path, cache: dict[str, str]) -> None:
+    try:  # a cache only saves time: an unwritable one is left alone
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps(dict(list(cache.items())[-HASH_CACHE_ENTRIES:])))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def sha256_tree(root: str | os.PathLike, desc: str = "sha256", progress: bool = True) -> dict[str, str]:
-    """sha256 of every file under `root`, keyed by its relative path (a progress bar past 256 MB)."""
+    """sha256 of every file under `root`, keyed by its relative path (a progress bar past 256 MB);
+    the hashes of large files are remembered across runs (see HASH_CACHE_NAME)."""
     root = Path(root)
     files = [p for p in sorted(root.rglob("*")) if p.is_file()]
-    total = sum(p.stat().st_size for p in files)
+    cache_file = cache_root() / HASH_CACHE_NAME
+    cache = _read_hash_cache(cache_file)
+    identity = {p: _file_identity(p) for p in files if p.stat().st_size >= HASH_CACHE_MIN_BYTES}
+    total = sum(p.stat().st_size for p in files if identity.get(p) not in cache)
+    hashes, added = {}, False
     with progress_bar(total=total, unit="B", unit_scale=True, desc=desc, progress=progress and total >= 1 << 28) as bar:
-        return {str(p.relative_to(root)): sha256_file(p, bar=bar) for p in files}
+        for p in files:
+            key = identity.get(p)
+            if key is not None and key in cache:
+                hashes[str(p.relative_to(root))] = cache[key]
+                continue
+            hashes[str(p.relative_to(root))] = digest = sha256_file(p, bar=bar)
+            if key is not None:
+                cache[key], added = digest, True
+    if added:
+        _write_hash_cache(cache_file, cache)
+    return hashes
 
 
 def package_versions() -> dict[str, str]:
@@ -89,18 +141,21 @@ def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The keys of the tensors holding a NaN or an inf. One float64 sum per tensor (NaN and inf
-    propagate through it, and float64 cannot overflow on float32 or narrower values), stacked
-    per device so that a GPU is synchronised once: no per-element mask is allocated."""
+    """The keys of the tensors holding a NaN or an inf. One sum per tensor, in float32 at least
+    (NaN and inf propagate through it; a float64 sum of float32 values costs 100 times more on a
+    CPU), stacked per device so that a GPU is synchronised once; a tensor whose sum is not finite
+    is then checked element-wise, so a sum that overflowed on huge finite values is not taken for
+    an inf."""
     by_device: dict[torch.device, list[str]] = {}
     for key, t in tensors.items():
         if t.is_floating_point() and t.numel():
             by_device.setdefault(t.device, []).append(key)
     bad = []
     for keys in by_device.values():
-        sums = torch.stack([tensors[k].detach().sum(dtype=torch.float64) for k in keys])
+        sums = torch.stack([tensors[k].detach().sum(dtype=torch.promote_types(tensors[k].dtype, torch.float32))
+                            .double() for k in keys])
         finite = torch.isfinite(sums).cpu().tolist()
-        bad += [k for k, ok in zip(keys, finite) if not ok]
+        bad += [k for k, ok in zip(keys, finite) if not ok and not bool(torch.isfinite(tensors[k]).all())]
     return bad
 
 
@@ -357,6 +412,13 @@ def reserve_output(out_dir: str | os.PathLike, overwrite: bool = False):
         yield
 
 
+def temporary_sibling(out_dir: str | os.PathLike) -> Path:
+    """A new name for a temporary folder of the output ``out_dir``, beside it (one file system, so
+    it can be renamed into place) and named so that a later run removes it if this process dies."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder that becomes `out_dir` only if the block finishes. The path is
@@ -365,7 +427,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     with output_lock(out):
         _check_target(out, overwrite)
         # mkdir (not mkdtemp, which makes it 0700): the output's mode follows the umask.
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = temporary_sibling(out)
         tmp.mkdir()
         try:
             yield tmp
