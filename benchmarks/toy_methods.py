@@ -117,7 +117,8 @@ def erase_and_evaluate(method: str, scen: str, concept_set, names: list[str], se
             "erased_acc": report["erased_acc"], "erased_acc_other_templates": report["erased_acc_other_templates"],
             "erased_acc_indirect": report["erased_acc_indirect"], "retained_acc": report["retained_acc"],
             "original": report["original_acc"], "H": report["H"], "kid": report["quality"]["kid"],
-            "eval_seconds": report["timing"]["total_seconds"], "git_sha": sha}
+            "eval_seconds": report["timing"]["total_seconds"], "training": result.manifest.get("training"),
+            "git_sha": sha}
 
 
 def print_table(results: list[dict]) -> None:
