@@ -386,10 +386,18 @@ def test_default_retained_set_and_the_grid(edited_dir, world_dir, tmp_path, monk
                           progress=False, evaluator=StubEvaluator({}))
     assert [r["name"] for r in report["concepts"] if r["role"] == "retained"] == [n for n, _ in retained]
     out = tmp_path / "r" / "report.json"
-    report_dir = write_report(report, out, [("erased: x", np.zeros((2, 32, 32, 3), np.uint8), np.full((2, 32, 32, 3), 255, np.uint8))])
+    report_dir = write_report(report, out, [("erased: x", np.zeros((2, 32, 32, 3), np.uint8),
+                                             np.full((2, 32, 32, 3), 255, np.uint8), ["dagger", "nothing known"])])
     grid = np.asarray(Image.open(report_dir["grid"]))
-    assert grid.shape == (32 * 4, 5 * 32 * 4, 3)  # one row: 2 original, a blank, 2 edited; scale 4
-    assert grid[:, -1].min() == 255 and grid[:, 0].max() == 0
+    # Headings, then the row's label, its 2 original and (after a half-cell gap) 2 edited images at
+    # scale 4, each edited image captioned (image_grid.save_labelled_grid's layout: 6 px margins,
+    # 20 px text lines).
+    cell, top, right = 32 * 4, 6 + 20 + 20, 6 + 2 * 128 + 64
+    assert grid.shape == (top + cell + 20 + 6, 2 * 6 + 4 * cell + 64, 3)
+    assert grid[top:top + cell, 6:6 + 2 * cell].max() == 0 and grid[top:top + cell, right:right + 2 * cell].min() == 255
+    for band in (grid[6:26], grid[26:46, :right], grid[top + cell:, right:]):  # headings, label, captions
+        assert band.max() > 200  # text drawn in light grey on the dark background
+    assert "seen_as" in report["concepts"][0] and "seen as" in (out.parent / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

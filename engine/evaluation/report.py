@@ -64,10 +64,8 @@ import os
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 from engine.export import write_json
-from engine.image_grid import save_grid
+from engine.image_grid import save_labelled_grid
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = (
@@ -183,42 +181,26 @@ def render_markdown(report: dict, grid_labels: list[str] | None = None) -> str:
         "",
         "## Per concept",
         "",
-        "| concept | kind | role | group | images | direct | held-out templates | indirect | original: direct |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concept | kind | role | group | images | direct | held-out templates | indirect | original: direct "
+        "| seen as (edited model) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["concepts"]:
         acc, acc0 = row["acc"], row.get("acc_original") or {}
+        seen = ", ".join(f"{_cell(what)} {share:.0f}%" for what, share in (row.get("seen_as") or {}).items())
         lines.append(
             f"| {_cell(row['name'])} | {row['kind']} | {row['role']} | {row['group'] or ''} | {row['n_images']} "
             f"| {_pct(acc.get('direct'))} | {_pct(acc.get('other_templates'))} | {_pct(acc.get('indirect'))} "
-            f"| {_pct(acc0.get('direct'))} |"
+            f"| {_pct(acc0.get('direct'))} | {seen} |"
         )
     if grid_labels:
-        lines += ["", "## Samples", "", f"![original (left) vs edited (right)]({GRID_NAME})", ""]
+        lines += ["", "## Samples", "", f"![original (left) vs edited (right), with what the evaluator saw in each "
+                  f"edited image]({GRID_NAME})", ""]
         lines += [f"{i + 1}. {_cell(label)}" for i, label in enumerate(grid_labels)]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- grid
-
-
-def grid_array(grid_images) -> tuple[np.ndarray, int]:
-    """Stack (label, original N x H x W x 3, edited N x H x W x 3) rows into save_grid's input:
-    each row its original images, one blank cell, its edited images. Returns (images, cols)."""
-    rows = [(np.asarray(a, np.uint8), np.asarray(b, np.uint8)) for _, a, b in grid_images]
-    if not rows:
-        raise ValueError("grid_images is empty")
-    per = max(max(len(a), len(b)) for a, b in rows)
-    h, w = rows[0][0].shape[1:3]
-    blank = np.zeros((1, h, w, 3), np.uint8)
-    cells = []
-    for a, b in rows:
-        for part in (a, b):
-            if part.shape[1:] != (h, w, 3):
-                raise ValueError(f"grid images must all be {h} x {w} x 3, got {part.shape[1:]}")
-        pad = lambda x: np.concatenate([x, np.zeros((per - len(x), h, w, 3), np.uint8)])  # noqa: E731
-        cells += [pad(a), blank, pad(b)]
-    return np.concatenate(cells), 2 * per + 1
 
 
 # --------------------------------------------------------------------------- writing
@@ -231,7 +213,8 @@ def _temp_beside(path: Path) -> Path:
 
 def write_report(report: dict, out_path: str | os.PathLike, grid_images=None) -> dict[str, Path]:
     """Write the report's JSON at ``out_path``, ``report.md`` beside it and, when ``grid_images``
-    (a list of (label, original images, edited images)) is given, ``grid.png``.
+    (a list of (label, original images, edited images[, captions of the edited images])) is
+    given, ``grid.png``: a labelled before/after sheet.
 
     Validates the report first; every file is written under a temporary name and renamed into
     place only once all are complete. Returns {"json": path, "markdown": path[, "grid": path]}.
@@ -249,11 +232,12 @@ def write_report(report: dict, out_path: str | os.PathLike, grid_images=None) ->
         for key, path in targets.items():
             temps[key] = _temp_beside(path)
         write_json(temps["json"], report)
-        labels = [label for label, _, _ in grid_images] if grid_images else None
+        labels = [sample[0] for sample in grid_images] if grid_images else None
         temps["markdown"].write_text(render_markdown(report, labels))
         if grid_images:
-            images, cols = grid_array(grid_images)
-            save_grid(images, temps["grid"], cols=cols, scale=GRID_SCALE)
+            captions = [sample[3] for sample in grid_images] if all(len(s) > 3 for s in grid_images) else None
+            save_labelled_grid([sample[:3] for sample in grid_images], temps["grid"], headings=("original model",
+                               "edited model"), scale=GRID_SCALE, captions=captions)
         for key, path in targets.items():
             os.replace(temps.pop(key), path)
     finally:

@@ -43,6 +43,7 @@ from engine.evaluation.generation import Job, generate_images
 from engine.evaluation.metrics import KID_SUBSET_SIZE, KID_SUBSETS, harmonic_h, kid, percent
 from engine.evaluation.report import SCHEMA_VERSION
 from engine.toyworld import catalogue as cat
+from engine.toyworld.evaluator import NONE
 from engine.toyworld.render import SIZE, sample_scene
 
 ERASABLE_KINDS = ("identity", "object", "style", "unsafe")
@@ -370,9 +371,35 @@ def sampling_defaults(world_root: Path | None) -> tuple[int, float]:
     return steps, guidance
 
 
-def _grid_samples(jobs, original_images, edited_images) -> list[tuple[str, np.ndarray, np.ndarray]]:
+# The evaluator heads that name what an image shows (the others: its colour, background, style).
+SUBJECT_KINDS = ("identity", "object", "unsafe")
+
+
+def seen_as(predictions: dict[str, list[str]], i: int) -> str:
+    """What the evaluator recognised in image ``i``: the subject heads' classes other than none."""
+    parts = [predictions[k][i] for k in SUBJECT_KINDS if k in predictions and predictions[k][i] != NONE]
+    return " + ".join(parts) or "nothing known"
+
+
+def add_seen_as(rows: list[dict], jobs: list[Job], predictions: dict[str, list[str]], top: int = 3) -> None:
+    """Each concept row gets ``seen_as``: the ``top`` most frequent of what the evaluator recognised
+    in its images ({what: % of the concept's images}): an erased identity may have become the
+    anchor's kind, another identity, an object, or an unsafe stand-in."""
+    seen: dict[str, dict[str, int]] = {}
+    for i, job in enumerate(jobs):
+        counts = seen.setdefault(job.concept, {})
+        what = seen_as(predictions, i)
+        counts[what] = counts.get(what, 0) + 1
+    for row in rows:
+        counts = seen.get(row["name"], {})
+        total = sum(counts.values()) or 1
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        row["seen_as"] = {what: 100.0 * n / total for what, n in ranked}
+
+
+def _grid_samples(jobs, original_images, edited_images, predictions) -> list[tuple]:
     """A few prompts' images from both models: the first prompt of some erased and some
-    retained concepts."""
+    retained concepts, with what the evaluator recognised in each edited image."""
     firsts: dict[str, tuple[str, list[int]]] = {}
     for i, job in enumerate(jobs):
         entry = firsts.setdefault(job.concept, (job.prompt, []))
@@ -382,7 +409,8 @@ def _grid_samples(jobs, original_images, edited_images) -> list[tuple[str, np.nd
     for role, count in zip(("erased", "retained"), GRID_PROMPTS):
         names = [n for n in firsts if jobs[firsts[n][1][0]].role == role][:count]
         picked += [(f"{role}: {firsts[n][0]}", firsts[n][1]) for n in names]
-    return [(label, original_images[idx], edited_images[idx]) for label, idx in picked]
+    return [(label, original_images[idx], edited_images[idx], [seen_as(predictions, i) for i in idx])
+            for label, idx in picked]
 
 
 def _concept_sets(s: ToySettings) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -512,7 +540,9 @@ def toy_suite(s: ToySettings, return_samples: bool = False):
     edited_images, original_images, n_models, generation_seconds = _generate_both(models, jobs, steps, guidance, s)
 
     erased_kinds = {k for _, k in erased}
-    rows = concept_rows(jobs, predict(models.evaluator, edited_images), erased_kinds)
+    predictions = predict(models.evaluator, edited_images)
+    rows = concept_rows(jobs, predictions, erased_kinds)
+    add_seen_as(rows, jobs, predictions)
     rows_original = concept_rows(jobs, predict(models.evaluator, original_images), erased_kinds)
     listed = listed_names(s)
     for row, row0 in zip(rows, rows_original):
@@ -539,7 +569,7 @@ def toy_suite(s: ToySettings, return_samples: bool = False):
     }
     report = _report(s, models, world_root, erased, rows, rows_original, quality, timing, settings)
     if return_samples:
-        return report, _grid_samples(jobs, original_images, edited_images)
+        return report, _grid_samples(jobs, original_images, edited_images, predictions)
     return report
 
 
