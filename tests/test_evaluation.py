@@ -461,3 +461,12 @@ def test_retained_concepts_are_split_by_whether_the_edit_listed_them(tmp_path):
             {"role": "retained", "group": "other", "listed": False, "acc": {"direct": 70.0}}]
     summary = summarise(rows)
     assert summary["retained_acc_listed"] == 100.0 and summary["retained_acc_never_listed"] == 60.0
+
+
+def test_demo_says_what_the_erased_images_became():
+    from engine.demo import _seen_as_summary
+
+    rows = [{"role": "erased", "n_images": 10, "seen_as": {"dagger": 50.0, "nothing known": 30.0, "Mira Solen": 10.0}},
+            {"role": "erased", "n_images": 10, "seen_as": {"nothing known": 100.0}},
+            {"role": "retained", "n_images": 5, "seen_as": {"sepia": 100.0}}]
+    assert _seen_as_summary(rows) == "nothing known 65%, dagger 25%, Mira Solen 5%, other 5%"
