@@ -247,11 +247,19 @@ def test_run_changes_only_kv_finite_and_deterministic(tiny_sd_dir):
 
 
 def test_a_zero_mask_trains_nothing_and_fusion_keeps_the_refinement(tiny_sd_dir):
+    """No pixel in the mask: zero loss, the adapters stay zero, and a fusion without preservation
+    returns the refined weights."""
     p = load_pipeline(tiny_sd_dir)
-    cfg = mace.MACEConfig(**FAST, lamb=0.1)
+    W0 = {k: m.weight.detach().double().clone() for k, m in cross_attention_kv(p.unet)}
+    cfg = mace.MACEConfig(**FAST, lamb=0.1, fuse_preserve_scale=0.0)
     out = mace.mace_edit(p, _concepts(), cfg, mask_provider=lambda concept, latents: torch.zeros(len(latents), 16, 16))
     assert out.manifest["mace"]["lora"]["Arlen Corrance"]["final_loss"] == 0.0
     assert out.manifest["mace"]["mask"] == "mask provider"
+    S, C, _, _ = mace.concept_rows(p, _concepts(), cfg)
+    P, _ = mace.preservation_gram(p, _concepts(), cfg)
+    T, _, _ = mace.cfr_transform(S, C, P, cfg.train_preserve_scale ** 2, cfg.lamb, cfg.max_condition)
+    for key, W in W0.items():
+        torch.testing.assert_close(out.changed[key].double(), W @ T, rtol=1e-5, atol=1e-6)
 
 
 def test_settings_are_validated_and_tokens_modes_refused(pipe):
@@ -260,6 +268,11 @@ def test_settings_are_validated_and_tokens_modes_refused(pipe):
     with pytest.raises(ValueError, match="unknown config field"):
         mace.MACEConfig().replace(iterations=3)
     assert mace.MACEConfig().to_dict()["preserve_weight"] == 8e3
+    method = get_method("mace")
+    assert method.preset("celebrity-100") == {"preserve_weight": 2e5}
+    for name in method.presets:
+        cfg = method.defaults.replace(**method.preset(name))
+        assert all(getattr(cfg, k) == v for k, v in method.preset(name).items())
     bad = ConceptSet(concepts=[Concept("Arlen", "a person", tokens="last")])
     with pytest.raises(ValueError, match="field 'tokens'"):
         mace.concept_rows(pipe, bad, mace.MACEConfig(**FAST))

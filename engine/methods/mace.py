@@ -268,4 +268,12 @@ MACE = MACEMethod(
     name="mace", defaults=MACEConfig(),
     summary="MACE: closed-form refinement, one attention-suppressing LoRA per concept, closed-form fusion "
             "(Lu et al., CVPR 2024)",
+    # The official configs/ (the defaults are celebrity/erase_cele_1.yaml). Objects: lamb 10 (bird) to 1e3
+    # (ship) without preservation caches; 1e2 (automobile) here.
+    presets={"celebrity-5": {"preserve_weight": 5e4}, "celebrity-10": {"preserve_weight": 8e4},
+             "celebrity-100": {"preserve_weight": 2e5}, "art-100": {"preserve_weight": 8e4},
+             "explicit": {"lr": 1e-5, "steps": 120, "train_preserve_scale": 7e-7, "fuse_preserve_scale": 7e-7,
+                          "preserve_weight": 0.0, "importance_sampling": False},
+             "object": {"lr": 1e-5, "lamb": 1e2, "train_preserve_scale": 0.0, "fuse_preserve_scale": 0.0,
+                        "preserve_weight": 0.0, "prior_weight": 0.0}},
 )
