@@ -52,6 +52,7 @@ from engine.concepts import TOKEN_MODES, ConceptSet
 from engine.export import cache_root, read_safetensors
 from engine.models import PromptTooLongError, encode_prompts, text_encoder_fingerprint, tokenize_prompts
 from engine.progress import progress_bar
+from engine.settings import Settings
 from engine.tokenizer import MAX_LENGTH
 from engine.kernels import transform_each, weighted_gram
 
@@ -66,7 +67,7 @@ AUTO_RESIDUAL = 0.5  # the most of a concept's distance to its anchor an automat
 
 
 @dataclass(frozen=True)
-class ClosedFormConfig:
+class ClosedFormConfig(Settings):
     """Hyper-parameters of one closed-form edit. Validated on construction."""
 
     tokens: str = "concept"  # which token positions carry the edit: last | eot | concept | all
@@ -113,15 +114,6 @@ class ClosedFormConfig:
         if self.gram_dtype not in GRAM_DTYPES:
             raise ValueError(f"config field 'gram_dtype' must be one of {tuple(GRAM_DTYPES)}, got {self.gram_dtype!r}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **overrides) -> "ClosedFormConfig":
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
 
 
 # The named presets of this solve (uce, uce-plus, trce-stage1) live in engine/methods/.

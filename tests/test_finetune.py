@@ -225,7 +225,7 @@ def test_bad_input(pipe, tiny_sd_dir):
         ESDConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="checkpoint_dir"):
         finetune(pipe, CONCEPTS, _cfg(), resume=True)
-    with pytest.raises(ValueError, match="unknown fine-tuning option"):
+    with pytest.raises(ValueError, match="unknown config field"):
         _cfg().replace(learning_rate=1.0)
     with pytest.raises(TypeError, match="trce takes TRCEConfig settings, got ESDConfig"):
         finetune(pipe, ANCHORED, _cfg(), method="trce")

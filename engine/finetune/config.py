@@ -6,9 +6,10 @@ its own fields; ``__post_init__`` validates the shared fields here and the metho
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
+
+from engine.settings import Settings
 
 PARAM_SETS = ("xattn", "noxattn", "full", "selfattn-q", "lora")
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
@@ -46,7 +47,7 @@ def check_numbers(cfg, names, nullable=(), positive=()) -> None:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """What the trainer, the parameter sets and the cached trajectories need (ESD's defaults)."""
 
     params: str = "xattn"  # xattn (ESD-x) | noxattn (ESD-u) | full | selfattn-q | lora
@@ -77,11 +78,3 @@ class TrainConfig:
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ValueError(f"config field 'checkpoint_every' must be an integer >= 0, got {self.checkpoint_every!r}")
 
-    def replace(self, **changes) -> "TrainConfig":
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown fine-tuning option(s) for {type(self).__name__}: {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

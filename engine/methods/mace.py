@@ -46,7 +46,6 @@ Presets: the official configs (celebrity-5/10/100, art-100, explicit, object); n
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -60,13 +59,14 @@ from engine.methods.base import Method, Outcome
 from engine.methods.mace_lora import concept_latents, train_concept_lora
 from engine.models import encode_prompts, tokenize_prompts
 from engine.progress import progress_bar
+from engine.settings import Settings
 from engine.tokenizer import MAX_LENGTH
 
 COCO_CAPTIONS = 616_767  # captions_train2014 (414,113) + captions_val2014 (202,654): cache_coco.py's sum
 
 
 @dataclass(frozen=True)
-class MACEConfig:
+class MACEConfig(Settings):
     """MACE's settings, the official erase_cele_1.yaml values. Validated on construction."""
 
     train_preserve_scale: float = 1e-4  # s_t: CFR preserves with s_t^2 (applied twice, as the official)
@@ -104,14 +104,6 @@ class MACEConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **overrides) -> "MACEConfig":
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(self.to_dict())}")
-        return dataclasses.replace(self, **overrides)
 
 
 def matching_rows(old: list[int], new: list[int], length: int = MAX_LENGTH) -> tuple[list[int], list[int]]:

@@ -40,7 +40,6 @@ Deviations from the official code:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ from engine.finetune.config import check_choices, check_numbers, check_positive_
 from engine.methods.base import Method, Outcome
 from engine.models import encode_prompts, tokenize_prompts
 from engine.progress import progress_bar
+from engine.settings import Settings
 from engine.tokenizer import MAX_LENGTH
 
 PARAMS = {"V": ("to_v",), "K": ("to_k",), "KV": ("to_k", "to_v")}  # l.38-43
@@ -63,7 +63,7 @@ PINV_RTOL = 1e-10  # K2^T P M K2's eigenvalues below this share of the largest c
 
 
 @dataclass(frozen=True)
-class SpeedConfig:
+class SpeedConfig(Settings):
     """SPEED's settings, the official argparse defaults (l.128-144). Validated on construction."""
 
     params: str = "V"  # which projections: V (to_v, the paper's) | K | KV
@@ -90,14 +90,6 @@ class SpeedConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **overrides) -> "SpeedConfig":
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(self.to_dict())}")
-        return dataclasses.replace(self, **overrides)
 
 
 def target_stats(targets, anchors, prompt, weight):
