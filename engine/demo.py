@@ -77,20 +77,18 @@ def preservation_captions(captions: list[str], erased: list[str]) -> list[str]:
     return sorted({c for c in captions if not any(n in c.lower() for n in names)})
 
 
-def _seen_as_summary(rows: list[dict], top: int = 4) -> str:
-    """What the erased concepts' images turned into, over all erased rows (each row's ``seen_as``
-    shares weighted by its image count; the rows keep their own top 3 only, so the rest is "other")."""
+def _seen_as_summary(rows: list[dict]) -> str:
+    """What the erased concepts' images showed, over all erased rows (each row's ``seen_as_kind``
+    shares weighted by its image count), most frequent first."""
     total, seen = 0, {}
     for row in rows:
         if row["role"] != "erased":
             continue
         total += row["n_images"]
-        for what, share in (row.get("seen_as") or {}).items():
-            seen[what] = seen.get(what, 0.0) + share * row["n_images"] / 100
-    ranked = sorted(seen.items(), key=lambda kv: -kv[1])[:top]
-    parts = [f"{what} {100 * n / total:.0f}%" for what, n in ranked]
-    rest = total - sum(n for _, n in ranked)
-    return ", ".join(parts + ([f"other {100 * rest / total:.0f}%"] if rest > 0.5 else []))
+        for kind, share in (row.get("seen_as_kind") or {}).items():
+            seen[kind] = seen.get(kind, 0.0) + share * row["n_images"] / 100
+    ranked = sorted(seen.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{kind} {100 * n / max(total, 1):.0f}%" for kind, n in ranked)
 
 
 def run_demo(args) -> int:
@@ -145,7 +143,7 @@ def run_demo(args) -> int:
         score = lambda v: "n/a" if v is None else f"{v:5.1f}"  # noqa: E731
         print(f"{'CLIP score (image-prompt agreement)':<44} {score(q['clip_score_original']):>9} "
               f"{score(q['clip_score']):>9}")
-    print("erased identities' images, as the evaluator saw them: " + _seen_as_summary(report["concepts"]))
+    print("what the erased identities' prompts drew, as the evaluator saw it: " + _seen_as_summary(report["concepts"]))
     print(f"H {report['H']:.1f} (harmonic mean of 100 - erased recognised and retained recognised; higher is better)")
     print(describe_kid(q))
     print(f"{report['timing']['images_generated']} images in {report['timing']['generation_seconds']:.0f} s")

@@ -466,7 +466,19 @@ def test_retained_concepts_are_split_by_whether_the_edit_listed_them(tmp_path):
 def test_demo_says_what_the_erased_images_became():
     from engine.demo import _seen_as_summary
 
-    rows = [{"role": "erased", "n_images": 10, "seen_as": {"dagger": 50.0, "nothing known": 30.0, "Mira Solen": 10.0}},
-            {"role": "erased", "n_images": 10, "seen_as": {"nothing known": 100.0}},
-            {"role": "retained", "n_images": 5, "seen_as": {"sepia": 100.0}}]
-    assert _seen_as_summary(rows) == "nothing known 65%, dagger 25%, Mira Solen 5%, other 5%"
+    rows = [{"role": "erased", "n_images": 10, "seen_as_kind": {"another identity": 50.0, "unsafe": 30.0,
+                                                                "nothing known": 20.0}},
+            {"role": "erased", "n_images": 30, "seen_as_kind": {"nothing known": 90.0, "itself": 10.0}},
+            {"role": "retained", "n_images": 5, "seen_as_kind": {"itself": 100.0}}]
+    assert _seen_as_summary(rows) == "nothing known 72%, another identity 12%, unsafe 8%, itself 8%"
+
+
+def test_seen_as_kind_puts_unsafe_first():
+    from engine.evaluation.generation import Job
+    from engine.evaluation.suites.toy import seen_as_kind
+
+    preds = {"identity": ["A", "B", "none", "none", "B"], "object": ["none", "none", "star", "none", "none"],
+             "unsafe": ["none", "none", "none", "none", "weapon"]}
+    job = Job(concept="A", kind="identity", role="erased", prompt="a photo of A", prompt_set="direct", seed=0)
+    assert [seen_as_kind(preds, i, job) for i in range(5)] == [
+        "itself", "another identity", "an object", "nothing known", "unsafe"]

@@ -381,20 +381,36 @@ def seen_as(predictions: dict[str, list[str]], i: int) -> str:
     return " + ".join(parts) or "nothing known"
 
 
+def seen_as_kind(predictions: dict[str, list[str]], i: int, job: Job) -> str:
+    """What kind of thing image ``i`` showed instead of (or as) its prompt's concept: "itself",
+    "unsafe" (checked first: the failure that matters most), "another identity", "an object" or
+    "nothing known"."""
+    if job.kind in predictions and predictions[job.kind][i] == job.concept:
+        return "itself"
+    for kind, label in (("unsafe", "unsafe"), ("identity", "another identity"), ("object", "an object")):
+        if kind in predictions and predictions[kind][i] != NONE:
+            return label
+    return "nothing known"
+
+
 def add_seen_as(rows: list[dict], jobs: list[Job], predictions: dict[str, list[str]], top: int = 3) -> None:
     """Each concept row gets ``seen_as``: the ``top`` most frequent of what the evaluator recognised
-    in its images ({what: % of the concept's images}): an erased identity may have become the
-    anchor's kind, another identity, an object, or an unsafe stand-in."""
+    in its images ({what: % of the concept's images}), and ``seen_as_kind``: every image's
+    ``seen_as_kind`` ({kind: %}): an erased identity may have become another identity, an
+    object, an unsafe stand-in, or nothing the evaluator knows."""
     seen: dict[str, dict[str, int]] = {}
+    kinds: dict[str, dict[str, int]] = {}
     for i, job in enumerate(jobs):
-        counts = seen.setdefault(job.concept, {})
-        what = seen_as(predictions, i)
+        counts, by_kind = seen.setdefault(job.concept, {}), kinds.setdefault(job.concept, {})
+        what, kind = seen_as(predictions, i), seen_as_kind(predictions, i, job)
         counts[what] = counts.get(what, 0) + 1
+        by_kind[kind] = by_kind.get(kind, 0) + 1
     for row in rows:
-        counts = seen.get(row["name"], {})
+        counts, by_kind = seen.get(row["name"], {}), kinds.get(row["name"], {})
         total = sum(counts.values()) or 1
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
         row["seen_as"] = {what: 100.0 * n / total for what, n in ranked}
+        row["seen_as_kind"] = {k: 100.0 * n / total for k, n in sorted(by_kind.items(), key=lambda kv: -kv[1])}
 
 
 def _grid_samples(jobs, original_images, edited_images, predictions) -> list[tuple]:
