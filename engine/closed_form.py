@@ -529,16 +529,21 @@ def apply_transform(kv: list[tuple[str, torch.nn.Linear]], T: torch.Tensor, back
         edited = [w @ T.to(w.device) for w in weights]
     else:  # the kernels multiply by an fp32 transform: round it once, not once per matrix
         edited = transform_each(weights, T.to(weights[0].device, torch.float32), backend=backend)
-    # One reduction per matrix instead of a boolean mask: any NaN/inf makes the sum non-finite,
-    # and finite weights cannot sum past fp32's range.
-    if not all(torch.isfinite(e.float().sum()) for e in edited):
-        raise FloatingPointError("edited weights contain NaN or inf; the model was not changed")
-    changed = {}
+    return write_weights(kv, {key: e for (key, _), e in zip(kv, edited)}, "edited weights")
+
+
+def write_weights(layers: list[tuple[str, torch.nn.Linear]], new: dict, what: str) -> dict[str, torch.Tensor]:
+    """Copy ``new[key]`` into each layer's weight, in the model's dtype and device, only once every
+    one is finite (else FloatingPointError naming ``what``: the model is left unchanged). Returns
+    the written weights. One reduction per matrix instead of a boolean mask: any NaN/inf makes the
+    sum non-finite, and finite weights cannot sum past fp32's range."""
+    cast = {key: new[key].to(m.weight.device, m.weight.dtype) for key, m in layers}
+    if not all(torch.isfinite(w.float().sum()) for w in cast.values()):
+        raise FloatingPointError(f"{what} contain NaN or inf; the model was not changed")
     with torch.no_grad():
-        for (key, module), new in zip(kv, edited):
-            module.weight.copy_(new)
-            changed[key] = new
-    return changed
+        for key, module in layers:
+            module.weight.copy_(cast[key])
+    return cast
 
 
 def concept_norms(rows: EditRows, Re: torch.Tensor, moved: torch.Tensor):

@@ -74,8 +74,8 @@ HASH_CACHE_MIN_BYTES = 1 << 24
 HASH_CACHE_ENTRIES = 10_000
 
 
-def _file_identity(path: Path) -> str:
-    st = path.stat()
+def file_identity(st: os.stat_result) -> str:
+    """A file's identity for caches: device, inode, size, modification time in ns."""
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
@@ -104,8 +104,9 @@ def sha256_tree(root: str | os.PathLike, desc: str = "sha256", progress: bool = 
     files = [p for p in sorted(root.rglob("*")) if p.is_file()]
     cache_file = cache_root() / HASH_CACHE_NAME
     cache = _read_hash_cache(cache_file)
-    identity = {p: _file_identity(p) for p in files if p.stat().st_size >= HASH_CACHE_MIN_BYTES}
-    total = sum(p.stat().st_size for p in files if identity.get(p) not in cache)
+    stats = {p: p.stat() for p in files}
+    identity = {p: file_identity(st) for p, st in stats.items() if st.st_size >= HASH_CACHE_MIN_BYTES}
+    total = sum(st.st_size for p, st in stats.items() if identity.get(p) not in cache)
     hashes, added = {}, False
     with progress_bar(total=total, unit="B", unit_scale=True, desc=desc, progress=progress and total >= 1 << 28) as bar:
         for p in files:

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from engine.export import file_identity, shareable_source, temporary_sibling
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CHUNK_BYTES = 64 << 20
 MAX_HEADER_BYTES = 100 << 20
@@ -69,7 +71,7 @@ class StagedUnet:
         self.source = Path(source_unet) / WEIGHTS_NAME
         self.folder = Path(folder)
         self.copy = self.folder / WEIGHTS_NAME
-        self._source_stat = _stat_key(self.source)
+        self._source_stat = file_identity(os.stat(self.source))
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._copy, name="unet-copy", daemon=True)
@@ -102,7 +104,7 @@ class StagedUnet:
         self._thread.join()
         if self._error is not None:
             return f"the copy failed ({self._error})"
-        if _stat_key(self.source) != self._source_stat:
+        if file_identity(os.stat(self.source)) != self._source_stat:
             return f"{self.source} changed during the run"
         try:
             start, entries = read_header(self.copy)
@@ -130,11 +132,6 @@ class StagedUnet:
         return None
 
 
-def _stat_key(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _mismatch(entries: dict, state: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> str | None:
     """Why the file cannot stand for ``state`` with ``changed`` written in (None if it can)."""
     if set(entries) != set(state):
@@ -160,7 +157,6 @@ def staged_unet(model_path: str | os.PathLike | None, out_dir: str | os.PathLike
     beside ``out_dir`` (call with the output locked); yields the StagedUnet, or None where the
     model is not such a folder or its UNet is not one safetensors file. The copy is cancelled
     and removed on leaving unless ``finish`` used it."""
-    from engine.export import shareable_source, temporary_sibling
     from engine.models import pipeline_folder
 
     source = shareable_source(pipeline_folder(model_path)) if model_path is not None else None

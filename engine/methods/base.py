@@ -55,6 +55,11 @@ class Method:
         """State-dict keys of the UNet tensors the run may change (snapshotted before it)."""
         raise NotImplementedError
 
+    def check_settings(self, cfg) -> None:
+        """Refuse settings of another type than ``defaults`` (another method's)."""
+        if type(cfg) is not type(self.defaults):
+            raise TypeError(f"{self.name} takes {type(self.defaults).__name__} settings, got {type(cfg).__name__}")
+
     def run(self, pipe, concepts: ConceptSet, cfg, *, checkpoint_dir=None, resume: bool = False,
             model_fingerprint: str | None = None) -> Outcome:
         raise NotImplementedError
@@ -109,8 +114,7 @@ class FineTuningMethod(Method):
         """The trainer's run (``engine.finetune.trainer.FinetuneRun``) of this method's objective."""
         from engine.finetune.trainer import train
 
-        if type(cfg) is not type(self.defaults):
-            raise TypeError(f"{self.name} takes {type(self.defaults).__name__} settings, got {type(cfg).__name__}")
+        self.check_settings(cfg)
         return train(pipe, concepts, cfg, self.objective, self.name, checkpoint_dir=checkpoint_dir, resume=resume,
                      model_fingerprint=model_fingerprint)
 

@@ -52,7 +52,14 @@ from dataclasses import dataclass
 import torch
 
 from engine import prior
-from engine.closed_form import ClosedFormConfig, PhaseTimer, caption_gram, cross_attention_kv, solve_transform
+from engine.closed_form import (
+    ClosedFormConfig,
+    PhaseTimer,
+    caption_gram,
+    cross_attention_kv,
+    solve_transform,
+    write_weights,
+)
 from engine.concepts import ConceptSet
 from engine.finetune.config import check_choices, check_numbers, check_positive_ints
 from engine.methods.base import Method, Outcome
@@ -195,17 +202,6 @@ def fuse(W_cfr: dict, W0: dict, loras: list[dict], rows: list[torch.Tensor], wei
     return out, solver, cond
 
 
-def _write(kv, new: dict) -> dict[str, torch.Tensor]:
-    """Copy the new weights into the UNet once every one is finite in the model's dtype."""
-    cast = {key: new[key].to(m.weight.device, m.weight.dtype) for key, m in kv}
-    if not all(torch.isfinite(w).all() for w in cast.values()):
-        raise FloatingPointError("MACE's fused weights contain NaN or inf; the model was not changed")
-    with torch.no_grad():
-        for key, module in kv:
-            module.weight.copy_(cast[key])
-    return cast
-
-
 def mace_edit(pipe, concepts: ConceptSet, cfg: MACEConfig, mask_provider=None) -> Outcome:
     """CFR, one LoRA per concept, fusion, written into ``pipe.unet`` (only its K/V weights).
     ``mask_provider(concept, latents) -> (n, H, W)``: where each image shows the concept."""
@@ -219,7 +215,7 @@ def mace_edit(pipe, concepts: ConceptSet, cfg: MACEConfig, mask_provider=None) -
         P, preserved = preservation_gram(pipe, concepts, cfg)
     with timer("cfr"):
         T, cfr_solver, cfr_cond = cfr_transform(S, C, P, cfg.train_preserve_scale ** 2, cfg.lamb, cfg.max_condition)
-        _write(kv, {key: W0[key] @ T.to(W0[key].device) for key, _ in kv})
+        write_weights(kv, {key: W0[key] @ T.to(W0[key].device) for key, _ in kv}, "MACE's refined weights")
     loras, report = [], {}
     with timer("lora"):
         for i, concept in enumerate(concepts.concepts):
@@ -232,7 +228,7 @@ def mace_edit(pipe, concepts: ConceptSet, cfg: MACEConfig, mask_provider=None) -
         W_cfr = {key: m.weight.detach().double() for key, m in kv}
         new, fuse_solver, fuse_cond = fuse(W_cfr, W0, loras, full, [c.weight for c in concepts.concepts], P,
                                            cfg.fuse_preserve_scale, cfg.lamb, cfg.max_condition)
-        changed = _write(kv, new)
+        changed = write_weights(kv, new, "MACE's fused weights")
     section = {
         "rows": {"cfr_edit": sum(counts.values()), "cfr_per_concept": counts,
                  "fusion": sum(len(E) for E in full),
@@ -257,8 +253,7 @@ class MACEMethod(Method):
         return {key for key, _ in cross_attention_kv(unet)}
 
     def run(self, pipe, concepts, cfg, *, checkpoint_dir=None, resume=False, model_fingerprint=None) -> Outcome:
-        if type(cfg) is not MACEConfig:
-            raise TypeError(f"mace takes MACEConfig settings, got {type(cfg).__name__}")
+        self.check_settings(cfg)
         return mace_edit(pipe, concepts, cfg)
 
 

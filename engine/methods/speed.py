@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import prior
-from engine.closed_form import PhaseTimer, cross_attention_kv, single_threaded
+from engine.closed_form import PhaseTimer, cross_attention_kv, single_threaded, write_weights
 from engine.concepts import ConceptSet
 from engine.finetune.config import check_choices, check_numbers, check_positive_ints
 from engine.methods.base import Method, Outcome
@@ -223,17 +223,6 @@ def _report(layers, new, W_old, targets, anchors, owner, retain, K2, names) -> d
             "preserve_drift": ratio[0], "iec_drift": ratio[1]}
 
 
-def _write(layers, new: dict) -> dict[str, torch.Tensor]:
-    """Copy the new weights into the UNet, only once every one is finite in the model's dtype."""
-    cast = {key: new[key].to(m.weight.device, m.weight.dtype) for key, m in layers}
-    if not all(torch.isfinite(w).all() for w in cast.values()):
-        raise FloatingPointError("SPEED's edited weights contain NaN or inf; the model was not changed")
-    with torch.no_grad():
-        for key, module in layers:
-            module.weight.copy_(cast[key])
-    return cast
-
-
 def speed_edit(pipe, concepts: ConceptSet, cfg: SpeedConfig) -> Outcome:
     """Solve SPEED for every layer ``cfg.params`` names and write it into ``pipe.unet``."""
     timer = PhaseTimer()
@@ -256,7 +245,7 @@ def speed_edit(pipe, concepts: ConceptSet, cfg: SpeedConfig) -> Outcome:
             delta, stats[key] = layer_edit(W_old[key], C_tt, C_at, shuffled, K2, cfg, gen)
             new[key] = W_old[key] + delta
     with timer("weight_update"):
-        changed = _write(layers, new)
+        changed = write_weights(layers, new, "SPEED's edited weights")
     with timer("report"):
         report = _report(layers, changed, W_old, targets, anchors, torch.tensor(owner, dtype=torch.int64)[prompt],
                          retain, K2, [c.name for c in concepts.concepts])
@@ -278,8 +267,7 @@ class SpeedMethod(Method):
         return {key for key, _ in edited_layers(unet, cfg.params)}
 
     def run(self, pipe, concepts, cfg, *, checkpoint_dir=None, resume=False, model_fingerprint=None) -> Outcome:
-        if type(cfg) is not SpeedConfig:
-            raise TypeError(f"speed takes SpeedConfig settings, got {type(cfg).__name__}")
+        self.check_settings(cfg)
         return speed_edit(pipe, concepts, cfg)
 
 
