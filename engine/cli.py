@@ -284,6 +284,7 @@ def _add_small_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.attacks.cli import add_attack_parser
     from engine.demo import add_demo_parser
     from engine.evaluation.cli import add_eval_parser
     from engine.evaluation.gates import measure_gates
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_small_parsers(sub)
     add_demo_parser(sub)
     add_eval_parser(sub)
+    add_attack_parser(sub)
     add_toyworld_parser(sub, measure_gates)
     return parser
 

@@ -303,7 +303,7 @@ def listed_names(s: ToySettings) -> set[str]:
 # --------------------------------------------------------------------------- models and the evaluator
 
 
-def _load(model, what: str, device: str):
+def load_model(model, what: str, device: str):
     """A pipeline from a path (``what`` names the argument in errors) or as given."""
     from engine.models import load_pipeline
 
@@ -343,7 +343,7 @@ def features(evaluator, images: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the suite
 
 
-def _world_root(world, required: bool) -> Path | None:
+def find_world(world, required: bool) -> Path | None:
     """The world folder; None when none is given, none is found and none is ``required``."""
     from engine.toyworld.world import world_path
 
@@ -454,7 +454,7 @@ class _Models:
 
 def _load_models(s: ToySettings, world_root: Path | None, device: str) -> _Models:
     """The edited and original pipelines (one object when they are the same model) and the evaluator."""
-    edited_pipe, _ = _load(s.model, "model", device)
+    edited_pipe, _ = load_model(s.model, "model", device)
     original = world_root / "pipeline" if s.original is None else s.original
     if isinstance(s.model, (str, os.PathLike)) and isinstance(original, (str, os.PathLike)) and (
         Path(s.model).resolve() == Path(original).resolve()
@@ -463,7 +463,7 @@ def _load_models(s: ToySettings, world_root: Path | None, device: str) -> _Model
     elif original is s.model:
         original_pipe, original_folder = edited_pipe, None
     else:
-        original_pipe, original_folder = _load(original, "original", device)
+        original_pipe, original_folder = load_model(original, "original", device)
     evaluator = s.evaluator
     if evaluator is None:
         from engine.toyworld.world import load_toy_evaluator
@@ -545,7 +545,7 @@ def toy_suite(s: ToySettings, return_samples: bool = False):
     erased, retained = _concept_sets(s)
 
     # The world supplies the default original model and the evaluator; otherwise it is optional.
-    world_root = _world_root(s.world, required=s.original is None or s.evaluator is None)
+    world_root = find_world(s.world, required=s.original is None or s.evaluator is None)
     default_steps, default_guidance = sampling_defaults(world_root)
     steps = default_steps if s.steps is None else int(s.steps)
     guidance = default_guidance if s.guidance is None else float(s.guidance)
