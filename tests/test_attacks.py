@@ -233,3 +233,31 @@ def test_cli_attack_bad_input_exits_2(tmp_path, capsys, name, args, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_reports_attacks_beside_h(tmp_path, name, capsys):
+    from engine.cli import main
+    from engine.toyworld.world import pipeline_path
+
+    erased = tmp_path / "erased.txt"
+    erased.write_text(f"{name}\n")
+    retained = tmp_path / "retained.txt"
+    retained.write_text("star\n")
+    out = tmp_path / "report.json"
+    code = main(["eval", "--model", str(pipeline_path()), "--erased", str(erased), "--retained", str(retained),
+                 "--images-per-prompt", "1", "--steps", "4", "--attack", "inversion", "--attack-images", "2",
+                 "--ti-steps", "1", "--ti-batch", "2", "--ti-images", "2", "--quiet", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rates = report["attacks"][name]
+    assert set(rates) >= {"plain", "inversion", "inversion, learned on the original", "judge"}
+    assert "## Under attack" in (tmp_path / "report.md").read_text()
+    assert f"under attack, {name}: plain" in capsys.readouterr().out
+
+
+def test_eval_attack_needs_the_toy_suite(tmp_path, capsys):
+    from engine.cli import main
+
+    code = main(["eval", "--model", str(tmp_path), "--suite", "clip", "--attack", "inversion", "--out",
+                 str(tmp_path / "r.json")])
+    assert code == 2 and "--attack runs with the toy suite" in capsys.readouterr().err

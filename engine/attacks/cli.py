@@ -15,7 +15,7 @@ def add_attack_parser(sub) -> None:
     p.add_argument("--model", required=True, help="the attacked (erased) model: a diffusers folder")
     p.add_argument("--concept", required=True, help="the concept to bring back (a toy-world name, or any text "
                                                     "with --clip-model)")
-    p.add_argument("--attack", default="inversion,unlearndiff",
+    p.add_argument("--attack", default=",".join(ATTACKS),
                    help=f"comma-separated attacks (default: all): {', '.join(ATTACKS)}")
     p.add_argument("--original", help="the unedited model: it draws the concept's target images and the transfer "
                                       "rows learn on it (default: the toy world's pipeline)")
@@ -33,6 +33,12 @@ def add_attack_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output folder: report.json, report.md and the learned tokens")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
+    add_budget_args(p)
+    p.set_defaults(func=cmd_attack)
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """Each attack's budget options (``erasure attack`` and ``erasure eval --attack`` share them)."""
     d = InversionSettings()
     g = p.add_argument_group("concept inversion (defaults: Pham et al.'s recipe)")
     g.add_argument("--ti-tokens", type=int, default=d.tokens, help=f"tokens learned (default {d.tokens})")
@@ -52,18 +58,26 @@ def add_attack_parser(sub) -> None:
     g.add_argument("--rab-strength", type=float, help="eta: weight of the concept vector (default 3, unsafe 5.5)")
     g.add_argument("--rab-generations", type=int, help="generations of the genetic search (default 3000)")
     g.add_argument("--rab-population", type=int, help="candidates per generation (default 200)")
-    p.set_defaults(func=cmd_attack)
 
 
 def settings_from_args(args: argparse.Namespace) -> AttackSettings:
+    """The ``erasure attack`` command's settings."""
+    return attack_settings(args, model=args.model, concept=args.concept, attacks=args.attack, original=args.original,
+                           world=args.world, clip_model=args.clip_model, judge_classes=args.judge_class,
+                           images=args.images, prompts=args.prompts, transfer=not args.no_transfer,
+                           progress=not args.quiet)
+
+
+def attack_settings(args: argparse.Namespace, *, model, concept: str, attacks: str, judge_classes=None,
+                    **fields) -> AttackSettings:
+    """AttackSettings for ``model`` and ``concept`` with the budgets of ``add_budget_args`` and the
+    sampling options (steps, guidance, seed, device) of ``args``; ``fields`` set the rest."""
     rab = {k: v for k, v in (("length", args.rab_length), ("strength", args.rab_strength),
                              ("generations", args.rab_generations), ("population", args.rab_population)) if v is not None}
     settings = AttackSettings(
-        model=args.model, concept=args.concept, attacks=tuple(a.strip() for a in args.attack.split(",") if a.strip()),
-        original=args.original, transfer=not args.no_transfer, world=args.world, clip_model=args.clip_model,
-        judge_classes=tuple(args.judge_class) if args.judge_class else JUDGE_CLASSES, images=args.images,
-        prompts=args.prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device,
-        progress=not args.quiet,
+        model=model, concept=concept, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+        judge_classes=tuple(judge_classes) if judge_classes else JUDGE_CLASSES, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, device=getattr(args, "device", None), **fields,
         inversion=InversionSettings(tokens=args.ti_tokens, steps=args.ti_steps, batch_size=args.ti_batch,
                                     lr=args.ti_lr, images=args.ti_images, init_word=args.init_word, seed=args.seed),
         unlearndiff=UnlearnDiffSettings(tokens=args.udiff_tokens, timesteps=args.udiff_timesteps,
@@ -89,6 +103,23 @@ def render_markdown(report: dict) -> str:
         budget = ", ".join(f"{k} {v}" for k, v in row["settings"].items() if k != "seed" and v is not None)
         lines.append(f"| {name} | {row['success_rate']:.1f}% {unit} | {budget} | {row['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def attack_concepts(args, report: dict) -> dict:
+    """``erasure eval --attack``: every chosen attack on the first ``--attack-concepts`` erased
+    concepts of a toy report; {concept: {"plain": %, attack: %, ...}} plus each run's report."""
+    from engine.attacks.runner import run_attacks
+
+    out = {}
+    for name in report["erased"][: args.attack_concepts]:
+        settings = attack_settings(args, model=args.model, concept=name, attacks=args.attack, original=args.original,
+                                   world=args.world, images=args.attack_images, prompts=args.attack_prompts,
+                                   progress=not args.quiet)
+        run = run_attacks(settings)
+        out[name] = {"plain": run["plain"]["success_rate"],
+                     **{attack: row["success_rate"] for attack, row in run["attacks"].items()},
+                     "judge": run["judge"], "details": run["attacks"]}
+    return out
 
 
 def cmd_attack(args) -> int:

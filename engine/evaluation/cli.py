@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.attacks.cli import add_budget_args
 from engine.evaluation.suites import REAL_SUITES, run_suite as run_settings
 from engine.evaluation.suites.base import DTYPES
 from engine.evaluation.suites.clip import CLIP_TEMPLATES, ClipSettings
@@ -39,6 +40,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="report JSON path; report.md and grid.png are written beside it")
+    g = p.add_argument_group("attacks (toy suite): does an erased concept come back? (see erasure attack)")
+    g.add_argument("--attack", metavar="LIST", help="comma-separated attacks run on erased concepts after the "
+                   "suite: inversion, unlearndiff, ring-a-bell; their success rates go into the report")
+    g.add_argument("--attack-concepts", type=int, default=1, metavar="N", help="erased concepts attacked (default 1)")
+    g.add_argument("--attack-images", type=int, default=32, metavar="N", help="images judged per attack (default 32)")
+    g.add_argument("--attack-prompts", type=int, default=4, metavar="N",
+                   help="prompts attacked by UnlearnDiffAtk (default 4)")
+    add_budget_args(p)
     g = p.add_argument_group("real-model suites (nudity, clip, fid)")
     _add_prompt_and_nudity_args(g)
     _add_clip_fid_and_run_args(g)
@@ -227,7 +236,15 @@ def cmd_eval(args) -> int:
     if out.is_dir():  # fail before generating anything
         raise FileExistsError(f"--out {out} is a folder; give a file name such as {out / 'report.json'}")
     check_writable_parent(out)
+    if args.attack and args.suite != "toy":
+        raise ValueError("--attack runs with the toy suite; for a real model use erasure attack --clip-model DIR")
+    if args.attack and args.attack_concepts < 1:
+        raise ValueError(f"--attack-concepts must be >= 1, got {args.attack_concepts}")
     report, samples = run_suite(args, return_samples=True)
+    if args.attack:
+        from engine.attacks.cli import attack_concepts
+
+        report["attacks"] = attack_concepts(args, report)
     written = write_report(report, out, samples)
     q, timing = report["quality"], report["timing"]
     num = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731  (a suite may leave any None)
@@ -244,5 +261,7 @@ def cmd_eval(args) -> int:
     print(
         f"generation {num(timing.get('generation_seconds'), '.1f')} s, {num(timing.get('total_seconds'), '.1f')} s in all"
     )
+    for name, rates in (report.get("attacks") or {}).items():
+        print(f"under attack, {name}: " + ", ".join(f"{k} {v:.0f}%" for k, v in rates.items() if isinstance(v, float)))
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0

@@ -193,6 +193,11 @@ def render_markdown(report: dict, grid_labels: list[str] | None = None) -> str:
             f"| {_pct(acc.get('direct'))} | {_pct(acc.get('other_templates'))} | {_pct(acc.get('indirect'))} "
             f"| {_pct(acc0.get('direct'))} | {seen} |"
         )
+    if report.get("attacks"):
+        lines += ["", "## Under attack", "", "% of images (UnlearnDiffAtk: of prompts) showing the erased concept:", "",
+                  "| concept | attack | concept shown |", "| --- | --- | --- |"]
+        lines += [f"| {_cell(name)} | {attack} | {_pct(rate)} |" for name, rates in report["attacks"].items()
+                  for attack, rate in rates.items() if isinstance(rate, float)]
     if grid_labels:
         lines += ["", "## Samples", "", f"![original (left) vs edited (right), with what the evaluator saw in each "
                   f"edited image]({GRID_NAME})", ""]
