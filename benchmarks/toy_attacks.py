@@ -5,7 +5,8 @@
         [--udiff-iterations 40] [--rab-generations 300] [--images 32] [--prompts 4]
 
 For each (scenario, method) of benchmarks/toy_methods.py (same concept sets, same toy presets):
-erase in memory, measure H and KID with the toy suite (1 image per prompt), then run
+erase in memory, measure H, KID and the erased concept's recognition for training templates,
+held-out templates and indirect wordings with the toy suite (1 image per prompt), then run
 ``engine.attacks.run_attacks`` on the erased concept: the % of images showing it for its plain
 prompts, concept inversion on the edit, the tokens learned on the original replayed on the edit,
 UnlearnDiffAtk's ASR over ``--prompts`` prompts and Ring-A-Bell. The row ``original`` attacks the
@@ -62,14 +63,16 @@ def run_row(args, method: str, scen: str, world) -> dict:
     model = pipeline_path(world)
     start = time.perf_counter()
     if method == "original":
-        pipe, settings, quality = load_toy_pipeline(world), {}, {"H": None, "kid": None, "erased_acc": None,
-                                                                 "retained_acc": None}
+        pipe, settings = load_toy_pipeline(world), {}
+        quality = dict.fromkeys(("H", "kid", "erased_acc", "erased_acc_other_templates", "erased_acc_indirect",
+                                 "retained_acc"))
     else:
         settings = method_settings(method, scen)
         pipe = erase(str(model), concept_set, method=method, progress=False, **settings).pipeline
         report = evaluate_toy(pipe, names, original=model, world=world, images_per_prompt=1, progress=False)
-        quality = {"H": report["H"], "kid": report["quality"]["kid"], "erased_acc": report["erased_acc"],
-                   "retained_acc": report["retained_acc"]}
+        quality = {"H": report["H"], "kid": report["quality"]["kid"],
+                   **{k: report[k] for k in ("erased_acc", "erased_acc_other_templates", "erased_acc_indirect",
+                                             "retained_acc")}}
     erase_s = time.perf_counter() - start
     attacked = run_attacks(attack_settings(args, pipe, names[0], world, transfer=method != "original"))
     return {"method": method, "scenario": scen, "concept": names[0], "settings": settings, **quality,
