@@ -52,10 +52,11 @@ class Result:
     """An erased pipeline, the changed tensors and the manifest describing the run."""
 
     pipeline: object
-    delta: dict[str, torch.Tensor]  # UNet key -> edited tensor
-    original: dict[str, torch.Tensor]  # UNet key -> tensor before the edit
+    delta: dict[str, torch.Tensor]  # state-dict key of `component` -> edited tensor
+    original: dict[str, torch.Tensor]  # the same keys -> tensor before the edit
     manifest: dict
     edit: ClosedFormEdit | None = field(default=None, repr=False)
+    component: str = "unet"  # the pipeline component the method changed ("unet" or "text_encoder")
 
     def save(
         self,
@@ -71,12 +72,13 @@ class Result:
         """Write the pipeline, delta.safetensors, optional LoRA and manifest.json atomically.
 
         When the model came from a local diffusers folder (with no pickled weights) only the
-        UNet, the one component an erasure changes, is written; every other file is hard-linked
-        from that folder (copied where a link cannot be made): the files are shared, so a tool
-        that rewrote one in place would change the source too. ``link_unchanged=False`` writes
-        the whole pipeline. ``staged`` (``engine.staged_unet.staged_unet``, started before the
-        edit) supplies a copy of the source UNet file to patch instead of writing the UNet again.
-        In a distributed run only rank 0 writes (every rank holds the same result)."""
+        component the erasure changed (``component``: the UNet, or the text encoder) is written;
+        every other file is hard-linked from that folder (copied where a link cannot be made): the
+        files are shared, so a tool that rewrote one in place would change the source too.
+        ``link_unchanged=False`` writes the whole pipeline. ``staged``
+        (``engine.staged_unet.staged_unet``, started before the edit) supplies a copy of the source
+        UNet file to patch instead of writing the UNet again. In a distributed run only rank 0
+        writes (every rank holds the same result)."""
         from engine.distributed import is_main
 
         if not is_main():
@@ -84,13 +86,13 @@ class Result:
         start = time.perf_counter()
         manifest = dict(self.manifest)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            save_delta(tmp / DELTA_NAME, self.delta, self.original)
+            save_delta(tmp / DELTA_NAME, self.delta, self.original, component=self.component)
             if export_lora:
                 not_matrices = [k for k, v in self.delta.items() if v.dim() != 2]
                 if not_matrices:
                     raise ValueError(f"export_lora: the edit changed tensors that are not linear weights (e.g. "
                                      f"{not_matrices[0]}); a LoRA cannot express it (use the delta or the pipeline)")
-                state, info = lora_from_delta(self.delta, self.original, lora_rank)
+                state, info = lora_from_delta(self.delta, self.original, lora_rank, prefix=self.component)
                 (tmp / LORA_DIR).mkdir()
                 save_file(state, str(tmp / LORA_DIR / LORA_NAME))
                 manifest["lora"] = info
@@ -105,23 +107,24 @@ class Result:
         return Path(out_dir)
 
     def _save_pipeline(self, out: Path, link_unchanged: bool, staged) -> dict:
-        """The pipeline into ``out``: the UNet written (or its staged copy patched) and the rest
-        linked from the source folder where there is one (``save``), else every component
-        written. Returns what was done."""
-        source = shareable_source(self.manifest.get("inputs", {}).get("model")) if link_unchanged else None
+        """The pipeline into ``out``: the changed component written (the UNet: or its staged copy
+        patched) and the rest linked from the source folder where there is one (``save``), else
+        every component written. Returns what was done."""
+        name = self.component
+        source = shareable_source(self.manifest.get("inputs", {}).get("model"), name) if link_unchanged else None
         if source is None:
             self.pipeline.save_pretrained(out, safe_serialization=True)
             return {"written": "all"}
-        done = {"written": ["unet"], "source": str(source)}
-        not_patched = "no staged copy"
-        if staged is not None and staged.source.parent == source / "unet":
+        done = {"written": [name], "source": str(source)}
+        not_patched = "no staged copy" if name == "unet" else None
+        if name == "unet" and staged is not None and staged.source.parent == source / "unet":
             not_patched = staged.finish(self.pipeline.unet, self.delta, out / "unet")
-        if not_patched is None:
-            done["unet"] = f"the source's {staged.source.name} with the {len(self.delta)} changed tensors rewritten"
+        if name == "unet" and not_patched is None:
+            done[name] = f"the source's {staged.source.name} with the {len(self.delta)} changed tensors rewritten"
         else:
-            self.pipeline.unet.save_pretrained(out / "unet", safe_serialization=True)
-            done["unet"] = f"written in full ({not_patched})"
-        return {**done, **link_tree(source, out, skip={"unet"})}
+            getattr(self.pipeline, name).save_pretrained(out / name, safe_serialization=True)
+            done[name] = f"written in full ({not_patched})" if not_patched else "written in full"
+        return {**done, **link_tree(source, out, skip={name})}
 
 
 def _resolve_model(model, *, model_config=None, allow_pickle=False):
@@ -236,11 +239,13 @@ def _inputs(pipe, model_path, concept_path, original, progress, fingerprint_key)
     return inputs
 
 
-def _manifest_head(method: str, cfg, concept_set: ConceptSet, pipe, preset: str | None) -> dict:
+def _manifest_head(method: str, cfg, concept_set: ConceptSet, pipe, preset: str | None,
+                   component: str = "unet") -> dict:
     return {
         "engine": "erasure-engine",
         "method": method,
         "preset": preset,
+        "component": component,  # the pipeline component the run changed (delta.safetensors holds its tensors)
         "config": cfg.to_dict(),
         "concepts": concept_set.to_dict(),
         "versions": package_versions(),
@@ -284,9 +289,13 @@ def erase(
     pipe, model_path = _resolve_model(model, model_config=model_config, allow_pickle=allow_pickle)
     cfg = chosen.prepare(cfg, model_path)
     load_seconds = time.perf_counter() - start
-    manifest = _manifest_head(method, cfg, concept_set, pipe, preset)
-    touched = chosen.touched(pipe.unet, cfg)
-    original = {k: p.detach().clone() for k, p in pipe.unet.named_parameters() if k in touched}
+    component = chosen.component(cfg)
+    module = getattr(pipe, component, None)
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"method {method!r} changes the pipeline's {component!r}, which this pipeline does not have")
+    manifest = _manifest_head(method, cfg, concept_set, pipe, preset, component)
+    touched = chosen.touched(module, cfg)
+    original = {k: p.detach().clone() for k, p in module.named_parameters() if k in touched}
     start = time.perf_counter()
     manifest["inputs"] = _inputs(pipe, model_path, concept_path, original, cfg.progress, chosen.fingerprint_key)
     hash_seconds = time.perf_counter() - start
@@ -294,7 +303,8 @@ def erase(
         outcome = chosen.run(pipe, concept_set, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
                              model_fingerprint=_model_fingerprint(pipe, manifest["inputs"]))
     manifest.update(outcome.manifest, timings={"load": load_seconds, "hash_inputs": hash_seconds, **outcome.timings})
-    return Result(pipeline=pipe, delta=outcome.changed, original=original, manifest=manifest, edit=outcome.edit)
+    return Result(pipeline=pipe, delta=outcome.changed, original=original, manifest=manifest, edit=outcome.edit,
+                  component=component)
 
 
 def erase_with_adapters(

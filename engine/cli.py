@@ -79,18 +79,22 @@ def cmd_erase(args) -> int:
 
 
 def _erase(args, config) -> int:
+    from engine.api import method_config
     from engine.methods import available_methods, get_method
     from engine.staged_unet import staged_unet
 
-    trains = get_method(args.method).trains
+    chosen = get_method(args.method)
+    trains = chosen.trains
     if args.distributed:
         if not trains:
             training = ", ".join(name for name, m in available_methods().items() if m.trains)
             raise SystemExit(f"--distributed trains a fine-tuning method ({training}), not {args.method}")
         config.update(distributed=args.distributed, zero_stage=args.zero_stage)
     # The saved pipeline's UNet is copied from the model folder while the edit runs (I/O beside
-    # the text encoder's compute); a distributed run writes from rank 0 only, so it does not stage.
-    wants_stage = not (args.no_pipeline or args.copy_pipeline or args.distributed)
+    # the text encoder's compute); a distributed run writes from rank 0 only, so it does not stage,
+    # and neither does a method that changes another component (the text encoder).
+    changes_unet = chosen.component(method_config(args.method, config or None, args.preset)) == "unet"
+    wants_stage = changes_unet and not (args.no_pipeline or args.copy_pipeline or args.distributed)
     with staged_unet(args.model if wants_stage else None, args.out) as staged:
         return _erase_and_save(args, config, trains, staged)
 

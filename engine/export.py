@@ -3,7 +3,8 @@
 An output folder holds
 
     model_index.json, unet/, text_encoder/, ...   the edited pipeline (diffusers format)
-    delta.safetensors                             only the changed UNet tensors, new values
+    delta.safetensors                             only the changed tensors (of the UNet, or of the
+                                                  component its "component" metadata names), new values
     lora/pytorch_lora_weights.safetensors         optional; `pipe.load_lora_weights(OUT / "lora")`
     manifest.json                                 what was run, on what, with which versions
 
@@ -169,12 +170,19 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str, consequence: str =
 # --------------------------------------------------------------------------- delta
 
 
-def save_delta(path: str | os.PathLike, changed: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> None:
-    """Write the edited tensors with the fingerprint of the weights they replace and their own."""
+DELTA_COMPONENTS = ("unet", "text_encoder")  # the pipeline components a delta may change
+
+
+def save_delta(path: str | os.PathLike, changed: dict[str, torch.Tensor], original: dict[str, torch.Tensor],
+               component: str = "unet") -> None:
+    """Write the edited tensors of the pipeline's ``component`` (state-dict keys) with the
+    fingerprint of the weights they replace and their own."""
+    if component not in DELTA_COMPONENTS:
+        raise ValueError(f"a delta changes one of {DELTA_COMPONENTS}, not {component!r}")
     check_finite(changed, "delta")
     # copy=True: the edited matrices may be views of one stacked buffer, which safetensors refuses.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in changed.items()}
-    meta = {"format": DELTA_FORMAT, "component": "unet", "base_fingerprint": tensors_fingerprint(original),
+    meta = {"format": DELTA_FORMAT, "component": component, "base_fingerprint": tensors_fingerprint(original),
             "delta_fingerprint": tensors_fingerprint(tensors)}
     save_file(tensors, str(path), metadata=meta)
 
@@ -199,8 +207,16 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
         raise ValueError(f"{what} {path} is not a readable .safetensors file (truncated or corrupt?): {err}") from None
 
 
+def delta_target(pipe, component: str, path) -> tuple[dict[str, torch.nn.Parameter], str]:
+    """The parameters of the pipeline component a delta changes, and its name for messages."""
+    if component not in DELTA_COMPONENTS or not isinstance(getattr(pipe, component, None), torch.nn.Module):
+        raise ValueError(f"{path}: the delta changes the pipeline's {component!r}, which this model does not have")
+    return dict(getattr(pipe, component).named_parameters()), "UNet" if component == "unet" else "text encoder"
+
+
 def apply_delta(pipe, path: str | os.PathLike, force: bool = False) -> dict[str, torch.Tensor]:
-    """Copy a delta's tensors into `pipe.unet`. Everything is checked before any write: keys and
+    """Copy a delta's tensors into `pipe.unet` (or the component its metadata names, e.g.
+    `pipe.text_encoder`). Everything is checked before any write: keys and
     shapes, finite values, the delta's own checksum, the sha256 that a manifest.json beside it
     lists for it, that it was made from these base weights, and that no tensor is zeroed or
     changed by more than MAX_RELATIVE_CHANGE times its norm. ``force=True`` applies a delta made
@@ -233,10 +249,10 @@ def apply_delta(pipe, path: str | os.PathLike, force: bool = False) -> dict[str,
     elif tensors_fingerprint(delta) != meta["delta_fingerprint"]:
         raise ValueError(f"{path}: the tensors do not match the checksum stored with them: the file was changed "
                          "or damaged after it was written; refusing it")
-    params = dict(pipe.unet.named_parameters())
+    params, where = delta_target(pipe, meta.get("component", "unet"), path)
     for key, value in delta.items():
         if key not in params:
-            raise ValueError(f"{path}: tensor {key!r} does not exist in this model's UNet")
+            raise ValueError(f"{path}: tensor {key!r} does not exist in this model's {where}")
         if tuple(params[key].shape) != tuple(value.shape):
             raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model's is {tuple(params[key].shape)}")
     check_finite(delta, str(path), "nothing applied")
@@ -262,9 +278,11 @@ def apply_delta(pipe, path: str | os.PathLike, force: bool = False) -> dict[str,
 
 
 def lora_from_delta(
-    changed: dict[str, torch.Tensor], original: dict[str, torch.Tensor], rank: int | None = None
+    changed: dict[str, torch.Tensor], original: dict[str, torch.Tensor], rank: int | None = None,
+    prefix: str = "unet",
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """LoRA factors B A = W' - W per changed linear weight, in diffusers' PEFT key format.
+    """LoRA factors B A = W' - W per changed linear weight, in diffusers' PEFT key format
+    (``prefix``: the pipeline component the weights belong to, "unet" or "text_encoder").
 
     The closed-form update W (T - I) has rank at most the number of edited rows, so with
     `rank=None` the numerical rank is used and the LoRA is exact; a smaller `rank` keeps the
@@ -292,7 +310,7 @@ def lora_from_delta(
         total = s.square().sum()
         resid = float((s[r:].square().sum() / total).sqrt()) if total > 0 else 0.0
         worst = max(worst, resid)
-        module = "unet." + key.removesuffix(".weight")
+        module = f"{prefix}." + key.removesuffix(".weight")
         dtype = changed[key].dtype
         state[f"{module}.lora_A.weight"] = A.to(dtype).contiguous()
         state[f"{module}.lora_B.weight"] = B.to(dtype).contiguous()

@@ -1,9 +1,10 @@
 """The fine-tuning trainer: one loop for every method's objective, stepped locally or by DeepSpeed.
 
 A method (engine/methods/) supplies an ``Objective``: it builds its frozen targets when
-constructed (or takes them back from a resumed run's cache) and returns a step's loss. The
-trainer owns everything else: the trainable set (``params``), the optimizer, autocast,
-checkpoints, resume, the progress bar and the DeepSpeed ZeRO path (``engine.distributed``):
+constructed (or takes them back from a resumed run's cache) and returns a step's loss. It trains
+the UNet unless it names another pipeline component (``Objective.component``, e.g. the text
+encoder). The trainer owns everything else: the trainable set (``params``), the optimizer,
+autocast, checkpoints, resume, the progress bar and the DeepSpeed ZeRO path (``engine.distributed``):
 data-parallel, every rank builds the same targets and draws the same batches, each trains on its
 share (``Objective.part``), and every rank ends with the same weights.
 """
@@ -42,9 +43,23 @@ class Objective:
     sdxl = True  # whether SDXL pipelines are supported
     part = slice(None)  # this rank's share of every drawn batch (distributed runs)
     cache: dict | None = None
+    component = "unet"  # the pipeline component trained and handed to ``loss`` (e.g. "text_encoder")
 
     def loss(self, unet, gen, step: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def trainable(self, module, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
+        """The parameters of ``module`` (the pipeline's ``component``) the run trains, by state-dict
+        key: the UNet's parameter set ``cfg.params`` unless the objective trains something else."""
+        return trainable_parameters(module, cfg.params)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the objective itself for an exact resume, beside the trained
+        tensors and the generator (nested dicts / lists of tensors, numbers, strings, None)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Take back what ``state`` returned, from a resumed run's checkpoint."""
 
     @property
     def extra_changed(self) -> dict[str, torch.Tensor]:
@@ -136,8 +151,8 @@ class FinetuneRun:
 def train(pipe, concepts: ConceptSet, cfg: TrainConfig, objective: type[Objective], method: str,
           checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
           model_fingerprint: str | None = None) -> FinetuneRun:
-    """Train ``pipe.unet`` in place with ``objective`` (the method named ``method``; it keys the
-    checkpoints) to erase ``concepts``.
+    """Train ``pipe.unet`` (or the pipeline component ``objective.component`` names) in place with
+    ``objective`` (the method named ``method``; it keys the checkpoints) to erase ``concepts``.
 
     SD1.x / SD2.x and SDXL pipelines (where the objective supports it; see
     ``sdxl_conditioning``). With ``checkpoint_dir`` the run checkpoints every
@@ -194,13 +209,19 @@ def _train(pipe, concepts, cfg, objective_cls, method, checkpoint_dir, resume, m
         ckpt.save_cache(folder, objective.cache, signature)
 
     run = _Run(pipe, cfg, folder, signature)
+    module = getattr(pipe, objective.component)  # the UNet, or the component the objective trains
     pipe.unet.requires_grad_(False)
+    module.requires_grad_(False)
+    if deepspeed and objective.component != "unet":
+        raise ValueError(f"{method}: distributed runs train the UNet, this objective trains the {objective.component}")
     # A distributed run trains a copy: ZeRO-3 partitions the parameters of the module it trains.
-    trainee = copy.deepcopy(pipe.unet) if deepspeed else pipe.unet
-    run.lora = add_lora(trainee, cfg.lora_rank, cfg.seed) if cfg.params == "lora" else None
-    run.trained = lora_parameters(run.lora) if run.lora is not None else trainable_parameters(trainee, cfg.params)
+    trainee = copy.deepcopy(module) if deepspeed else module
+    lora = cfg.params == "lora" and objective.component == "unet"
+    run.lora = add_lora(trainee, cfg.lora_rank, cfg.seed) if lora else None
+    run.trained = lora_parameters(run.lora) if run.lora is not None else objective.trainable(trainee, cfg)
     opt = start_training(trainee, run.trained, cfg)
-    stepper = _DeepSpeedStepper(run, trainee, opt, resume) if deepspeed else _LocalStepper(run, trainee, opt, state)
+    stepper = (_DeepSpeedStepper(run, trainee, opt, resume) if deepspeed
+               else _LocalStepper(run, trainee, opt, state, objective))
 
     start = time.perf_counter()
 
@@ -223,13 +244,14 @@ def _train(pipe, concepts, cfg, objective_cls, method, checkpoint_dir, resume, m
 class _LocalStepper:
     """Steps the pipeline's own UNet with a torch / bitsandbytes optimizer."""
 
-    def __init__(self, run: _Run, trainee, opt, state: dict | None):
-        self.run, self.opt = run, opt
+    def __init__(self, run: _Run, trainee, opt, state: dict | None, objective: Objective):
+        self.run, self.opt, self.objective = run, opt, objective
         self.model, self.autocast = trainee, training_autocast(run.cfg.precision, trainee.device)
         self.update = local_update(opt)
         if state is not None:
             run.first = ckpt.restore_checkpoint(state, run.trained, opt)
             run.gen.set_state(state["rng"]["generator"])
+            objective.load_state(state["rng"].get("objective", {}))
 
     @staticmethod
     def loss_value(loss) -> float:
@@ -237,16 +259,18 @@ class _LocalStepper:
 
     def save(self, done: int) -> None:
         run = self.run
-        ckpt.save_checkpoint(run.folder, done, run.trained, self.opt, {"generator": run.gen.get_state()}, run.signature)
+        # The generator's state and the objective's own (e.g. the latest adversarial tokens).
+        rng = {"generator": run.gen.get_state(), "objective": self.objective.state()}
+        ckpt.save_checkpoint(run.folder, done, run.trained, self.opt, rng, run.signature)
 
     def finish(self, objective: Objective) -> dict[str, torch.Tensor]:
-        run, unet = self.run, self.run.pipe.unet
+        run, module = self.run, getattr(self.run.pipe, objective.component)
         objective.finish()
-        unet.eval().requires_grad_(False)
+        module.eval().requires_grad_(False)
         if run.cfg.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
+            module.disable_gradient_checkpointing()
         if run.lora is not None:
-            return merge_lora(unet, run.lora)
+            return merge_lora(module, run.lora)
         return {k: p.detach() for k, p in run.trained.items()}
 
 

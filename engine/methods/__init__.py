@@ -2,7 +2,8 @@
 
 Built in: uce, uce-plus (uce.py), trce-stage1 and trce (trce.py), esd (esd.py), co-erasing
 (co_erasing.py), bi-erasing (bi_erasing.py), speed (speed.py), mace (mace.py,
-mace_lora.py), rece (rece.py). Other packages add methods
+mace_lora.py), rece (rece.py), advunlearn (advunlearn.py, advunlearn_attack.py: it trains the
+text encoder, ``Method.component``). Other packages add methods
 without forking, either by calling ``register_method(method)`` or through the
 ``erasure_engine.methods`` entry-point group (a ``Method`` object, or a callable returning one),
 which is read the first time the registry is consulted:
@@ -18,6 +19,7 @@ import warnings
 from importlib import metadata
 
 from engine.concepts import ConceptSet
+from engine.methods.advunlearn import ADVUNLEARN, AdvUnlearnConfig
 from engine.methods.base import ClosedFormMethod, FineTuningMethod, Method, Outcome, training_summary
 from engine.methods.bi_erasing import BI_ERASING, BiErasingConfig
 from engine.methods.co_erasing import CO_ERASING, CoErasingConfig
@@ -32,7 +34,7 @@ ENTRY_POINT_GROUP = "erasure_engine.methods"
 DEFAULT_METHOD = "uce-plus"  # what `erase` and `erasure erase` use when no method is named
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in (UCE, UCE_PLUS, TRCE_STAGE1, ESD, CO_ERASING, BI_ERASING, TRCE,
-                                                     SPEED, MACE, RECE)}
+                                                     SPEED, MACE, RECE, ADVUNLEARN)}
 _entry_points_read = False
 
 
@@ -81,8 +83,9 @@ def get_method(name: str) -> Method:
 
 def finetune(pipe, concepts: ConceptSet, cfg, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
              method: str | None = None, model_fingerprint: str | None = None):
-    """Train ``pipe.unet`` in place to erase ``concepts`` with a fine-tuning method (default: the
-    built-in method whose settings type ``cfg`` is); returns the trainer's ``FinetuneRun``."""
+    """Train ``pipe.unet`` (or the component the method trains, ``Method.component``) in place to
+    erase ``concepts`` with a fine-tuning method (default: the built-in method whose settings type
+    ``cfg`` is); returns the trainer's ``FinetuneRun``."""
     if method is None:
         owners = [m for m in available_methods().values() if m.trains and type(m.defaults) is type(cfg)]
         if len(owners) != 1:
@@ -99,5 +102,5 @@ __all__ = [
     "Method", "ClosedFormMethod", "FineTuningMethod", "Outcome", "training_summary", "register_method",
     "available_methods", "get_method", "finetune", "ENTRY_POINT_GROUP", "DEFAULT_METHOD",
     "ESDConfig", "CoErasingConfig", "BiErasingConfig", "TRCEConfig", "SpeedConfig",
-    "MACEConfig", "RECEConfig",
+    "MACEConfig", "RECEConfig", "AdvUnlearnConfig",
 ]

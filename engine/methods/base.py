@@ -20,7 +20,7 @@ from engine.concepts import ConceptSet
 class Outcome:
     """What a method's run changed, and what it adds to the manifest."""
 
-    changed: dict[str, torch.Tensor]  # UNet state-dict key -> new tensor
+    changed: dict[str, torch.Tensor]  # state-dict key of the method's component (the UNet's) -> new tensor
     timings: dict[str, float]
     manifest: dict  # e.g. {"seed": ..., "solve": {...}} or {"seed": ..., "training": {...}}
     edit: object | None = None  # the closed-form solve's ClosedFormEdit, where there is one
@@ -51,8 +51,16 @@ class Method:
         """Settings completed from what lies beside the model on disk (default: unchanged)."""
         return cfg
 
+    def component(self, cfg) -> str:
+        """The pipeline component whose tensors the run changes: "unet" (the default) or
+        "text_encoder" (a method that trains the text encoder). ``touched``, ``Outcome.changed``,
+        the delta file and the saved pipeline's written component follow it; the rest of the
+        pipeline is left as loaded."""
+        return "unet"
+
     def touched(self, unet, cfg) -> set[str]:
-        """State-dict keys of the UNet tensors the run may change (snapshotted before it)."""
+        """State-dict keys of the tensors of ``unet`` (the pipeline's ``component(cfg)``, the UNet
+        unless the method says otherwise) the run may change (snapshotted before it)."""
         raise NotImplementedError
 
     def check_settings(self, cfg) -> None:
