@@ -193,16 +193,22 @@ def render_markdown(report: dict, grid_labels: list[str] | None = None) -> str:
             f"| {_pct(acc.get('direct'))} | {_pct(acc.get('other_templates'))} | {_pct(acc.get('indirect'))} "
             f"| {_pct(acc0.get('direct'))} | {seen} |"
         )
-    if report.get("attacks"):
-        lines += ["", "## Under attack", "", "% of images (UnlearnDiffAtk: of prompts) showing the erased concept:", "",
-                  "| concept | attack | concept shown |", "| --- | --- | --- |"]
-        lines += [f"| {_cell(name)} | {attack} | {_pct(rate)} |" for name, rates in report["attacks"].items()
-                  for attack, rate in rates.items() if isinstance(rate, float)]
+    lines += _attack_lines(report.get("attacks"))
     if grid_labels:
         lines += ["", "## Samples", "", f"![original (left) vs edited (right), with what the evaluator saw in each "
                   f"edited image]({GRID_NAME})", ""]
         lines += [f"{i + 1}. {_cell(label)}" for i, label in enumerate(grid_labels)]
     return "\n".join(lines) + "\n"
+
+
+def _attack_lines(attacks: dict | None) -> list[str]:
+    """``erasure eval --attack``'s section: each attacked concept's success rate per attack."""
+    if not attacks:
+        return []
+    lines = ["", "## Under attack", "", "% of images (UnlearnDiffAtk: of prompts) showing the erased concept:", "",
+             "| concept | attack | concept shown |", "| --- | --- | --- |"]
+    return lines + [f"| {_cell(name)} | {attack} | {_pct(rate)} |" for name, rates in attacks.items()
+                    for attack, rate in rates.items() if isinstance(rate, float)]
 
 
 # --------------------------------------------------------------------------- grid
