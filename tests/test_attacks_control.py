@@ -117,3 +117,23 @@ def test_never_learned_control_end_to_end(control):
     assert validation["unseen_renders"]["accuracy"] == 100.0 and validation["catalogue_renders"]["accuracy"] >= 90
     assert 0 <= validation["original_generations"]["agreement_with_identity_head"] <= 100
     json.dumps(out)  # JSON-able
+
+
+def test_benchmark_row_merges_and_prints(control, monkeypatch, tmp_path, capsys):
+    import benchmarks.toy_attacks as bench
+
+    monkeypatch.setattr(bench, "never_learned_control", lambda *a, **k: control)
+    out = tmp_path / "toy_attacks.json"
+    other = {"method": "esd", "scenario": "identity", "concept": cat.IDENTITIES[0].name, "H": 98.0, "kid": 0.0,
+             "plain": 0.0, "attacks": {"inversion": {"success_rate": 100.0}}}
+    out.write_text(json.dumps({"results": [other]}))
+    bench.main(["--methods", "never-learned", "--scenarios", "identity,unsafe", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in rows] == ["esd", "never-learned"] and rows[0] == other
+    row = rows[1]
+    assert row["plain"] == control["plain"]["success_rate"] and row["H"] is None
+    assert row["attacks"]["inversion"]["success_rate"] == control["inversion"]["success_rate"]
+    assert row["control"]["judge_validation"] == control["judge_validation"] and row["budgets"]["ti_steps"] == 300
+    printed = capsys.readouterr().out
+    assert "skipping unsafe" in printed and "| identity | never-learned | - | - |" in printed
+    assert f"same judge on {cat.IDENTITIES[0].name}" in printed
