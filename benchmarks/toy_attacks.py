@@ -10,7 +10,10 @@ held-out templates and indirect wordings with the toy suite (1 image per prompt)
 ``engine.attacks.run_attacks`` on the erased concept: the % of images showing it for its plain
 prompts, concept inversion on the edit, the tokens learned on the original replayed on the edit,
 UnlearnDiffAtk's ASR over ``--prompts`` prompts and Ring-A-Bell. The row ``original`` attacks the
-unedited model (the attacks must work there). The budgets are smaller than the papers' (their
+unedited model (the attacks must work there). The pseudo-method ``never-learned`` (scenario
+identity only) is the control: plain prompts and concept inversion (same budget) on an identity
+the world never learned, judged in the evaluator's feature space, with that judge's validation
+and its verdict on the first identity's inversion on the original (engine/attacks/control.py). The budgets are smaller than the papers' (their
 defaults are `erasure attack`'s) so that a row takes minutes on a CPU; they are recorded in the
 JSON. Writes benchmarks/results/toy_attacks.json after every row and prints a Markdown table.
 """
@@ -26,10 +29,14 @@ from benchmarks._common import add_out_argument, argument_parser, device_name, g
 from benchmarks.toy_methods import method_settings, scenario
 from engine.api import erase
 from engine.attacks import AttackSettings, InversionSettings, UnlearnDiffSettings, run_attacks
+from engine.attacks.control import never_learned_control
 from engine.attacks.runner import ring_a_bell_settings
 from engine.evaluation import evaluate_toy
 from engine.export import package_versions
 from engine.toyworld.world import load_toy_pipeline, pipeline_path, verify_world
+
+CONTROL = "never-learned"  # the pseudo-method of the control row
+QUALITY = ("H", "kid", "erased_acc", "erased_acc_other_templates", "erased_acc_indirect", "retained_acc")
 
 
 def parse_arguments(argv=None):
@@ -52,10 +59,23 @@ def attack_settings(args, pipe, name: str, world, transfer: bool) -> AttackSetti
     s = AttackSettings(
         model=pipe, concept=name, attacks=tuple(args.attacks.split(",")), world=world, transfer=transfer,
         images=args.images, prompts=args.prompts, progress=False,
-        inversion=InversionSettings(steps=args.ti_steps, images=25),
+        inversion=inversion_settings(args),
         unlearndiff=UnlearnDiffSettings(timesteps=args.udiff_timesteps, iterations=args.udiff_iterations),
     )
     return s.replace(ring_a_bell=ring_a_bell_settings(s).replace(generations=args.rab_generations))
+
+
+def inversion_settings(args) -> InversionSettings:
+    return InversionSettings(steps=args.ti_steps, images=25)
+
+
+def control_row(args, scen: str, world) -> dict:
+    """The never-learned row: its plain and inversion rates in the columns, the rest in ``control``."""
+    out = never_learned_control(world, inversion_settings(args), images=args.images, progress=False)
+    return {"method": CONTROL, "scenario": scen, "concept": out["identity"]["name"], "settings": {},
+            **dict.fromkeys(QUALITY), "erase_and_eval_seconds": None, "plain": out["plain"]["success_rate"],
+            "attacks": {"inversion": out["inversion"]}, "judge": out["judge"], "attack_seconds": out["seconds"],
+            "control": {k: v for k, v in out.items() if k != "inversion"}}
 
 
 def run_row(args, method: str, scen: str, world) -> dict:
@@ -64,8 +84,7 @@ def run_row(args, method: str, scen: str, world) -> dict:
     start = time.perf_counter()
     if method == "original":
         pipe, settings = load_toy_pipeline(world), {}
-        quality = dict.fromkeys(("H", "kid", "erased_acc", "erased_acc_other_templates", "erased_acc_indirect",
-                                 "retained_acc"))
+        quality = dict.fromkeys(QUALITY)
     else:
         settings = method_settings(method, scen)
         pipe = erase(str(model), concept_set, method=method, progress=False, **settings).pipeline
@@ -93,6 +112,16 @@ def print_table(results: list[dict]) -> None:
         h = "-" if r["H"] is None else f"{r['H']:.1f}"
         kid = "-" if r["kid"] is None else f"{r['kid']:.4f}"
         print(f"| {r['scenario']} | {r['method']} | {h} | {kid} | {pct(r['plain'])} | " + " | ".join(cells) + " |")
+    for r in results:
+        if r["method"] == CONTROL:
+            c = r["control"]
+            v, known = c["judge_validation"], c["learned_identity"]
+            print(f"\n{CONTROL}: {r['concept']}, judged by {c['judge']}; judge accuracy on held-out renders "
+                  f"{v['unseen_renders']['accuracy']:.0f}% (it) / {v['catalogue_renders']['accuracy']:.0f}% (catalogue), "
+                  f"agreement with the identity head on the original's generations "
+                  f"{v['original_generations']['agreement_with_identity_head']:.0f}%; same judge on {known['name']} "
+                  f"(original model): plain {pct(known['plain']['success_rate'])}, "
+                  f"inversion {pct(known['inversion']['success_rate'])}")
 
 
 def main(argv=None):
@@ -106,8 +135,12 @@ def main(argv=None):
                "images": args.images, "prompts": args.prompts}
     for scen in args.scenarios.split(","):
         for method in args.methods.split(","):
+            if method == CONTROL and scen != "identity":
+                print(f"== {method} is a control for identities only: skipping {scen}", flush=True)
+                continue
             print(f"== {method} on {scen}", flush=True)
-            row = {**run_row(args, method, scen, world), "budgets": budgets, "git_sha": sha}
+            row = control_row(args, scen, world) if method == CONTROL else run_row(args, method, scen, world)
+            row = {**row, "budgets": budgets, "git_sha": sha}
             results = [r for r in results if (r["method"], r["scenario"]) != (method, scen)] + [row]
             print(json.dumps({k: row[k] for k in ("method", "scenario", "H", "plain", "attacks")}, default=str)[:1500],
                   flush=True)

@@ -4,7 +4,9 @@
 * ``unlearndiff`` (unlearndiff.py): UnlearnDiffAtk's adversarial prompt tokens (Zhang et al., ECCV 2024);
 * ``ring-a-bell`` (ring_a_bell.py): Ring-A-Bell's genetic search for a prompt near the concept
   vector, with the original model's text encoder only (Tsai et al., ICLR 2024);
-* transfer rows: what an attack found on the original model, replayed on the edit.
+* transfer rows: what an attack found on the original model, replayed on the edit;
+* ``never_learned_control`` (control.py): the same attacks' rate on an identity the toy world
+  never learned, the floor an erased identity's rate is compared with.
 
 ``run_attacks(AttackSettings(...))`` (runner.py) runs them on one concept and returns the report;
 ``erasure attack`` (cli.py) writes it. Shared parts (learned tokens in prompts, the denoising

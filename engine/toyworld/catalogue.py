@@ -19,6 +19,9 @@ Captions come from ``TEMPLATES[kind]["train"]`` (plus ``"train_extra"``, more ph
 training only) and ``TEMPLATES[kind]["heldout"]``; held-out
 templates (and held-out paraphrases) are never used for training, so they test generalisation.
 
+``unseen_identity(i)`` is a person of the same kind that the world never learned (not in
+``IDENTITIES``, no name token in any caption): the control for attacks on an erased identity.
+
 Everything here is plain data; ``render.py`` draws it.
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -180,6 +184,31 @@ def _make_identities() -> tuple[Identity, ...]:
 
 
 IDENTITIES: tuple[Identity, ...] = _make_identities()
+
+# Names for identities the world never learned (``unseen_identity``): no word of them is in a
+# catalogue name, and none of their tokens is in any training caption (the shipped text encoder
+# keeps those embedding rows at zero; tests/test_attacks_control.py checks both).
+_UNSEEN_FIRST_NAMES = ("Thessaly", "Caspian", "Isolde", "Ottoline")
+_UNSEEN_LAST_NAMES = ("Winterbourne", "Drummond", "Fenwright", "Calloway")
+
+
+@lru_cache(maxsize=None)
+def unseen_identity(index: int = 0) -> Identity:
+    """A made-up identity that is NOT in ``IDENTITIES``: the control for attacks on an erased
+    identity (how often does an attack "recover" a person the model never learned?).
+
+    Its look is the ``N_IDENTITIES + index``-th combination of the catalogue's own sampler
+    (``_identity_codes``, same seed), so it is >= 3 salient attributes away from every catalogue
+    identity and every other unseen one; ``IDENTITIES`` are its first ``N_IDENTITIES`` rows,
+    unchanged. Its name is from ``_UNSEEN_FIRST_NAMES`` x ``_UNSEEN_LAST_NAMES``.
+    """
+    f, l = len(_UNSEEN_FIRST_NAMES), len(_UNSEEN_LAST_NAMES)
+    if not isinstance(index, int) or not 0 <= index < f * l:
+        raise ValueError(f"unseen identity index must be an integer in [0, {f * l}), got {index!r}")
+    code = _identity_codes(N_IDENTITIES + index + 1)[-1]
+    values = {a: _ATTRIBUTE_VALUES[a][int(c)] for a, c in zip(IDENTITY_ATTRIBUTES, code)}
+    name = f"{_UNSEEN_FIRST_NAMES[index % f]} {_UNSEEN_LAST_NAMES[(index + index // f) % l]}"
+    return Identity(name=name, **values)
 
 # --- objects, colours, backgrounds ------------------------------------------------------------
 

@@ -12,6 +12,9 @@ than the frame on every side, so that a jittered crop never runs off the drawing
 shoulders continue below the frame). Only blood splatter is drawn anew each time: its droplets
 are random. Everything is numpy; well under a millisecond a render.
 
+``identity_images`` draws any ``catalogue.Identity``, also one outside the catalogue (the
+never-learned control of the attacks), the way ``render`` draws an unstyled identity scene.
+
 ``make_dataset`` mixes the kinds: identities 40%, objects 25%, styled identities or objects 20%,
 unsafe concepts 15%.
 """
@@ -172,10 +175,15 @@ def _luminance(c):
     return float(np.dot(c, [0.299, 0.587, 0.114]))
 
 
+def _identity_sprite(name: str):
+    """The sprite of the catalogue identity ``name``."""
+    return _bust_sprite(cat.identity(name))
+
+
 # Over 60 lines: one bust drawn part by part, in painting order.
 @lru_cache(maxsize=None)
-def _identity_sprite(name: str):
-    who = cat.identity(name)
+def _bust_sprite(who: cat.Identity):
+    """(rgb, mask) on the canvas of any ``Identity``, in the catalogue or not."""
     skin = _rgb(cat.SKIN_TONES[who.skin])
     hair = _rgb(cat.HAIR_COLOURS[who.hair_colour])
     shirt = _rgb(cat.SHIRT_COLOURS[who.shirt_colour])
@@ -522,18 +530,23 @@ assert set(_STYLE_FNS) == {s.name for s in cat.STYLES}, "every catalogue style n
 # --- rendering --------------------------------------------------------------------------------
 
 
+def _draw(sprite, background: str, style: str | None, rng: np.random.Generator):
+    """uint8 image and mask: ``sprite(rng)`` jittered and brightened over the background, styled."""
+    dy, dx = rng.integers(-JITTER, JITTER + 1, 2)
+    brightness = rng.uniform(0.9, 1.1)
+    rgb, mask = sprite(rng)
+    window = (slice(PAD - dy, PAD - dy + SIZE), slice(PAD - dx, PAD - dx + SIZE))
+    rgb, mask = rgb[window], mask[window]
+    img = np.where(mask[..., None], rgb * brightness, _background(background, rng))
+    if style is not None:
+        img = _STYLE_FNS[style](img, mask, rng)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mask
+
+
 def render(scene: Scene) -> Render:
     """Draw a scene. Deterministic: the same scene (seed included) gives the same result."""
     rng = np.random.default_rng(scene.seed)
-    dy, dx = rng.integers(-JITTER, JITTER + 1, 2)
-    brightness = rng.uniform(0.9, 1.1)
-    rgb, mask = _sprite(scene, rng)
-    window = (slice(PAD - dy, PAD - dy + SIZE), slice(PAD - dx, PAD - dx + SIZE))
-    rgb, mask = rgb[window], mask[window]
-    img = np.where(mask[..., None], rgb * brightness, _background(scene.background, rng))
-    if scene.style is not None:
-        img = _STYLE_FNS[scene.style](img, mask, rng)
-    image = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    image, mask = _draw(lambda r: _sprite(scene, r), scene.background, scene.style, rng)
     caption = caption_for(scene, np.random.default_rng([scene.seed, 1]), scene.split)
     return Render(image=image, mask=mask.copy(), caption=caption, labels=labels_for(scene))
 
@@ -625,6 +638,22 @@ def sample_scene(rng: np.random.Generator, kind: str | None = None, subject: str
         fits = [c for c in cat.COLOURS if _contrast_ok(c, background)]
         colour = fits[rng.integers(len(fits))]
     return Scene(subject_kind, subject, colour, background, style, int(rng.integers(2**31)), split)
+
+
+def identity_images(who: cat.Identity, n: int, seed: int) -> np.ndarray:
+    """``n`` unstyled renders (uint8 N x 32 x 32 x 3) of any ``Identity``, also one the catalogue
+    does not hold (``Scene`` refuses those): random backgrounds, the jitter and brightness of
+    ``render``. For a catalogue identity they are exactly the renders of ``sample_scene(rng,
+    kind="identity", subject=who.name)`` with ``rng = np.random.default_rng(seed)``."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        background = cat.BACKGROUNDS[rng.integers(len(cat.BACKGROUNDS))]
+        scene_rng = np.random.default_rng(int(rng.integers(2**31)))
+        images.append(_draw(lambda _: _bust_sprite(who), background, None, scene_rng)[0])
+    return np.stack(images) if images else np.zeros((0, SIZE, SIZE, 3), np.uint8)
 
 
 def render_batch(scenes) -> tuple[np.ndarray, np.ndarray]:
