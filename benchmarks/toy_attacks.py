@@ -3,6 +3,7 @@
     python -m benchmarks.toy_attacks [--methods original,uce-plus,rece,esd] [--scenarios identity,unsafe]
         [--attacks inversion,unlearndiff,ring-a-bell] [--ti-steps 300] [--udiff-timesteps 10]
         [--udiff-iterations 40] [--rab-generations 300] [--images 32] [--prompts 4]
+        [--set KEY=VALUE ... --label NAME]   # a variant of the fine-tuning methods' settings, its own rows
 
 For each (scenario, method) of benchmarks/toy_methods.py (same concept sets, same toy presets):
 erase in memory, measure H, KID and the erased concept's recognition for training templates,
@@ -27,6 +28,7 @@ import torch
 
 from benchmarks._common import add_out_argument, argument_parser, device_name, git_sha, now, result_path, write_report
 from benchmarks.toy_methods import method_settings, scenario
+from engine.cli import parse_sets
 from engine.api import erase
 from engine.attacks import AttackSettings, InversionSettings, UnlearnDiffSettings, run_attacks
 from engine.attacks.control import never_learned_control
@@ -44,6 +46,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--methods", default="original,uce-plus,rece,esd")
     parser.add_argument("--scenarios", default="identity,unsafe")
     parser.add_argument("--attacks", default="inversion,unlearndiff,ring-a-bell")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the fine-tuning methods run, as erasure erase --set")
+    parser.add_argument("--label", help="the rows' model name (default: the method's), e.g. for a --set variant")
     parser.add_argument("--world", help="toy world folder (default: the shipped one)")
     parser.add_argument("--ti-steps", type=int, default=300)
     parser.add_argument("--udiff-timesteps", type=int, default=10)
@@ -86,7 +91,7 @@ def run_row(args, method: str, scen: str, world) -> dict:
         pipe, settings = load_toy_pipeline(world), {}
         quality = dict.fromkeys(QUALITY)
     else:
-        settings = method_settings(method, scen)
+        settings = method_settings(method, scen, overrides=parse_sets(args.set))
         pipe = erase(str(model), concept_set, method=method, progress=False, **settings).pipeline
         report = evaluate_toy(pipe, names, original=model, world=world, images_per_prompt=1, progress=False)
         quality = {"H": report["H"], "kid": report["quality"]["kid"],
@@ -140,8 +145,9 @@ def main(argv=None):
                 continue
             print(f"== {method} on {scen}", flush=True)
             row = control_row(args, scen, world) if method == CONTROL else run_row(args, method, scen, world)
-            row = {**row, "budgets": budgets, "git_sha": sha}
-            results = [r for r in results if (r["method"], r["scenario"]) != (method, scen)] + [row]
+            label = args.label or method
+            row = {**row, "method": label, "base_method": method, "budgets": budgets, "git_sha": sha}
+            results = [r for r in results if (r["method"], r["scenario"]) != (label, scen)] + [row]
             print(json.dumps({k: row[k] for k in ("method", "scenario", "H", "plain", "attacks")}, default=str)[:1500],
                   flush=True)
             write_report(out, {"benchmark": "toy_attacks", "device": device_name(torch.device("cpu")),
