@@ -2,6 +2,7 @@
 and every benchmark runs as a module of the benchmarks package."""
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,32 @@ def test_toy_scale_lists_half_of_the_rest_and_splits_what_was_kept():
     split = split_retained(report, listed)
     assert split["identities_listed"] == 100.0 and split["identities_never_listed"] == 40.0
     assert split["object"] == 80.0 and split["style"] is None
+
+
+def test_toy_attacks_variant_rows_take_the_settings_and_keep_the_plain_rows(monkeypatch, tmp_path):
+    from benchmarks import toy_attacks
+
+    seen = {}
+
+    class Erased:
+        pipeline = "edited pipeline"
+
+    def fake_erase(model, concepts, method, progress, **settings):
+        seen.update(method=method, **settings)
+        return Erased()
+
+    report = {"H": 90.0, "quality": {"kid": 1.0}, "erased_acc": 0.0, "erased_acc_other_templates": 0.0,
+              "erased_acc_indirect": None, "retained_acc": 90.0}
+    attacked = {"plain": {"success_rate": 0.0}, "attacks": {}, "judge": "toy", "timing": {"total_seconds": 1.0}}
+    monkeypatch.setattr(toy_attacks, "erase", fake_erase)
+    monkeypatch.setattr(toy_attacks, "evaluate_toy", lambda *a, **k: report)
+    monkeypatch.setattr(toy_attacks, "run_attacks", lambda s: attacked if s.model == "edited pipeline" else None)
+    out = tmp_path / "toy_attacks.json"
+    plain = {"method": "esd", "scenario": "identity", "H": 98.0, "kid": 0.0, "plain": 0.0, "attacks": {}}
+    out.write_text(json.dumps({"results": [plain]}))
+    toy_attacks.main(["--methods", "esd", "--scenarios", "identity", "--set", "lr=0.0005", "--label", "esd, lr=5e-4",
+                      "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert seen["method"] == "esd" and seen["lr"] == 0.0005 and seen["iterations"] == 300  # the preset, then --set
+    assert rows[0] == plain and rows[1]["method"] == "esd, lr=5e-4" and rows[1]["base_method"] == "esd"
+    assert rows[1]["settings"]["lr"] == 0.0005
