@@ -20,6 +20,19 @@ def _private_cache(tmp_path_factory):
         os.environ["ERASURE_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: their small tensors are overhead-bound, one torch thread is as
+    fast, and two threads per process on a busy two-core machine are up to ten times slower.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A random-weight SD1-style pipeline in diffusers format, written once per session."""

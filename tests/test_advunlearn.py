@@ -20,19 +20,10 @@ from engine.models import load_pipeline
 
 CONCEPTS = concepts_from_names(["Van Gogh"], templates=["{}", "a painting of {}"])
 # A few steps on a random model move it little: the trainer's "likely not erased" warning is expected.
-pytestmark = pytest.mark.filterwarnings("ignore:advunlearn. after .* steps the erased concepts")
+pytestmark = [pytest.mark.filterwarnings("ignore:advunlearn. after .* steps the erased concepts"), pytest.mark.usefixtures("one_thread")]
 
 FAST = dict(iterations=3, lr=1e-3, batch_size=2, sample_steps=4, trajectories=2, progress=False, checkpoint_every=0,
             loss_backend="torch", warmup_iterations=1, attack_steps=2, retain_batch=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models run 10-100x slower with two threads on a busy two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

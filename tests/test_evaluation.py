@@ -31,14 +31,7 @@ from engine.toyworld import catalogue as cat
 ID_A, ID_B = cat.IDENTITIES[0].name, cat.IDENTITIES[1].name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The 32x32 tiny pipelines are overhead-bound: one thread is as fast, and on a busy machine
-    two threads per process oversubscribe the cores (ten times slower here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- metrics

@@ -27,13 +27,7 @@ from engine.evaluation.suites.base import SuiteRun, prompt_jobs
 DATA = Path(__file__).parent / "data" / "eval"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run fastest on one thread, and a busy machine does not oversubscribe it."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_args(**options):

@@ -19,13 +19,7 @@ from engine.models import encode_prompts, load_pipeline, tokenize_prompts
 FAST = dict(steps=2, images=1, image_steps=2, backend="torch", progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny UNet's convolutions run 10-100x slower with two threads on a busy two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from engine.toyworld.catalogue import TEMPLATES
 from engine.toyworld.world import pipeline_path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The small text encoder is overhead-bound: two threads on a busy two-core machine are ten
-    times slower than one."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

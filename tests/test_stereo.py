@@ -23,12 +23,7 @@ FAST = dict(iterations=3, ste_iterations=2, rounds=2, lr=1e-3, ste_lr=1e-3, batc
             checkpoint_every=0, loss_backend="torch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
