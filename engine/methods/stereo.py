@@ -30,6 +30,7 @@ the concept's images); anchors are the concepts' own anchor prompts (theirs: a p
 anchor prompts); tokens are plain vectors on the hooked embedding layer (``engine.attacks``), not
 new tokenizer entries. REO starts from the original model (``reo_start="original"``, as the paper
 describes it); ``"ste"`` continues from the STE model instead. One concept per run, as the paper.
+Checkpoints are REO's: a resumed run repeats STE (deterministic in the seed), then continues REO.
 """
 
 from __future__ import annotations
