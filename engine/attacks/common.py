@@ -127,6 +127,13 @@ def generate_from_embeddings(pipe, embeds: torch.Tensor, seeds: list[int], *, st
     return np.concatenate(out)
 
 
+def generate_prompts(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int,
+                     table: TokenTable | None = None) -> np.ndarray:
+    """``generate_from_embeddings`` of the prompts' encodings (placeholders of ``table`` included)."""
+    embeds = encode_with_tokens(pipe, prompts, table).detach()
+    return generate_from_embeddings(pipe, embeds, seeds, steps=steps, guidance=guidance, size=size)
+
+
 # ----------------------------------------------------------------------------- judges
 
 

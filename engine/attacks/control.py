@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from engine.attacks.common import (
-    FeatureJudge, TokenTable, ToyJudge, encode_with_tokens, generate_from_embeddings, success_rate,
+    FeatureJudge, TokenTable, ToyJudge, generate_prompts, success_rate,
 )
 from engine.attacks.inversion import InversionSettings, attack_prompts, learn_tokens
 
@@ -54,10 +54,9 @@ class _Toy:
 
     def generate(self, prompts: list[str], table: TokenTable | None = None) -> np.ndarray:
         """One image per prompt, noise seeded by seed + i."""
-        embeds = encode_with_tokens(self.pipe, prompts, table).detach()
         seeds = [self.seed + i for i in range(len(prompts))]
-        return generate_from_embeddings(self.pipe, embeds, seeds, steps=self.steps, guidance=self.guidance,
-                                        size=self.size)
+        return generate_prompts(self.pipe, prompts, seeds, steps=self.steps, guidance=self.guidance, size=self.size,
+                                table=table)
 
     def prompts(self, name: str, n: int) -> list[str]:
         """``n`` of the identity's training-template prompts, cycled (as the attack rows prompt)."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.attacks.common import ClipJudge, TokenTable, ToyJudge, encode_with_tokens, generate_from_embeddings, success_rate
+from engine.attacks.common import ClipJudge, TokenTable, ToyJudge, generate_prompts, success_rate
 from engine.attacks.inversion import InversionSettings, attack_prompts, learn_tokens, save_tokens
 from engine.attacks.ring_a_bell import RingABellSettings, concept_vector, ring_a_bell, target_embedding
 from engine.attacks.unlearndiff import UnlearnDiffSettings, attack_prompt
@@ -113,14 +113,11 @@ class _Context:
     def concept_images(self, pipe, n: int) -> np.ndarray:
         """``n`` images of the concept's prompts (cycled) from ``pipe``, seeds seed + i."""
         prompts = [self.prompts[i % len(self.prompts)] for i in range(n)]
-        embeds = encode_with_tokens(pipe, prompts).detach()
-        return generate_from_embeddings(pipe, embeds, self.seeds(n), steps=self.steps, guidance=self.guidance,
-                                        size=self.size)
+        return generate_prompts(pipe, prompts, self.seeds(n), steps=self.steps, guidance=self.guidance, size=self.size)
 
     def judged_rate(self, prompts: list[str], table: TokenTable | None = None) -> float:
-        embeds = encode_with_tokens(self.pipe, prompts, table).detach()
-        images = generate_from_embeddings(self.pipe, embeds, self.seeds(len(prompts)), steps=self.steps,
-                                          guidance=self.guidance, size=self.size)
+        images = generate_prompts(self.pipe, prompts, self.seeds(len(prompts)), steps=self.steps,
+                                  guidance=self.guidance, size=self.size, table=table)
         return success_rate(self.judge.hits(images))
 
 
@@ -210,8 +207,7 @@ def _ring_a_bell_rows(ctx: _Context) -> dict:
 
 
 def _one_image(ctx: _Context, pipe, prompt: str, seed: int) -> np.ndarray:
-    embeds = encode_with_tokens(pipe, [prompt]).detach()
-    return generate_from_embeddings(pipe, embeds, [seed], steps=ctx.steps, guidance=ctx.guidance, size=ctx.size)[0]
+    return generate_prompts(pipe, [prompt], [seed], steps=ctx.steps, guidance=ctx.guidance, size=ctx.size)[0]
 
 
 def run_attacks(s: AttackSettings, out: str | os.PathLike | None = None) -> dict:

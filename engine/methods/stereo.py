@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attacks.common import TokenTable, encode_with_tokens, generate_from_embeddings
+from engine.attacks.common import TokenTable, encode_with_tokens, generate_prompts
 from engine.attacks.inversion import InversionSettings, learn_tokens
 from engine.finetune.config import TOY_TRAINING, TrainConfig, check_choices, check_numbers, check_positive_ints
 from engine.finetune.frozen import Prompts, build_trajectory_cache, cached_guidance_batch, encode_conditions, frozen_eps
@@ -168,14 +168,14 @@ def _reo_objective(tokens: torch.Tensor, frozen) -> type[_ReoObjective]:
 
 def concept_images(pipe, prompts: list[str], cfg: StereoConfig):
     """``cfg.inversion_images`` images of ``prompts`` (cycled) drawn by ``pipe``, seeds seed + i."""
+    from engine.evaluation.generation import image_size
+
     n = cfg.inversion_images
-    embeds = encode_with_tokens(pipe, [prompts[i % len(prompts)] for i in range(n)]).detach()
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     was = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     pipe.set_progress_bar_config(disable=True)
     try:
-        return generate_from_embeddings(pipe, embeds, [cfg.seed + i for i in range(n)], steps=cfg.image_steps,
-                                        guidance=cfg.image_guidance, size=size)
+        return generate_prompts(pipe, [prompts[i % len(prompts)] for i in range(n)], [cfg.seed + i for i in range(n)],
+                                steps=cfg.image_steps, guidance=cfg.image_guidance, size=image_size(pipe))
     finally:
         pipe.set_progress_bar_config(disable=was)
 
