@@ -571,13 +571,16 @@ def edit_residuals(rows: EditRows, T: torch.Tensor, Re: torch.Tensor, R: torch.T
     return (after / before.clamp_min(1e-300)).sqrt()
 
 
-def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig) -> tuple[float, dict]:
+def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig):
     """The largest preservation weight on a log grid (1e-3 .. 1e3) whose edit still moves every
     concept at least ``1 - AUTO_RESIDUAL`` of the way to its anchor (``edit_residuals``): as much
     of the preserved prompts kept as erasing every concept allows. The sums are linear in the
-    weight, S(lam) = S_edit + lam P, so each try is one D x D solve."""
+    weight, S(lam) = S_edit + lam P, so each try is one D x D solve.
+
+    Returns (weight, search report, (S, C) at that weight in float64, or None when there is
+    nothing to preserve): the sums ``accumulate`` would compute, so they are not built twice."""
     if len(rows.src_index) == rows.n_edit and rows.caption_gram is None:
-        return 0.0, {"rule": "nothing to preserve"}
+        return 0.0, {"rule": "nothing to preserve"}, None
     weight = rows.weight.clone()
     weight[rows.n_edit :] = 0.0
     S_e, C_e = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
@@ -600,8 +603,8 @@ def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormCo
             if worst > AUTO_RESIDUAL:
                 break
             chosen = lam
-    return chosen, {"rule": f"largest weight with every concept's residual <= {AUTO_RESIDUAL}",
-                    "max_concept_residual": tried}
+    search = {"rule": f"largest weight with every concept's residual <= {AUTO_RESIDUAL}", "max_concept_residual": tried}
+    return chosen, search, (S_e + chosen * P, C_e + chosen * P)
 
 
 def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> ClosedFormEdit:
@@ -615,13 +618,16 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
         rows = collect_rows(pipe, concepts, config)
     with timer("report"):
         G = kv_gram(kv)  # of the weights before the edit
-    search = None
+    search = sums = None
     if config.preserve_weight == AUTO:
         with timer("preserve_weight"):
-            rows.preserve_weight, search = choose_preserve_weight(rows, G, config)
+            rows.preserve_weight, search, sums = choose_preserve_weight(rows, G, config)
         rows.weight[rows.n_edit :] = rows.preserve_weight
     with timer("gram"):
-        S, C = accumulate(rows, config.backend, config.gram_dtype)
+        if sums is None:
+            S, C = accumulate(rows, config.backend, config.gram_dtype)
+        else:
+            S, C = (x.to(GRAM_DTYPES[config.gram_dtype]) for x in sums)
     with timer("solve"):
         T, solver, cond = solve_transform(S, C, config.ridge, config.max_condition)
     with timer("weight_update"):
