@@ -192,7 +192,7 @@ def span_start(tokenizer, template: str, fill: str, ids: list[int], where: str) 
     raise ValueError(f"{where}: cannot find the tokens of {fill!r} in the prompt {template.format(fill)!r}")
 
 
-class _RowPlan:
+class RowPlan:
     """Collects (prompt, position) rows, encodes only what is needed, and keeps them compactly."""
 
     def __init__(self):
@@ -268,7 +268,7 @@ def caption_gram(pipe, captions: list[str], config: ClosedFormConfig, padding: b
 
     tokenizer = pipe.tokenizer
     eot_id = tokenizer.eos_token_id
-    plan = _RowPlan()
+    plan = RowPlan()
     for text, ids in zip(captions, _tokenize(tokenizer, captions)):
         p = plan.prompt(text)
         for pos in range(MAX_LENGTH if padding else ids.index(eot_id) + 1):
@@ -378,7 +378,7 @@ def _pair_ids(tokenizer, concept) -> list[list[int]]:
     return _tokenize(tokenizer, [s for _, s, _ in pairs] + [t for _, _, t in pairs])
 
 
-def _edit_rows(plan: _RowPlan, tokenizer, concepts: ConceptSet, config: ClosedFormConfig, shared: set,
+def _edit_rows(plan: RowPlan, tokenizer, concepts: ConceptSet, config: ClosedFormConfig, shared: set,
                pair_ids: list[list[list[int]]]):
     """(source rows, target rows, weights, owners, rows skipped per concept) of every concept's
     prompt pairs (``pair_ids``: ``_pair_ids`` of each); a row whose token prefix is in ``shared``
@@ -450,7 +450,7 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
     """Select the token rows of every concept and preservation prompt and encode them."""
     tokenizer = pipe.tokenizer
     eot_id = tokenizer.eos_token_id
-    plan = _RowPlan()
+    plan = RowPlan()
     # The concepts' own prompts first: a prompt too long is reported with its entry, not a neighbour's.
     pair_ids = [_pair_ids(tokenizer, concept) for concept in concepts.concepts]
     prompts, captions, generic, preserved = _preserved_prompts(pipe, concepts, config)

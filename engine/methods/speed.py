@@ -46,11 +46,11 @@ from dataclasses import dataclass
 import torch
 
 from engine import prior
-from engine.closed_form import PhaseTimer, cross_attention_kv, single_threaded, write_weights
+from engine.closed_form import PhaseTimer, RowPlan, cross_attention_kv, single_threaded, write_weights
 from engine.concepts import ConceptSet
 from engine.finetune.config import check_choices, check_numbers, check_positive_ints
 from engine.methods.base import Method, Outcome
-from engine.models import encode_prompts, tokenize_prompts
+from engine.models import tokenize_prompts
 from engine.progress import progress_bar
 from engine.settings import Settings
 from engine.tokenizer import MAX_LENGTH
@@ -158,14 +158,14 @@ def edited_layers(unet, params: str) -> list[tuple[str, torch.nn.Linear]]:
 
 
 def encode_rows(pipe, requests: list[tuple[str, list[int]]], cfg: SpeedConfig, desc: str) -> torch.Tensor:
-    """The rows asked for, [(prompt, positions)] -> (total positions, D) float64 on the CPU, in order."""
-    out = [torch.empty(0, pipe.unet.config.cross_attention_dim, dtype=torch.float64)]
-    for lo in progress_bar(range(0, len(requests), cfg.batch_size), desc=desc, progress=cfg.progress, unit="batch"):
-        batch = requests[lo : lo + cfg.batch_size]
-        emb, _ = encode_prompts(pipe, [t for t, _ in batch], batch_size=cfg.batch_size,
-                                min_positions=max(max(p) for _, p in batch) + 1)
-        out += [e[p].double().cpu() for e, (_, p) in zip(emb, batch)]
-    return torch.cat(out)
+    """The rows asked for, [(prompt, positions)] -> (total positions, D) float64 on the CPU, in order
+    (each distinct prompt encoded once)."""
+    plan = RowPlan()
+    index = [plan.row(plan.prompt(text), p) for text, positions in requests for p in positions]
+    if not index:
+        return torch.empty(0, pipe.unet.config.cross_attention_dim, dtype=torch.float64)
+    table = plan.encode(pipe, cfg.batch_size, cfg.progress, desc)
+    return table[torch.tensor(index, device=table.device)].double().cpu()
 
 
 def target_requests(pipe, concepts: ConceptSet):
