@@ -103,6 +103,16 @@ class Prompts:
         self.cond, self.anchor, self.uncond = emb[:n], emb[n : 2 * n], emb[2 * n :]
         self.eta_scale = torch.tensor([concepts.concepts[i].weight for i, _, _ in self.items])
 
+    @classmethod
+    def from_conditions(cls, cond: torch.Tensor, uncond: torch.Tensor) -> "Prompts":
+        """Prompts given as text conditions (e.g. with learned tokens): ``cond`` (n, 77, D) erased
+        with weight 1, no anchors; ``uncond`` the empty prompt's condition."""
+        prompts = cls.__new__(cls)
+        prompts.cond, prompts.anchor, prompts.uncond = cond, None, uncond
+        prompts.items = [(0, "", "")] * len(cond)
+        prompts.eta_scale = torch.ones(len(cond))
+        return prompts
+
     def guidance_coeffs(self, items, eta: float, device, sign: float = 1.0) -> torch.Tensor:
         """Loss coefficients [1 + s eta_c, -s eta_c] of the prompts ``items`` (eta_c: ``eta`` times
         the concept's weight); s = +1 erases (ESD's target), s = -1 preserves."""

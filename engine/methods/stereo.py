@@ -90,15 +90,6 @@ class StereoConfig(TrainConfig):
             raise ValueError("stereo trains in one process (distributed='none'): its inversion needs the whole model")
 
 
-class _Conditions(Prompts):
-    """``Prompts`` over text conditions given as tensors (learned tokens included)."""
-
-    def __init__(self, cond: torch.Tensor, uncond: torch.Tensor):
-        self.cond, self.uncond = cond, uncond
-        self.items = [(0, "", "")] * len(cond)
-        self.eta_scale = torch.ones(len(cond))
-
-
 class _SteRound(Objective):
     """One STE erasure: ESD's negative guidance on the round's conditions (``erase``), x_t from
     cached trajectories of the model as the round starts."""
@@ -110,7 +101,7 @@ class _SteRound(Objective):
     def __init__(self, pipe, concepts, cfg: StereoConfig, cache):
         self.cfg = cfg
         uncond = encode_conditions(pipe, [""], False).to(pipe.unet.device, pipe.unet.dtype)
-        self.prompts = _Conditions(self.erase.to(uncond), uncond)
+        self.prompts = Prompts.from_conditions(self.erase.to(uncond), uncond)
         self.cache = build_trajectory_cache(pipe, self.prompts, cfg)
 
     def loss(self, unet, gen, step: int = 0) -> torch.Tensor:
@@ -137,7 +128,7 @@ class _ReoObjective(Objective):
         device, dtype = pipe.unet.device, pipe.unet.dtype
         prompts = Prompts(pipe, concepts, cfg.progress)
         self.concept, self.anchors = prompts.cond, prompts.anchor  # (P, 77, D) each
-        self.erase = _Conditions(torch.cat([self.concept, self.tokens.to(device, dtype)]), prompts.uncond)
+        self.erase = Prompts.from_conditions(torch.cat([self.concept, self.tokens.to(device, dtype)]), prompts.uncond)
         self.cache = cache if cache is not None else build_trajectory_cache(pipe, self.erase, cfg)
 
     def loss(self, unet, gen, step: int = 0) -> torch.Tensor:
