@@ -150,13 +150,15 @@ def test_the_automatic_weight_gives_the_edit_of_that_weight_set_by_hand(pipe):
     concepts = concepts_from_names(["Ann Lee", "Bo Park"], anchor="a person", preserve=["Cy Moss"],
                                    captions=["a dog sleeping on a porch", "a bowl of fruit"])
     before = {k: m.weight.detach().clone() for k, m in cross_attention_kv(pipe.unet)}
-    edits = []
-    for weight in ("auto", None):
-        cfg = plain(preserve_weight=weight if weight else edits[0].preserve_weight, prior="generic")
-        edits.append(closed_form_edit(pipe, concepts, cfg))
+
+    def edit(weight):  # each edit starts from the same weights
+        result = closed_form_edit(pipe, concepts, plain(preserve_weight=weight, prior="generic"))
         for k, m in cross_attention_kv(pipe.unet):
             with torch.no_grad():
                 m.weight.copy_(before[k])
-    auto, by_hand = edits
+        return result
+
+    auto = edit("auto")
+    by_hand = edit(auto.preserve_weight)
     assert by_hand.preserve_weight == auto.preserve_weight
     torch.testing.assert_close(auto.transform, by_hand.transform, rtol=1e-6, atol=1e-8)
