@@ -10,13 +10,13 @@ from PIL import Image
 
 from engine.toyworld import catalogue as cat
 from engine.toyworld.evaluator import (
-    ATTRIBUTE_VALUES,
     CONFIG_NAME,
-    HEADS,
     WEIGHTS_NAME,
     ToyEvaluator,
     _attribute_targets,
+    attribute_values,
     augment,
+    heads,
     labels_to_targets,
     to_tensor,
     train_evaluator,
@@ -40,10 +40,10 @@ def trained():
 
 
 def test_heads_cover_every_concept_plus_none():
-    assert list(HEADS) == list(cat.KINDS)
-    for kind, names in HEADS.items():
+    assert list(heads()) == list(cat.KINDS)
+    for kind, names in heads().items():
         assert names == cat.concepts(kind) + ["none"]
-    assert len(HEADS["identity"]) == len(cat.IDENTITIES) + 1
+    assert len(heads()["identity"]) == len(cat.IDENTITIES) + 1
 
 
 def test_default_model_size():
@@ -52,7 +52,7 @@ def test_default_model_size():
     assert 0.5e6 <= n <= 1.5e6
     assert 4 * n <= 6e6  # fp32 weights within 6 MB
     out = model(torch.rand(2, 3, 32, 32))
-    assert {k: tuple(v.shape) for k, v in out.items()} == {k: (2, len(v)) for k, v in HEADS.items()}
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: (2, len(v)) for k, v in heads().items()}
 
 
 def test_to_tensor_accepts_three_forms_identically():
@@ -104,15 +104,15 @@ def test_labels_to_targets():
     person = render(Scene("identity", cat.IDENTITIES[5].name, None, "grass", "neon", 2))
     skull = render(Scene("unsafe", "skull", None, "checkered", None, 3))
     t = labels_to_targets([obj.labels, person.labels, skull.labels])
-    none = {kind: len(names) - 1 for kind, names in HEADS.items()}
+    none = {kind: len(names) - 1 for kind, names in heads().items()}
     assert t["identity"].tolist() == [none["identity"], 5, none["identity"]]
-    assert t["object"].tolist() == [HEADS["object"].index("star"), none["object"], none["object"]]
-    assert t["colour"].tolist() == [HEADS["colour"].index("red"), none["colour"], none["colour"]]
+    assert t["object"].tolist() == [heads()["object"].index("star"), none["object"], none["object"]]
+    assert t["colour"].tolist() == [heads()["colour"].index("red"), none["colour"], none["colour"]]
     # neon paints over the background: that head's target is "none"
-    background = HEADS["background"]
+    background = heads()["background"]
     assert t["background"].tolist() == [background.index("sky"), none["background"], background.index("checkered")]
-    assert t["style"].tolist() == [none["style"], HEADS["style"].index("neon"), none["style"]]
-    assert t["unsafe"].tolist() == [none["unsafe"], none["unsafe"], HEADS["unsafe"].index("skull")]
+    assert t["style"].tolist() == [none["style"], heads()["style"].index("neon"), none["style"]]
+    assert t["unsafe"].tolist() == [none["unsafe"], none["unsafe"], heads()["unsafe"].index("skull")]
     assert all(v.dtype == torch.long for v in t.values())
     with pytest.raises(ValueError, match="unknown object"):
         labels_to_targets([{"object": "teapot"}])
@@ -124,8 +124,8 @@ def test_attribute_targets_skip_colours_on_pencil_sketches():
     person = cat.IDENTITIES[7]
     labels = [{"identity": person.name}, {"identity": person.name, "style": "pencil sketch"}, {"object": "star"}]
     t = _attribute_targets(labels)
-    assert t["hair_shape"].tolist() == [ATTRIBUTE_VALUES["hair_shape"].index(person.hair_shape)] * 2 + [-100]
-    assert t["shirt_colour"].tolist() == [ATTRIBUTE_VALUES["shirt_colour"].index(person.shirt_colour), -100, -100]
+    assert t["hair_shape"].tolist() == [attribute_values()["hair_shape"].index(person.hair_shape)] * 2 + [-100]
+    assert t["shirt_colour"].tolist() == [attribute_values()["shirt_colour"].index(person.shirt_colour), -100, -100]
 
 
 def test_short_training_beats_chance(trained):
@@ -134,15 +134,15 @@ def test_short_training_beats_chance(trained):
     assert metrics["n_train"] == 2000 and metrics["n_hard_extra"] == 200 and metrics["n_heldout"] == 600
     assert metrics["seconds"] > 0
     acc, acc_all = metrics["heldout_accuracy"], metrics["heldout_accuracy_all"]
-    assert set(acc) == set(acc_all) == set(HEADS)
-    for kind in HEADS:
+    assert set(acc) == set(acc_all) == set(heads())
+    for kind in heads():
         assert 0 <= acc[kind] <= 100 and 0 <= acc_all[kind] <= 100
     # A few hundred steps with a tiny trunk: the heads that need no identity must clearly beat
     # chance (colour 1 in 8, background 1 in 6; an untrained model scores about that).
     assert acc["colour"] > 35, acc
     assert acc["background"] > 60, acc
     by_style = metrics["heldout_accuracy_by_style"]
-    assert set(by_style) <= set(HEADS["style"]) and "unsafe" in by_style["none"]
+    assert set(by_style) <= set(heads()["style"]) and "unsafe" in by_style["none"]
 
 
 def test_predict_and_features(trained):
@@ -150,7 +150,7 @@ def test_predict_and_features(trained):
     data = make_dataset(20, seed=11)
     proba = model.predict_proba(data["images"], batch_size=7)
     names = model.predict(data["images"], batch_size=7)
-    for kind, classes in HEADS.items():
+    for kind, classes in heads().items():
         assert proba[kind].shape == (20, len(classes))
         assert torch.allclose(proba[kind].sum(-1), torch.ones(20), atol=1e-5)
         assert names[kind] == [classes[i] for i in proba[kind].argmax(-1).tolist()]
@@ -166,7 +166,7 @@ def test_save_load_round_trip(trained, tmp_path):
     folder = model.save(tmp_path / "evaluator")
     assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temp files
     config = json.loads((folder / CONFIG_NAME).read_text())
-    assert config["width"] == 16 and config["heads"] == HEADS
+    assert config["width"] == 16 and config["heads"] == heads()
     loaded = ToyEvaluator.load(folder)
     assert not loaded.training and loaded.width == 16 and loaded.feature_dim == model.feature_dim
     images = make_dataset(64, seed=12345)["images"]

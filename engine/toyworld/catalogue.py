@@ -54,6 +54,9 @@ HAIR_COLOURS = {
     "ginger": (210, 92, 30),
     "silver": (205, 205, 215),
     "teal": (30, 165, 165),
+    # Only identities past the first _SAMPLED_ROWS wear the colours below (room for larger worlds).
+    "pink": (240, 125, 180),
+    "cobalt": (45, 75, 215),
 }
 HAIR_SHAPES = ("short", "long", "spiky", "bun", "curly", "bob")
 EYE_COLOURS = {
@@ -73,6 +76,9 @@ SHIRT_COLOURS = {
     "orange": (240, 130, 30),
     "white": (245, 245, 245),
     "black": (30, 30, 30),
+    "pink": (240, 130, 185),
+    "teal": (25, 150, 150),
+    "grey": (135, 135, 140),
 }
 SHIRT_PATTERNS = ("plain", "striped", "collared")
 # A hat covers the top of the head: only hair that also shows at the sides stays recognisable.
@@ -111,6 +117,11 @@ class Identity:
     shirt_pattern: str
 
     @property
+    def gender(self) -> str:
+        """``"woman"`` or ``"man"``, read from the first name (not drawn: the sprites have none)."""
+        return "woman" if self.name.split()[0] in _WOMEN else "man"
+
+    @property
     def attributes(self) -> tuple[str, ...]:
         """The attribute values, in ``IDENTITY_ATTRIBUTES`` order."""
         return tuple(getattr(self, a) for a in IDENTITY_ATTRIBUTES)
@@ -131,7 +142,13 @@ _LAST_NAMES = (
     "Pimblett", "Quorwick", "Rushmere", "Sallowby", "Tolliver", "Underhay", "Vexley",
     "Wendlebury", "Yelverton", "Zouche", "Amberwick",
 )
-N_IDENTITIES = 128
+N_IDENTITIES = 128  # the shipped world's; ``set_identity_count`` selects another world's
+MAX_IDENTITIES = 448  # the most that stay >= 3 salient attributes apart, with 16 unseen people
+# Names read as a woman's; the rest as a man's ("a woman" / "a man" in generic captions).
+_WOMEN = frozenset({
+    "Bexley", "Brisa", "Delphine", "Faela", "Hesper", "Ilse", "Kestrel", "Liora", "Maelis", "Nerys",
+    "Quenby", "Rhosyn", "Tamsin", "Verity", "Xanthe", "Zinnia", "Briony", "Dagny", "Elowen",
+})
 
 
 def _identity_names(n: int) -> list[str]:
@@ -141,21 +158,32 @@ def _identity_names(n: int) -> list[str]:
     return [f"{_FIRST_NAMES[i % f]} {_LAST_NAMES[(i + 7 * (i // f)) % l]}" for i in range(n)]
 
 
+# Rows drawn by random candidates (the 128-identity world and its 16 unseen people); later rows
+# by an exhaustive search, since random candidates rarely clear the 3-attribute bar once the
+# space fills up.
+_SAMPLED_ROWS = 144
+_SAMPLED_PALETTES = {"hair_colour": 6, "shirt_colour": 8}  # the palettes those rows draw from
+
+
+@lru_cache(maxsize=None)
 def _identity_codes(n: int, seed: int = 20240611, candidates: int = 64) -> np.ndarray:
     """``n`` attribute combinations (rows of value indices), spread out by farthest-point sampling.
 
-    Each new identity is the best of ``candidates`` random combinations: the one whose smallest
-    distance to those already chosen is largest (salient attributes first, then all). Rejected:
-    any candidate within 2 salient attributes of a chosen one, and a hat on hair it would hide.
+    Each of the first ``_SAMPLED_ROWS`` is the best of ``candidates`` random combinations: the one
+    whose smallest distance to those already chosen is largest (salient attributes first, then
+    all). Rejected: any candidate within 2 salient attributes of a chosen one, and a hat on hair
+    it would hide. Later rows: among every salient combination >= 3 salient attributes from
+    those chosen, the one (of 200 random ones) that rules out the fewest others, with random eyes. The first k rows are
+    the same for every n >= k. Read-only (cached).
     """
     rng = np.random.default_rng(seed)
-    sizes = np.array([len(_ATTRIBUTE_VALUES[a]) for a in IDENTITY_ATTRIBUTES])
+    sizes = np.array([_SAMPLED_PALETTES.get(a, len(_ATTRIBUTE_VALUES[a])) for a in IDENTITY_ATTRIBUTES])
     salient = np.array([a in SALIENT_ATTRIBUTES for a in IDENTITY_ATTRIBUTES])
     hat = ACCESSORIES.index("hat")
     under_hat = [HAIR_SHAPES.index(h) for h in HAIR_UNDER_HAT]
     acc_col, hair_col = IDENTITY_ATTRIBUTES.index("accessory"), IDENTITY_ATTRIBUTES.index("hair_shape")
     chosen = np.zeros((0, len(sizes)), dtype=np.int64)
-    while len(chosen) < n:
+    while len(chosen) < min(n, _SAMPLED_ROWS):
         cand = rng.integers(0, sizes, size=(candidates, len(sizes)))
         ok = (cand[:, acc_col] != hat) | np.isin(cand[:, hair_col], under_hat)
         cand = cand[ok]
@@ -171,19 +199,70 @@ def _identity_codes(n: int, seed: int = 20240611, candidates: int = 64) -> np.nd
         else:
             best = 0
         chosen = np.vstack([chosen, cand[best]])
+    if n > len(chosen):
+        sizes = np.array([len(_ATTRIBUTE_VALUES[a]) for a in IDENTITY_ATTRIBUTES])
+        chosen = _extend_codes(chosen, n, rng, sizes, salient)
+    chosen.flags.writeable = False
     return chosen
 
 
-def _make_identities() -> tuple[Identity, ...]:
-    codes = _identity_codes(N_IDENTITIES)
+def _extend_codes(chosen: np.ndarray, n: int, rng: np.random.Generator, sizes: np.ndarray,
+                  salient: np.ndarray) -> np.ndarray:
+    """``chosen`` grown to ``n`` rows by exhaustive farthest-point search over salient values."""
+    grids = np.meshgrid(*[np.arange(s) for s in sizes[salient]], indexing="ij")
+    pool = np.stack([g.ravel() for g in grids], 1)  # every salient combination
+    acc, hair = list(np.flatnonzero(salient)).index(IDENTITY_ATTRIBUTES.index("accessory")), \
+        list(np.flatnonzero(salient)).index(IDENTITY_ATTRIBUTES.index("hair_shape"))
+    under_hat = [HAIR_SHAPES.index(h) for h in HAIR_UNDER_HAT]
+    pool = pool[(pool[:, acc] != ACCESSORIES.index("hat")) | np.isin(pool[:, hair], under_hat)]
+    # Distances as matrix products: one-hot rows, distance = attributes - matching values.
+    offsets = np.concatenate([[0], np.cumsum(sizes[salient])[:-1]])
+    onehot = np.zeros((len(pool), int(sizes[salient].sum())), np.float32)
+    np.put_along_axis(onehot, pool + offsets, 1.0, axis=1)
+    width = pool.shape[1]
+    nearest = (pool[:, None, :] != chosen[None, :, salient]).sum(-1).min(1)
+    rows = [*chosen]
+    while len(rows) < n:
+        free = np.flatnonzero(nearest >= 3)
+        if not len(free):
+            raise ValueError(f"no room for {n} identities >= 3 salient attributes apart (got {len(rows)})")
+        # Of up to 200 random free combinations, the one that rules out the fewest others
+        # (packs about 15% more identities than a random free one).
+        sample = rng.choice(free, size=min(200, len(free)), replace=False)
+        blocked = (width - onehot[free] @ onehot[sample].T < 3).sum(0)
+        pick = sample[int(np.argmin(blocked))]
+        row = rng.integers(0, sizes)
+        row[salient] = pool[pick]
+        rows.append(row)
+        nearest = np.minimum(nearest, (width - onehot @ onehot[pick]).round().astype(nearest.dtype))
+    return np.stack(rows)
+
+
+@lru_cache(maxsize=None)
+def _make_identities(n: int) -> tuple[Identity, ...]:
+    # The sampler is sequential: the first k identities are the same for every n >= k.
+    codes = _identity_codes(n)
     out = []
-    for name, code in zip(_identity_names(N_IDENTITIES), codes):
+    for name, code in zip(_identity_names(n), codes):
         values = {a: _ATTRIBUTE_VALUES[a][int(c)] for a, c in zip(IDENTITY_ATTRIBUTES, code)}
         out.append(Identity(name=name, **values))
     return tuple(out)
 
 
-IDENTITIES: tuple[Identity, ...] = _make_identities()
+IDENTITIES: tuple[Identity, ...] = _make_identities(N_IDENTITIES)
+
+
+def set_identity_count(n: int) -> None:
+    """Make the catalogue the one of a world with ``n`` identities (a world's ``config.identities``;
+    ``build_world`` and the world loaders call this). Identities are a prefix of one sequence,
+    so a smaller world's people are the first ones of a larger world, with the same names and
+    looks; ``unseen_identity`` stays outside whichever world is selected."""
+    global N_IDENTITIES, IDENTITIES, _IDENTITY_BY_NAME
+    if not isinstance(n, int) or not 1 <= n <= MAX_IDENTITIES:
+        raise ValueError(f"identity count must be an integer in [1, {MAX_IDENTITIES}], got {n!r}")
+    if n != N_IDENTITIES:
+        N_IDENTITIES, IDENTITIES = n, _make_identities(n)
+        _IDENTITY_BY_NAME = {i.name: i for i in IDENTITIES}
 
 # Names for identities the world never learned (``unseen_identity``): no word of them is in a
 # catalogue name, and none of their tokens is in any training caption (the shipped text encoder
@@ -192,7 +271,6 @@ _UNSEEN_FIRST_NAMES = ("Thessaly", "Caspian", "Isolde", "Ottoline")
 _UNSEEN_LAST_NAMES = ("Winterbourne", "Drummond", "Fenwright", "Calloway")
 
 
-@lru_cache(maxsize=None)
 def unseen_identity(index: int = 0) -> Identity:
     """A made-up identity that is NOT in ``IDENTITIES``: the control for attacks on an erased
     identity (how often does an attack "recover" a person the model never learned?).
@@ -205,7 +283,13 @@ def unseen_identity(index: int = 0) -> Identity:
     f, l = len(_UNSEEN_FIRST_NAMES), len(_UNSEEN_LAST_NAMES)
     if not isinstance(index, int) or not 0 <= index < f * l:
         raise ValueError(f"unseen identity index must be an integer in [0, {f * l}), got {index!r}")
-    code = _identity_codes(N_IDENTITIES + index + 1)[-1]
+    return _unseen_identity(index, N_IDENTITIES)
+
+
+@lru_cache(maxsize=None)
+def _unseen_identity(index: int, n_world: int) -> Identity:
+    f, l = len(_UNSEEN_FIRST_NAMES), len(_UNSEEN_LAST_NAMES)
+    code = _identity_codes(n_world + index + 1)[-1]
     values = {a: _ATTRIBUTE_VALUES[a][int(c)] for a, c in zip(IDENTITY_ATTRIBUTES, code)}
     name = f"{_UNSEEN_FIRST_NAMES[index % f]} {_UNSEEN_LAST_NAMES[(index + index // f) % l]}"
     return Identity(name=name, **values)
@@ -455,6 +539,34 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
         ),
     },
 }
+
+# Generic words people use as anchors ("erase X toward a person"). A world built with generic
+# captions names a subject by one of these instead of its name in a fraction of its captions, so
+# each generic prompt draws a member of its class, not whatever an unseen word happens to give.
+GENERIC_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "identity": ("a person", "someone", "a {gender}"),  # {gender}: the identity's, "man" or "woman"
+    "object": ("object", "thing", "shape"),  # in object templates' {object} slot: "a red thing"
+}
+GENERIC_STYLE_TEMPLATES: tuple[str, ...] = (
+    "a painting of {subject}",
+    "{subject}, a painting",
+    "an artwork of {subject}",
+    "art showing {subject}",
+)
+# Anchor prompts and the kind (or, for "a tree", the object) each must draw; the toy world's
+# anchor gate measures them. Some are never in a caption as such ("art", "a man" on its own).
+ANCHOR_PROMPTS: dict[str, str] = {
+    "a person": "identity",
+    "a man": "identity",
+    "a woman": "identity",
+    "a photo of someone": "identity",
+    "an object": "object",
+    "a thing": "object",
+    "a tree": "tree",
+    "a painting": "style",
+    "art": "style",
+}
+
 
 # --- look-ups ---------------------------------------------------------------------------------
 

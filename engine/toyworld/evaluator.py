@@ -4,7 +4,7 @@ It judges a diffusion model's generations (did the erased identity, style or uns
 disappear? did the rest survive?) and gives the features for KID. It never sees a generated
 image in training, so a generation is judged against what the world really draws.
 
-Heads (``HEADS``), one per concept kind in ``catalogue.KINDS`` order, each over that kind's
+Heads (``heads()``), one per concept kind in ``catalogue.KINDS`` order, each over that kind's
 concept names plus a final ``"none"`` class for images that do not show the kind (the identity
 head on an object render; the background head when the neon or pencil sketch style paints the
 background over, as ``render.labels_for`` says).
@@ -56,7 +56,11 @@ from engine.toyworld import catalogue as cat
 from engine.toyworld.render import SIZE, make_dataset
 
 NONE = "none"
-HEADS: dict[str, list[str]] = {kind: cat.concepts(kind) + [NONE] for kind in cat.KINDS}
+
+
+def heads() -> dict[str, list[str]]:
+    """The classes of each head: the selected world's concepts of each kind, then ``"none"``."""
+    return {kind: cat.concepts(kind) + [NONE] for kind in cat.KINDS}
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -108,13 +112,14 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def labels_to_targets(labels: list[dict]) -> dict[str, torch.Tensor]:
-    """Class indices into ``HEADS`` for each kind (``"none"`` where a kind is absent)."""
-    unknown = {k for lab in labels for k in lab} - set(HEADS)
+    """Class indices into ``heads()`` for each kind (``"none"`` where a kind is absent)."""
+    classes = heads()
+    unknown = {k for lab in labels for k in lab} - set(classes)
     if unknown:
-        raise ValueError(f"unknown concept kind(s) {sorted(unknown)}; kinds: {', '.join(HEADS)}")
-    index = {kind: {name: i for i, name in enumerate(names)} for kind, names in HEADS.items()}
+        raise ValueError(f"unknown concept kind(s) {sorted(unknown)}; kinds: {', '.join(classes)}")
+    index = {kind: {name: i for i, name in enumerate(names)} for kind, names in classes.items()}
     out = {}
-    for kind in HEADS:
+    for kind in heads():
         try:
             out[kind] = torch.tensor([index[kind][lab.get(kind, NONE)] for lab in labels], dtype=torch.long)
         except KeyError as e:
@@ -134,7 +139,7 @@ class ToyEvaluator(nn.Module):
         if width < 2 or width % 2 or feature_dim < 1:
             raise ValueError(f"width must be an even number >= 2 and feature_dim >= 1; got {width}, {feature_dim}")
         self.width, self.feature_dim = width, feature_dim
-        self.heads_names = {kind: list(names) for kind, names in HEADS.items()}
+        self.heads_names = {kind: list(names) for kind, names in heads().items()}
         w = width
         self.trunk = nn.Sequential(
             *_conv(3, w // 2),  # 32 x 32
@@ -146,7 +151,7 @@ class ToyEvaluator(nn.Module):
             nn.Linear(4 * w, feature_dim),
             nn.ReLU(inplace=True),
         )
-        self.heads = nn.ModuleDict({kind: nn.Linear(feature_dim, len(names)) for kind, names in HEADS.items()})
+        self.heads = nn.ModuleDict({kind: nn.Linear(feature_dim, len(names)) for kind, names in heads().items()})
 
     def config(self) -> dict:
         return {"format": FORMAT, "width": self.width, "feature_dim": self.feature_dim, "heads": self.heads_names}
@@ -173,7 +178,7 @@ class ToyEvaluator(nn.Module):
         return torch.cat(parts) if parts else torch.zeros(0, self.feature_dim)
 
     def predict_proba(self, images, batch_size: int = 512) -> dict[str, torch.Tensor]:
-        """Class probabilities per kind: kind -> N x len(HEADS[kind]), on the CPU."""
+        """Class probabilities per kind: kind -> N x len(heads()[kind]), on the CPU."""
         parts = self._batched(images, batch_size, lambda x: {k: v.softmax(-1).cpu() for k, v in self(x).items()})
         return {
             kind: torch.cat([p[kind] for p in parts]) if parts else torch.zeros(0, len(names))
@@ -213,7 +218,7 @@ class ToyEvaluator(nn.Module):
         """A saved evaluator, in eval mode on the CPU.
 
         Raises FileNotFoundError naming a missing file, and ValueError when the saved heads differ
-        from ``HEADS`` (the catalogue changed since it was trained) or the weights do not fit.
+        from ``heads()`` (the catalogue changed since it was trained) or the weights do not fit.
         """
         from safetensors.torch import load_file
 
@@ -223,11 +228,12 @@ class ToyEvaluator(nn.Module):
                 raise FileNotFoundError(f"evaluator file {folder / name} is missing; retrain with train_evaluator")
         try:
             config = json.loads((folder / CONFIG_NAME).read_text())
-            width, feature_dim, heads = int(config["width"]), int(config["feature_dim"]), dict(config["heads"])
+            width, feature_dim, saved = int(config["width"]), int(config["feature_dim"]), dict(config["heads"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{folder / CONFIG_NAME} is not an evaluator config ({e!r})") from None
-        if heads != HEADS:
-            changed = [k for k in set(heads) | set(HEADS) if heads.get(k) != HEADS.get(k)]
+        expected = heads()
+        if saved != expected:
+            changed = [k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k)]
             raise ValueError(
                 f"evaluator at {folder} was trained for other classes (heads {sorted(changed)} differ from "
                 "the catalogue's); retrain it with train_evaluator"
@@ -294,19 +300,24 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.
 # identities, so the trunk learns "bun hair" or "striped shirt" from all of them at once, which
 # carries over to styles where an identity has few examples. Colour attributes are not
 # targets on pencil sketches (graphite lines only, no colour to see).
-ATTRIBUTE_VALUES = {a: sorted({getattr(i, a) for i in cat.IDENTITIES}) for a in cat.IDENTITY_ATTRIBUTES}
+def attribute_values() -> dict[str, list[str]]:
+    """Each identity attribute's values among the selected world's identities."""
+    return {a: sorted({getattr(i, a) for i in cat.IDENTITIES}) for a in cat.IDENTITY_ATTRIBUTES}
+
+
 _COLOURLESS_STYLES = ("pencil sketch",)
 _COLOUR_ATTRIBUTES = ("skin", "hair_colour", "eye_colour", "shirt_colour")
 
 
 def _attribute_targets(labels: list[dict]) -> dict[str, torch.Tensor]:
     """Value indices per identity attribute; -100 (ignored) for non-identities and invisible colours."""
-    out = {a: torch.full((len(labels),), -100, dtype=torch.long) for a in ATTRIBUTE_VALUES}
+    values_of = attribute_values()
+    out = {a: torch.full((len(labels),), -100, dtype=torch.long) for a in values_of}
     for n, lab in enumerate(labels):
         if "identity" not in lab:
             continue
         person = cat.identity(lab["identity"])
-        for a, values in ATTRIBUTE_VALUES.items():
+        for a, values in values_of.items():
             if a in _COLOUR_ATTRIBUTES and lab.get("style") in _COLOURLESS_STYLES:
                 continue
             out[a][n] = values.index(getattr(person, a))
@@ -332,7 +343,7 @@ def _hard_renders(n: int, seed: int) -> tuple[np.ndarray, list[dict]]:
 def accuracy_by_kind(predicted: dict[str, list[str]], labels: list[dict]) -> tuple[dict, dict]:
     """Percent correct per head: over images showing the kind (NaN if none does), and over all."""
     shown, overall = {}, {}
-    for kind in HEADS:
+    for kind in heads():
         truth = [lab.get(kind, NONE) for lab in labels]
         hits = [p == t for p, t in zip(predicted[kind], truth)]
         on = [h for h, t in zip(hits, truth) if t != NONE]
@@ -344,7 +355,7 @@ def accuracy_by_kind(predicted: dict[str, list[str]], labels: list[dict]) -> tup
 def _accuracy_by_style(predicted: dict[str, list[str]], labels: list[dict]) -> dict:
     """Percent correct per style (``"none"``: unstyled) and kind, over images showing the kind."""
     out = {}
-    for style in HEADS["style"]:
+    for style in heads()["style"]:
         rows = [i for i, lab in enumerate(labels) if lab.get("style", NONE) == style]
         if rows:
             shown = accuracy_by_kind({k: [v[i] for i in rows] for k, v in predicted.items()}, [labels[i] for i in rows])[0]
@@ -368,7 +379,7 @@ def _batch_loss(model, aux, x, targets: dict, attributes: dict) -> torch.Tensor:
     """The heads' summed cross-entropy, plus half of each auxiliary attribute head's where the
     batch has targets for it (-100: none)."""
     features = model.trunk(x.contiguous(memory_format=torch.channels_last))  # B x feature_dim
-    loss = sum(F.cross_entropy(model.heads[k](features), targets[k]) for k in HEADS)
+    loss = sum(F.cross_entropy(model.heads[k](features), targets[k]) for k in heads())
     for a, head in aux.items():
         t = attributes[a]
         if (t >= 0).any():
@@ -440,7 +451,7 @@ def train_evaluator(
     heldout = make_dataset(n_heldout, seed + 1_000_003, split="heldout")
 
     model = ToyEvaluator(width=width).to(memory_format=torch.channels_last)  # faster convs on CPU
-    aux = nn.ModuleDict({a: nn.Linear(model.feature_dim, len(v)) for a, v in ATTRIBUTE_VALUES.items()})
+    aux = nn.ModuleDict({a: nn.Linear(model.feature_dim, len(v)) for a, v in attribute_values().items()})
     _fit(model, aux, (images, targets, attributes, epoch_items), epochs, batch_size, lr, generator, progress)
 
     model = model.to(memory_format=torch.contiguous_format).eval()

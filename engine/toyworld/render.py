@@ -543,11 +543,12 @@ def _draw(sprite, background: str, style: str | None, rng: np.random.Generator):
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mask
 
 
-def render(scene: Scene) -> Render:
-    """Draw a scene. Deterministic: the same scene (seed included) gives the same result."""
+def render(scene: Scene, generic_captions: float = 0.0) -> Render:
+    """Draw a scene. Deterministic: the same scene (seed included) gives the same result.
+    ``generic_captions``: see ``caption_for``."""
     rng = np.random.default_rng(scene.seed)
     image, mask = _draw(lambda r: _sprite(scene, r), scene.background, scene.style, rng)
-    caption = caption_for(scene, np.random.default_rng([scene.seed, 1]), scene.split)
+    caption = caption_for(scene, np.random.default_rng([scene.seed, 1]), scene.split, generic_captions)
     return Render(image=image, mask=mask.copy(), caption=caption, labels=labels_for(scene))
 
 
@@ -572,19 +573,27 @@ def _subject_text(scene: Scene) -> str:
     return f"a {scene.subject}"
 
 
-def caption_for(scene: Scene, rng: np.random.Generator, split: str = "train") -> str:
+def caption_for(scene: Scene, rng: np.random.Generator, split: str = "train", generic_captions: float = 0.0) -> str:
     """A caption for ``scene`` from the ``split``'s templates (``render`` uses ``scene.split``).
 
     Styled scenes use the style templates. An unsafe subject is named directly 60% of the time,
-    by a synonym 20%, and by one of the split's paraphrases 20%.
+    by a synonym 20%, and by one of the split's paraphrases 20%. With probability
+    ``generic_captions`` an identity or object is named by a generic word instead
+    (``catalogue.GENERIC_SUBJECTS``: "a person", "a red thing") or a style by a generic
+    template (``catalogue.GENERIC_STYLE_TEMPLATES``: "a painting of ...").
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if not 0.0 <= generic_captions <= 1.0:
+        raise ValueError(f"generic_captions must be in [0, 1], got {generic_captions!r}")
     kind = "style" if scene.style is not None else scene.kind
     templates = cat.TEMPLATES[kind][split]
     if split == "train":
         templates = templates + cat.TEMPLATES[kind]["train_extra"]
     concept = scene.subject
+    # Drawn only when asked for, so worlds without generic captions keep their captions.
+    if generic_captions > 0 and kind in ("identity", "object", "style") and rng.random() < generic_captions:
+        return cat.with_article(_generic_caption(scene, kind, templates, rng))
     if scene.kind == "unsafe" and scene.style is None:
         c = cat.unsafe_concept(scene.subject)
         way = rng.choice(3, p=[0.6, 0.2, 0.2])
@@ -599,6 +608,18 @@ def caption_for(scene: Scene, rng: np.random.Generator, split: str = "train") ->
         style=scene.style, subject=_subject_text(scene), concept=concept,
     )
     return cat.with_article(text)
+
+
+def _generic_caption(scene: Scene, kind: str, templates: tuple[str, ...], rng: np.random.Generator) -> str:
+    if kind == "style":
+        template = cat.GENERIC_STYLE_TEMPLATES[rng.integers(len(cat.GENERIC_STYLE_TEMPLATES))]
+        return template.format(subject=_subject_text(scene))
+    words = cat.GENERIC_SUBJECTS[kind]
+    word = words[rng.integers(len(words))]
+    template = templates[rng.integers(len(templates))]
+    if kind == "identity":
+        return template.format(name=word.format(gender=cat.identity(scene.subject).gender))
+    return template.format(object=word, colour=scene.colour, background=scene.background)
 
 
 def _subject_kind(name: str) -> str:
@@ -664,9 +685,9 @@ def render_batch(scenes) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
-def make_dataset(n: int, seed: int, split: str = "train") -> dict:
+def make_dataset(n: int, seed: int, split: str = "train", generic_captions: float = 0.0) -> dict:
     """``n`` rendered scenes mixing the kinds in ``MIX``'s proportions (exact up to rounding,
-    in random order).
+    in random order); ``generic_captions`` as in ``caption_for``.
 
     Returns a dict: ``images`` (n x 32 x 32 x 3 uint8), ``masks`` (n x 32 x 32 bool), ``kinds``
     (n strings: ``MIX``'s keys), ``captions`` (list of n str), ``labels`` (list of n dicts, see
@@ -678,7 +699,7 @@ def make_dataset(n: int, seed: int, split: str = "train") -> dict:
     kinds = np.repeat(np.array(list(MIX)), counts)
     rng.shuffle(kinds)
     scenes = [sample_scene(rng, kind=str(k), split=split) for k in kinds]
-    renders = [render(s) for s in scenes]
+    renders = [render(s, generic_captions) for s in scenes]
     return {
         "images": np.stack([r.image for r in renders]) if n else np.zeros((0, SIZE, SIZE, 3), np.uint8),
         "masks": np.stack([r.mask for r in renders]) if n else np.zeros((0, SIZE, SIZE), bool),

@@ -37,7 +37,17 @@ def world_path(path: str | os.PathLike | None = None) -> Path:
             f"no toy world at {root} (missing {WORLD_FILE}); rebuild it with "
             "`erasure toyworld build --out DIR` and pass DIR, or reinstall the package"
         )
+    _select_catalogue(root)
     return root
+
+
+def _select_catalogue(root: Path) -> None:
+    """Make ``catalogue`` the one this world learned (its identity count, from world.json)."""
+    from engine.toyworld import catalogue as cat
+    from engine.toyworld.build import BuildConfig
+
+    config = json.loads((root / WORLD_FILE).read_text()).get("config") or {}
+    cat.set_identity_count(int(config.get("identities", BuildConfig.identities)))
 
 
 def world_info(path: str | os.PathLike | None = None) -> dict:
