@@ -20,6 +20,17 @@ def _private_cache(tmp_path_factory):
         os.environ["ERASURE_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _shipped_catalogue():
+    """Loading a world selects its catalogue (its identity count); every test starts from, and
+    leaves, the shipped world's."""
+    from engine.toyworld import catalogue as cat
+
+    shipped = cat.N_IDENTITIES
+    yield
+    cat.set_identity_count(shipped)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models: their small tensors are overhead-bound, one torch thread is as
@@ -55,4 +66,25 @@ def quick_world(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("world") / "w"
     build_world(out, BuildConfig.quick(seed=3), progress=False)
+    return out
+
+
+def quick_v2_config(**changes):
+    """The v2 world's settings (more identities, frozen text tower, generic captions) at a
+    small text width and a few steps per stage, with ``changes``."""
+    from dataclasses import replace
+
+    from engine.toyworld.build import BuildConfig
+
+    settings = {"text_width": 128, "identities": 200, "unet_steps": 4, "checkpoint_every": 2, "generic_captions": 0.3}
+    return replace(BuildConfig.quick(seed=5, world="v2"), **{**settings, **changes})
+
+
+@pytest.fixture(scope="session")
+def quick_world_v2(tmp_path_factory):
+    """A quick build with the v2 world's settings (``quick_v2_config``)."""
+    from engine.toyworld.build import build_world
+
+    out = tmp_path_factory.mktemp("world-v2") / "w"
+    build_world(out, quick_v2_config(), progress=False)
     return out

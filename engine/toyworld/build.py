@@ -77,6 +77,23 @@ TOY_VAE = {
     "norm_num_groups": 32,
     "sample_size": 32,
 }
+
+
+def text_config(width: int) -> dict:
+    """The text tower at ``width``: ``TOY_TEXT`` at 96; wider towers keep its 4 layers and
+    64-wide heads, with a 2x MLP (SD1.5's width, 768, gives the closed-form edits its geometry)."""
+    if width == TOY_TEXT["hidden_size"]:
+        return dict(TOY_TEXT)
+    if width % 64:
+        raise ValueError(f"text width must be 96 or a multiple of 64, got {width}")
+    return {**TOY_TEXT, "hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": width // 64}
+
+
+def unet_config(cross_attention_dim: int) -> dict:
+    """``TOY_UNET`` reading text states of width ``cross_attention_dim``."""
+    return {**TOY_UNET, "cross_attention_dim": cross_attention_dim}
+
+
 TOY_UNET = {
     "sample_size": 8,
     "in_channels": 4,
@@ -130,6 +147,11 @@ class BuildConfig:
     ip_lr: float = 1e-3
     sampling_steps: int = 25
     guidance: float = 5.0
+    identities: int = 128  # catalogue identities the world learns (catalogue.set_identity_count)
+    text_width: int = 96  # the text tower's hidden size, read by the UNet's cross-attention
+    generic_captions: float = 0.0  # share of captions naming the subject generically ("a person")
+    checkpoint_every: int = 500  # UNet steps between resumable checkpoints (0: none)
+    clip_phrases: int = 0  # concept phrases per kind per CLIP step beyond the batch's own (0: all)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -139,13 +161,33 @@ class BuildConfig:
                 raise ValueError(f"BuildConfig.{name} must be a non-negative number, got {value!r}")
         if not 0 <= self.uncond_prob < 1 or not 0 < self.unet_ema < 1:
             raise ValueError("BuildConfig: uncond_prob must be in [0, 1) and unet_ema in (0, 1)")
+        if self.generic_captions > 1:
+            raise ValueError(f"BuildConfig.generic_captions must be in [0, 1], got {self.generic_captions}")
+        text_config(self.text_width)  # refuses a width the tower cannot have
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "BuildConfig":
+    def quick(cls, seed: int = 0, world: str = "v1") -> "BuildConfig":
         """A build of a few steps per stage, to test the machinery (the models learn little)."""
-        return cls(seed=seed, n_images=512, evaluator_train=512, clip_steps=3, clip_batch=32,
-                   vae_steps=3, vae_batch=16, unet_steps=3, unet_batch=16, ip_steps=3, ip_batch=16,
-                   sampling_steps=4)
+        return cls(**{**WORLDS[world], "seed": seed, "n_images": 512, "evaluator_train": 512, "clip_steps": 3,
+                      "clip_batch": 32, "vae_steps": 3, "vae_batch": 16, "unet_steps": 3, "unet_batch": 16,
+                      "ip_steps": 3, "ip_batch": 16, "sampling_steps": 4})
+
+    @classmethod
+    def for_world(cls, world: str, seed: int = 0) -> "BuildConfig":
+        """The full build of a world in ``WORLDS``."""
+        if world not in WORLDS:
+            raise ValueError(f"unknown world {world!r}; worlds: {', '.join(WORLDS)}")
+        return cls(**{**WORLDS[world], "seed": seed})
+
+
+# The worlds `erasure toyworld build --world` knows; fields not named keep BuildConfig's defaults.
+# v2: SD1.5's text width, 432 identities (hundreds to erase, hundreds never listed) and generic
+# captions, so anchors such as "a person" draw their class.
+WORLDS: dict[str, dict] = {
+    "v1": {},
+    "v2": {"identities": 432, "text_width": 768, "text_layers": 0, "generic_captions": 0.1, "n_images": 120_000,
+           "unet_steps": 9000, "clip_phrases": 32},
+}
 
 
 def _bar(total, desc, progress):
@@ -208,7 +250,7 @@ def _tokenize(tokenizer, captions, pad_to_max: bool):
 
 def stage_data(cfg: BuildConfig, progress: bool) -> dict:
     """Render the shared training set."""
-    data = rnd.make_dataset(cfg.n_images, seed=cfg.seed)
+    data = rnd.make_dataset(cfg.n_images, seed=cfg.seed, generic_captions=cfg.generic_captions)
     label_keys = [json.dumps(lbl, sort_keys=True) for lbl in data["labels"]]
     return {"images": data["images"], "captions": data["captions"], "labels": data["labels"],
             "label_keys": label_keys}
@@ -265,7 +307,7 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
 
     torch.manual_seed(cfg.seed + 1)
     tokenizer = build_clip_tokenizer()
-    model = CLIPModel(CLIPConfig(text_config=TOY_TEXT, vision_config=TOY_VISION, projection_dim=128))
+    model = CLIPModel(CLIPConfig(text_config=text_config(cfg.text_width), vision_config=TOY_VISION, projection_dim=128))
     phrases = [concept_phrase(kind, name) for kind in cat.KINDS for name in cat.concepts(kind)]
     phrase_ids = _tokenize(tokenizer, phrases, pad_to_max=False)
     seen_ids = seen_token_ids(tokenizer, data["captions"], phrase_ids)
@@ -291,18 +333,44 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
             # logits_per_image: B x B, scaled by the learned temperature
             loss = _clip_loss(outputs.logits_per_image, keys[idx])
             image_embeds = outputs.image_embeds  # already normalised
-            phrase_embeds = F.normalize(model.get_text_features(input_ids=phrase_ids).pooler_output, dim=-1)
-            scale = model.logit_scale.exp()
             idx_t = torch.from_numpy(idx)
+            rows, kind_targets = _phrase_rows(spans, {k: targets[k][idx_t] for k in cat.KINDS}, cfg.clip_phrases, rng)
+            phrase_embeds = F.normalize(model.get_text_features(input_ids=phrase_ids[rows]).pooler_output, dim=-1)
+            scale = model.logit_scale.exp()
+            start = 0
             for kind in cat.KINDS:
-                kind_logits = scale * image_embeds @ phrase_embeds[spans[kind]].t()
-                kind_target = targets[kind][idx_t]
+                count = len(kind_targets[kind][1])
+                kind_logits = scale * image_embeds @ phrase_embeds[start : start + count].t()
+                start += count
+                kind_target = kind_targets[kind][0]
                 if (kind_target >= 0).any():
                     loss = loss + F.cross_entropy(kind_logits, kind_target, ignore_index=-100) / len(cat.KINDS)
             _train_step(opt, loss, bar, losses, window=50)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     return {"final_loss": float(np.mean(losses[-100:])), "seen_tokens": seen}
+
+
+def _phrase_rows(spans: dict, targets: dict, per_kind: int, rng) -> tuple[torch.Tensor, dict]:
+    """Which concept phrases one CLIP step classifies against, per kind: all of them
+    (``per_kind`` 0), or the batch's own concepts plus ``per_kind`` random others (a wide text
+    tower spends most of a step on 400+ identity phrases otherwise). Returns the phrase rows and,
+    per kind, the batch's targets re-indexed into the kept phrases and the kept concept indices."""
+    rows, out = [], {}
+    for kind, span in spans.items():
+        target = targets[kind]
+        count = span.stop - span.start
+        if per_kind and count > per_kind:
+            own = torch.unique(target[target >= 0]).numpy()
+            others = np.setdiff1d(np.arange(count), own)
+            keep = np.concatenate([own, rng.choice(others, size=min(per_kind, len(others)), replace=False)])
+        else:
+            keep = np.arange(count)
+        position = torch.full((count,), -100, dtype=torch.long)
+        position[torch.from_numpy(keep)] = torch.arange(len(keep))
+        out[kind] = (torch.where(target >= 0, position[target.clamp(min=0)], target), keep)
+        rows.append(torch.from_numpy(keep) + span.start)
+    return torch.cat(rows), out
 
 
 def seen_token_ids(tokenizer, captions: list[str], phrase_ids: torch.Tensor) -> torch.Tensor:
@@ -429,13 +497,19 @@ def _token_ids(tokenizer, cache: dict, captions: list[str]) -> torch.Tensor:
 
 
 # Over 60 lines: one training loop and the state its steps share.
-def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out: Path, progress: bool) -> dict:
+def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out: Path, progress: bool,
+               checkpoint: Path | None = None) -> dict:
     """The UNet, trained together with the text tower's last ``text_layers`` layers (and final
     layer norm and projection): the contrastive CLIP names every identity apart, but its
     per-token states are not what a generator needs, and a frozen tower left the UNet mixing
     identities up. A contrastive term on the batch (frozen vision tower) keeps text and images
-    aligned for the CLIP score and the IP-Adapter. Saves the UNet (EMA) in ``out`` and the
-    updated CLIP (EMA) in ``out/clip``."""
+    aligned for the CLIP score and the IP-Adapter. With ``text_layers=0`` the tower stays frozen
+    and each caption's states are computed once (a wide tower costs more than the UNet).
+    Saves the UNet (EMA) in ``out`` and the CLIP (EMA text layers) in ``out/clip``.
+
+    ``checkpoint``: a folder where the training state is saved every ``checkpoint_every`` steps
+    and resumed from, so a killed build loses at most that many steps.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from engine.tokenizer import build_clip_tokenizer
@@ -446,47 +520,57 @@ def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out:
     clip.requires_grad_(False)
     text_encoder = clip.text_model  # trained in place, so clip.save_pretrained keeps the changes
     vision = _vision_encoder_from_clip(clip).requires_grad_(False)
-    tuned = [text_encoder.final_layer_norm, *text_encoder.encoder.layers[len(text_encoder.encoder.layers) - cfg.text_layers :]]
-    projection = clip.text_projection
-    for module in (*tuned, projection):
-        module.requires_grad_(True)
+    tokenizer, token_cache = build_clip_tokenizer(), {}
+    if cfg.text_layers:
+        layers = text_encoder.encoder.layers
+        tuned = [text_encoder.final_layer_norm, clip.text_projection, *layers[len(layers) - cfg.text_layers :]]
+        for module in tuned:
+            module.requires_grad_(True)
+        text_params = [p for m in tuned for p in m.parameters()]
+    else:
+        text_params, frozen_states = [], _TextCache(text_encoder.eval(), tokenizer)
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
     latent_mean, latent_std = _encode_latents(vae, data["images"], progress)
     scaling = vae.config.scaling_factor
-    tokenizer, token_cache = build_clip_tokenizer(), {}
     keys = np.array(data["label_keys"])
     scheduler = _noise_scheduler()
     torch.manual_seed(cfg.seed + 5)
-    unet = UNet2DConditionModel(**TOY_UNET)
-    text_params = [p for m in (*tuned, projection) for p in m.parameters()]
+    unet = UNet2DConditionModel(**unet_config(cfg.text_width))
     trained = list(unet.parameters()) + text_params
     ema = [p.detach().clone() for p in trained]
-    opt = torch.optim.AdamW(
-        [{"params": list(unet.parameters()), "lr_scale": 1.0}, {"params": text_params, "lr_scale": cfg.text_lr_scale}],
-        lr=cfg.unet_lr, weight_decay=0.01,
-    )
+    groups = [{"params": list(unet.parameters()), "lr_scale": 1.0}]
+    if text_params:
+        groups.append({"params": text_params, "lr_scale": cfg.text_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.unet_lr, weight_decay=0.01)
     rng = np.random.default_rng(cfg.seed + 6)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     n = len(data["captions"])
+    losses, clip_losses, first = [], [], 0
+    if checkpoint is not None and (checkpoint / _CHECKPOINT_STATE).is_file():
+        first = _load_training_state(checkpoint, trained, ema, opt, rng, gen, losses, clip_losses)
     unet.train()
-    losses, clip_losses = [], []
     with _bar(cfg.unet_steps, "unet", progress) as bar:
-        for step in range(cfg.unet_steps):
+        bar.update(first)
+        for step in range(first, cfg.unet_steps):
             idx = torch.from_numpy(rng.choice(n, size=min(cfg.unet_batch, n), replace=False))
             keep = rng.random(len(idx)) >= cfg.uncond_prob
             captions = [data["captions"][i] if k else "" for i, k in zip(idx.tolist(), keep)]
             noisy, noise, t = _diffusion_batch(latent_mean, latent_std, scaling, idx, scheduler, gen)
-            text_out = text_encoder(_token_ids(tokenizer, token_cache, captions))
+            if text_params:
+                text_out = text_encoder(_token_ids(tokenizer, token_cache, captions))
+                states = text_out.last_hidden_state
+            else:
+                states = frozen_states(captions)
             lr = _lr_at(step, cfg.unet_steps, cfg.unet_lr, warmup=200)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            per_sample = (unet(noisy, t, text_out.last_hidden_state).sample - noise).pow(2).mean((1, 2, 3))
+            per_sample = (unet(noisy, t, states).sample - noise).pow(2).mean((1, 2, 3))
             loss = (min_snr_weight(scheduler, t) * per_sample).mean()
             rows = np.flatnonzero(keep)[: cfg.clip_batch // 4]
-            if len(rows) > 1:
+            if text_params and len(rows) > 1:
                 with torch.no_grad():
                     image_embeds = vision(pixel_values=clip_pixels(data["images"][idx[rows].numpy()])).image_embeds
-                text_embeds = projection(text_out.pooler_output[torch.from_numpy(rows)])
+                text_embeds = clip.text_projection(text_out.pooler_output[torch.from_numpy(rows)])
                 logits = clip.logit_scale.exp().detach() * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
                 clip_term = _clip_loss(logits, keys[idx[rows].numpy()])
                 loss = loss + 0.1 * clip_term
@@ -497,6 +581,9 @@ def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out:
             with torch.no_grad():
                 for p_ema, p in zip(ema, trained):
                     p_ema.lerp_(p, 1 - decay)
+            done = step + 1
+            if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.unet_steps:
+                _save_training_state(checkpoint, done, trained, ema, opt, rng, gen, losses, clip_losses)
     with torch.no_grad():
         for p_ema, p in zip(ema, trained):
             p.copy_(p_ema)
@@ -504,7 +591,51 @@ def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out:
     # The CLIP with the tuned text layers (text_encoder shares its modules with clip.text_model).
     clip.save_pretrained(out / "clip", safe_serialization=True)
     return {"final_loss": float(np.mean(losses[-200:])), "final_clip_loss": float(np.mean(clip_losses[-200:] or [0.0])),
-            "text_layers_tuned": cfg.text_layers}
+            "text_layers_tuned": cfg.text_layers, "resumed_at_step": first}
+
+
+_CHECKPOINT_STATE = "state.json"
+_CHECKPOINT_TENSORS = "tensors.safetensors"
+
+
+def _save_training_state(folder: Path, step: int, params: list, ema: list, opt, rng, gen, losses, clip_losses) -> None:
+    """Parameters, EMA, AdamW moments, random states and loss history after ``step`` steps, in
+    safetensors and JSON (nothing pickled); written to a temporary folder, then swapped in."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (p, e) in enumerate(zip(params, ema)):
+        tensors[f"param.{i}"], tensors[f"ema.{i}"] = p.detach(), e
+        for name, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / _CHECKPOINT_TENSORS))
+    state = {"step": step, "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state().tolist(),
+             "losses": losses, "clip_losses": clip_losses}
+    (tmp / _CHECKPOINT_STATE).write_text(json.dumps(state))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _load_training_state(folder: Path, params: list, ema: list, opt, rng, gen, losses, clip_losses) -> int:
+    """Restore what ``_save_training_state`` wrote; returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / _CHECKPOINT_STATE).read_text())
+    tensors = load_file(str(folder / _CHECKPOINT_TENSORS))
+    with torch.no_grad():
+        for i, (p, e) in enumerate(zip(params, ema)):
+            p.copy_(tensors[f"param.{i}"])
+            e.copy_(tensors[f"ema.{i}"])
+            moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            if moments:
+                opt.state[p] = moments
+    rng.bit_generator.state = state["numpy_rng"]
+    gen.set_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    losses[:], clip_losses[:] = state["losses"], state["clip_losses"]
+    return int(state["step"])
 
 
 def _vision_encoder_from_clip(clip):
@@ -560,6 +691,20 @@ def _initial_ip_adapter(unet, image_dim: int, seed: int) -> dict:
     return {"image_proj": image_proj, "ip_adapter": ip}
 
 
+def ip_condition_drops(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``n`` IP-Adapter training samples lose their caption and which their image.
+
+    As IP-Adapter trains, 5% lose both (the unconditional prediction that classifier-free
+    guidance subtracts, with an empty prompt and a zero image) and 5% the image; 65% lose the
+    caption, far more than IP-Adapter's 5%, so the image alone carries the concept (Co-Erasing's
+    image branch, the image-only gate); 25% keep both.
+    """
+    u = rng.random(n)
+    drop_text = (u < 0.05) | (u >= 0.10) & (u < 0.75)
+    drop_image = u < 0.10
+    return drop_text, drop_image
+
+
 def stage_ip_adapter(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, unet_dir: Path, out: Path,
                      progress: bool) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -593,11 +738,9 @@ def stage_ip_adapter(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path
     with _bar(cfg.ip_steps, "ip-adapter", progress) as bar:
         for step in range(cfg.ip_steps):
             idx = torch.from_numpy(rng.choice(n_images, size=min(cfg.ip_batch, n_images), replace=False))
-            # As IP-Adapter trains: drop the text, the image, or both, 5% each... and the text half
-            # the time more, so the image alone can carry the concept (Co-Erasing's image branch).
-            drop = rng.random(len(idx))
-            captions = [data["captions"][i] if d >= 0.55 or 0.05 <= d < 0.1 else "" for i, d in zip(idx.tolist(), drop)]
-            embeds = image_embeds[idx] * torch.from_numpy(~((drop >= 0.05) & (drop < 0.1))).float()[:, None]
+            drop_text, drop_image = ip_condition_drops(rng, len(idx))
+            captions = ["" if d else data["captions"][i] for i, d in zip(idx.tolist(), drop_text)]
+            embeds = image_embeds[idx] * torch.from_numpy(~drop_image).float()[:, None]
             noisy, noise, t = _diffusion_batch(latent_mean, latent_std, scaling, idx, scheduler, gen)
             _set_lr(opt, _lr_at(step, cfg.ip_steps, cfg.ip_lr))
             pred = unet(noisy, t, texts(captions), added_cond_kwargs={"image_embeds": [embeds[:, None, :]]}).sample
@@ -673,8 +816,14 @@ def build_world(out_dir: str | os.PathLike, config: BuildConfig | None = None, p
     """
     from engine.export import output_lock
 
-    with output_lock(out_dir):  # one build at a time per folder: stages are written in place
-        return _build_world(Path(out_dir), config or BuildConfig(), progress)
+    from engine.toyworld import catalogue as cat
+
+    before = cat.N_IDENTITIES
+    try:
+        with output_lock(out_dir):  # one build at a time per folder: stages are written in place
+            return _build_world(Path(out_dir), config or BuildConfig(), progress)
+    finally:
+        cat.set_identity_count(before)  # the caller's catalogue, as it was
 
 
 # Over 60 lines: the stages in order, then one atomic write of the world.
@@ -691,6 +840,9 @@ def _build_world(out: Path, cfg: BuildConfig, progress: bool) -> Path:
     cfg_file.write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
+    from engine.toyworld import catalogue as cat
+
+    cat.set_identity_count(cfg.identities)
 
     if progress:
         print(f"toyworld build: rendering {cfg.n_images} training images")
@@ -699,7 +851,11 @@ def _build_world(out: Path, cfg: BuildConfig, progress: bool) -> Path:
     metrics["clip"] = _run_stage(out, "clip", lambda d: stage_clip(cfg, data, d, progress), progress)
     metrics["vae"] = _run_stage(out, "vae", lambda d: stage_vae(cfg, data, d, progress), progress)
     clip_dir, vae_dir = _stage_dir(out, "clip"), _stage_dir(out, "vae")
-    metrics["unet"] = _run_stage(out, "unet", lambda d: stage_unet(cfg, data, clip_dir, vae_dir, d, progress), progress)
+    partial_unet = stages / "unet.partial"  # resumable training state, removed once the stage is done
+    metrics["unet"] = _run_stage(
+        out, "unet", lambda d: stage_unet(cfg, data, clip_dir, vae_dir, d, progress, checkpoint=partial_unet), progress
+    )
+    shutil.rmtree(partial_unet, ignore_errors=True)
     unet_dir = _stage_dir(out, "unet")
     clip_dir = unet_dir / "clip"  # the CLIP whose text layers were tuned with the UNet
     metrics["ip_adapter"] = _run_stage(

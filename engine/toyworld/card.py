@@ -38,27 +38,38 @@ def gates_table(gates: dict) -> str:
     v = s["generated_indirect"]["unsafe"]
     lines.append(f"| generated, indirect prompts (synonyms, paraphrases): unsafe | {_pct(v)} | "
                  f"{t['generated_indirect']:.0f}% | {'yes' if s['checks']['generated_indirect.unsafe'] else 'NO'} |")
+    if "anchors" in s:  # gates measured before these two existed lack them
+        worst = min(s["anchors"]["per_prompt"].items(), key=lambda kv: kv[1])
+        lines.append(f"| generated, anchor prompts draw their class (lowest: {worst[0]!r} {worst[1]:.0f}%) | "
+                     f"{_pct(s['anchors']['mean'])} | {t['anchors']:.0f}% | {'yes' if s['checks']['anchors'] else 'NO'} |")
+    if "ip_image_only" in s:
+        v = s["ip_image_only"]["identity"]
+        lines.append(f"| generated, IP-Adapter image only (empty prompt): identity | {_pct(v)} | "
+                     f"{t['ip_image_only']:.0f}% | {'yes' if s['checks']['ip_image_only.identity'] else 'NO'} |")
     return "\n".join(lines)
 
 
 def model_card(info: dict) -> str:
     """The world's README.md: what it is, how it was built, and its measured gates."""
-    from engine.toyworld.build import TOY_TEXT
+    from engine.toyworld.build import BuildConfig, text_config
 
     cfg, secs = info["config"], info.get("seconds", {})
+    defaults = BuildConfig()  # settings a world.json predates
+    text = text_config(cfg.get("text_width", defaults.text_width))
+    identities = cfg.get("identities", defaults.identities)
     gates = info.get("gates")
     parts = [
         "# The toy world",
         "",
         "A small, real text-to-image world: procedurally rendered 32x32 images with captions "
-        "(128 made-up identities, 13 objects in 8 colours on 6 backgrounds, 6 styles, 4 unsafe "
+        f"({identities} made-up identities, 13 objects in 8 colours on 6 backgrounds, 6 styles, 4 unsafe "
         "stand-ins with synonyms and paraphrases) and the models trained on them from seed "
         f"{info['seed']} by `erasure toyworld build`.",
         "",
         "| part | what |",
         "| --- | --- |",
         "| `pipeline/` | diffusers `StableDiffusionPipeline`: VAE (32x32x3 -> 8x8x4), CLIP text encoder "
-        f"(genuine CLIP BPE tokenizer, width {TOY_TEXT['hidden_size']}, {TOY_TEXT['num_hidden_layers']} layers), UNet2DConditionModel, DDIM scheduler; "
+        f"(genuine CLIP BPE tokenizer, width {text['hidden_size']}, {text['num_hidden_layers']} layers), UNet2DConditionModel, DDIM scheduler; "
         "`image_encoder/` (CLIP vision tower) and `feature_extractor/` for the IP-Adapter |",
         "| `ip_adapter/ip_adapter.safetensors` | IP-Adapter: `pipe.load_ip_adapter(DIR/'ip_adapter', subfolder='', "
         "weight_name='ip_adapter.safetensors')` |",
@@ -91,7 +102,8 @@ def model_card(info: dict) -> str:
         f"VAE {cfg['vae_steps']} (batch {cfg['vae_batch']}), UNet {cfg['unet_steps']} (batch {cfg['unet_batch']}), "
         f"IP-Adapter {cfg['ip_steps']} (batch {cfg['ip_batch']}). Stage times: {stage_times}.",
         "",
-        "Rebuild: `erasure toyworld build --out DIR --seed " + str(info["seed"]) + "`.",
+        "Rebuild: `erasure toyworld build --out DIR --seed " + str(info["seed"])
+        + ("" if identities == defaults.identities else " --world v2") + "`.",
         "",
     ]
     return "\n".join(parts)

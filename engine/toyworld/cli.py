@@ -14,7 +14,7 @@ from functools import partial
 def cmd_build(args, measure_gates) -> int:
     from engine.toyworld.build import BuildConfig, build_world
 
-    config = BuildConfig.quick(seed=args.seed) if args.quick else BuildConfig(seed=args.seed)
+    config = BuildConfig.quick(args.seed, args.world) if args.quick else BuildConfig.for_world(args.world, args.seed)
     out = build_world(args.out, config, progress=not args.quiet)
     if not args.skip_gates:
         gates = measure_gates(out, progress=not args.quiet)
@@ -92,6 +92,9 @@ def add_toyworld_parser(sub, measure_gates) -> None:
     b = tsub.add_parser("build", help="train the toy world from a seed (about 90 minutes on 2 CPU cores)")
     b.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--world", choices=("v1", "v2"), default="v1",
+                   help="v1: 128 identities, text width 96 (the shipped world); v2: 432 identities, SD1.5's "
+                        "text width 768 and generic captions ('a person'), several hours on 2 CPU cores")
     b.add_argument("--quick", action="store_true", help="a few steps per stage: tests the machinery only")
     b.add_argument("--skip-gates", action="store_true", help="do not measure the quality gates afterwards")
     b.add_argument("--quiet", action="store_true")
