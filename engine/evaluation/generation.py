@@ -34,11 +34,13 @@ class Job:
     owner: int = 0
 
 
-def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int) -> np.ndarray:
+def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int,
+                   **pipe_kwargs) -> np.ndarray:
     """uint8 images (B, size, size, 3) of ``prompts``, image i from noise seeded by ``seeds[i]``.
 
     The latents are drawn on the CPU (the same noise on every device and whatever the batching)
-    and each image's generator is passed on for any stochastic scheduler steps.
+    and each image's generator is passed on for any stochastic scheduler steps. ``pipe_kwargs``
+    go to the pipeline as they are (e.g. ``ip_adapter_image_embeds``).
     """
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
@@ -53,6 +55,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int, gu
             latents=latents.to(pipe.unet.device, pipe.unet.dtype),
             generator=generators,
             output_type="np",
+            **pipe_kwargs,
         ).images
     images = np.asarray(images, dtype=np.float32)
     if not np.isfinite(images).all():
