@@ -4,7 +4,9 @@ No real Stable Diffusion weights are available offline, so the project ships its
 procedurally drawn 32x32 RGB images with captions and subject masks, on which a tiny SD
 pipeline and an evaluator classifier are trained. Its concepts mirror real erasure use cases:
 
-* ``identity``: 128 made-up people (celebrity analogue), each with a fixed, distinctive look;
+* ``identity``: made-up people (celebrity analogue), each with a fixed, distinctive look: 128 in
+  the shipped world, 432 in ``erasure toyworld build --world v2``'s (``catalogue.IDENTITIES``
+  follows the world last loaded or built; ``catalogue.set_identity_count`` selects one);
 * ``object`` (13 glyphs) in a ``colour`` (8) on a ``background`` (6);
 * ``style``: 6 art-style analogues that restyle any subject (pixel mosaic, hatched,
   pointillist, neon, sepia, pencil sketch);
@@ -25,7 +27,6 @@ from engine.image_grid import save_grid
 from engine.toyworld.catalogue import (
     BACKGROUNDS,
     COLOURS,
-    IDENTITIES,
     KINDS,
     OBJECTS,
     STYLES,
@@ -53,7 +54,6 @@ from engine.toyworld.render import (
 
 __all__ = [
     "KINDS",
-    "IDENTITIES",
     "OBJECTS",
     "COLOURS",
     "BACKGROUNDS",
