@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.toyworld import render as rnd
+from engine.toyworld.catalogue import DEFAULT_IDENTITIES
 
 # ----------------------------------------------------------------------------- configurations
 
@@ -147,7 +148,7 @@ class BuildConfig:
     ip_lr: float = 1e-3
     sampling_steps: int = 25
     guidance: float = 5.0
-    identities: int = 128  # catalogue identities the world learns (catalogue.set_identity_count)
+    identities: int = DEFAULT_IDENTITIES  # catalogue identities the world learns (catalogue.set_identity_count)
     text_width: int = 96  # the text tower's hidden size, read by the UNet's cross-attention
     generic_captions: float = 0.0  # share of captions naming the subject generically ("a person")
     checkpoint_every: int = 500  # UNet steps between resumable checkpoints (0: none)

@@ -142,7 +142,8 @@ _LAST_NAMES = (
     "Pimblett", "Quorwick", "Rushmere", "Sallowby", "Tolliver", "Underhay", "Vexley",
     "Wendlebury", "Yelverton", "Zouche", "Amberwick",
 )
-N_IDENTITIES = 128  # the shipped world's; ``set_identity_count`` selects another world's
+DEFAULT_IDENTITIES = 128  # the shipped world's, and a world.json's that names no count
+N_IDENTITIES = DEFAULT_IDENTITIES  # the selected world's (``set_identity_count``)
 MAX_IDENTITIES = 448  # the most that stay >= 3 salient attributes apart, with 16 unseen people
 # Names read as a woman's; the rest as a man's ("a woman" / "a man" in generic captions).
 _WOMEN = frozenset({

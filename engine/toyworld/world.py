@@ -44,10 +44,9 @@ def world_path(path: str | os.PathLike | None = None) -> Path:
 def _select_catalogue(root: Path) -> None:
     """Make ``catalogue`` the one this world learned (its identity count, from world.json)."""
     from engine.toyworld import catalogue as cat
-    from engine.toyworld.build import BuildConfig
 
     config = json.loads((root / WORLD_FILE).read_text()).get("config") or {}
-    cat.set_identity_count(int(config.get("identities", BuildConfig.identities)))
+    cat.set_identity_count(int(config.get("identities", cat.DEFAULT_IDENTITIES)))
 
 
 def world_info(path: str | os.PathLike | None = None) -> dict:
