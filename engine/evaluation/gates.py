@@ -83,12 +83,13 @@ def _anchor_accuracy(pipe, evaluator, sampling: dict, seed: int, batch_size: int
 
 def ip_image_embeds(pipe, images: np.ndarray) -> torch.Tensor:
     """Image-prompt embeddings of uint8 images as ``pipe(ip_adapter_image_embeds=[...])`` takes
-    them under classifier-free guidance: zeros (the unconditional image) then the images'."""
-    from engine.toyworld.build import clip_pixels
+    them under classifier-free guidance: the unconditional image's, then the images', both from
+    the pipeline's own ``encode_image`` (its feature extractor and image encoder)."""
+    from PIL import Image
 
     with torch.no_grad():
-        embeds = pipe.image_encoder(pixel_values=clip_pixels(images)).image_embeds[:, None, :]
-    return torch.cat([torch.zeros_like(embeds), embeds])
+        embeds, uncond = pipe.encode_image([Image.fromarray(x) for x in images], pipe.unet.device, 1)
+    return torch.cat([uncond, embeds])[:, None]
 
 
 def _ip_image_only_accuracy(pipe, evaluator, sampling: dict, seed: int, batch_size: int) -> dict:
