@@ -193,3 +193,32 @@ def test_ip_adapter_training_drops_both_conditions_too():
     assert share(~drop_text & drop_image) == pytest.approx(5, abs=0.3)
     assert share(drop_text & ~drop_image) == pytest.approx(65, abs=0.5)  # the image alone
     assert share(~drop_text & ~drop_image) == pytest.approx(25, abs=0.5)
+
+
+def test_an_interrupted_clip_stage_resumes_to_the_same_weights(quick_world_v2, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    cfg = quick_v2_config(clip_steps=4)
+    out = tmp_path / "w"
+    (out / ".stages").mkdir(parents=True)
+    data = b.stage_data(cfg, progress=False)
+    real_step, calls = b._train_step, []
+
+    def dies_at_fourth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(b, "_train_step", dies_at_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        b.stage_clip(cfg, data, out / "resumed", progress=False, checkpoint=out / "clip.partial")
+    assert json.loads((out / "clip.partial" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(b, "_train_step", real_step)
+    resumed = b.stage_clip(cfg, data, out / "resumed", progress=False, checkpoint=out / "clip.partial")
+    straight = b.stage_clip(cfg, data, out / "straight", progress=False)
+    assert resumed == straight
+    weights = [load_file(out / name / "model.safetensors") for name in ("resumed", "straight")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0)

@@ -151,7 +151,7 @@ class BuildConfig:
     identities: int = DEFAULT_IDENTITIES  # catalogue identities the world learns (catalogue.set_identity_count)
     text_width: int = 96  # the text tower's hidden size, read by the UNet's cross-attention
     generic_captions: float = 0.0  # share of captions naming the subject generically ("a person")
-    checkpoint_every: int = 500  # UNet steps between resumable checkpoints (0: none)
+    checkpoint_every: int = 500  # CLIP and UNet steps between resumable checkpoints (0: none)
     clip_phrases: int = 0  # concept phrases per kind per CLIP step beyond the batch's own (0: all)
 
     def __post_init__(self):
@@ -292,7 +292,7 @@ def _concept_targets(labels: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
-def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
+def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool, checkpoint: Path | None = None) -> dict:
     """Contrastive CLIP; saves the full ``CLIPModel`` (split into pipeline parts at assembly).
 
     Besides the caption/image contrastive loss, each image is classified against the text
@@ -300,6 +300,9 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
     as zero-shot CLIP classifies). Captions alone rarely need the object's shape to tell a batch
     apart (colour and background usually suffice), so without this term the text tower learns
     colours and names but not shapes, and the UNet conditioned on it cannot draw them.
+
+    ``checkpoint``: a folder for the resumable training state, saved every ``checkpoint_every``
+    steps and continued from when present (as in ``stage_unet``).
     """
     from engine.toyworld import catalogue as cat
     from transformers import CLIPConfig, CLIPModel
@@ -323,9 +326,13 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
         spans[kind] = slice(start, start + len(cat.concepts(kind)))
         start = spans[kind].stop
     model.train()
-    losses = []
+    params = list(model.parameters())
+    losses, first = [], 0
+    if checkpoint is not None and (checkpoint / _CHECKPOINT_STATE).is_file():
+        first = _load_training_state(checkpoint, params, None, opt, rng, None, losses, [])
     with _bar(cfg.clip_steps, "clip", progress) as bar:
-        for step in range(cfg.clip_steps):
+        bar.update(first)
+        for step in range(first, cfg.clip_steps):
             idx = rng.choice(n, size=min(cfg.clip_batch, n), replace=False)
             ids = _tokenize(tokenizer, [data["captions"][i] for i in idx], pad_to_max=False)
             pixels = clip_pixels(data["images"][idx])
@@ -347,6 +354,9 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool) -> dict:
                 if (kind_target >= 0).any():
                     loss = loss + F.cross_entropy(kind_logits, kind_target, ignore_index=-100) / len(cat.KINDS)
             _train_step(opt, loss, bar, losses, window=50)
+            done = step + 1
+            if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.clip_steps:
+                _save_training_state(checkpoint, done, params, None, opt, rng, None, losses, [])
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     return {"final_loss": float(np.mean(losses[-100:])), "seen_tokens": seen}
@@ -599,42 +609,49 @@ _CHECKPOINT_STATE = "state.json"
 _CHECKPOINT_TENSORS = "tensors.safetensors"
 
 
-def _save_training_state(folder: Path, step: int, params: list, ema: list, opt, rng, gen, losses, clip_losses) -> None:
-    """Parameters, EMA, AdamW moments, random states and loss history after ``step`` steps, in
-    safetensors and JSON (nothing pickled); written to a temporary folder, then swapped in."""
+def _save_training_state(folder: Path, step: int, params: list, ema: list | None, opt, rng, gen, losses,
+                         clip_losses) -> None:
+    """Parameters, EMA (if any), AdamW moments, random states (``gen`` may be None) and loss
+    history after ``step`` steps, in safetensors and JSON (nothing pickled); written to a
+    temporary folder, then swapped in."""
     from safetensors.torch import save_file
 
     tensors = {}
-    for i, (p, e) in enumerate(zip(params, ema)):
-        tensors[f"param.{i}"], tensors[f"ema.{i}"] = p.detach(), e
+    for i, p in enumerate(params):
+        tensors[f"param.{i}"] = p.detach()
+        if ema is not None:
+            tensors[f"ema.{i}"] = ema[i]
         for name, value in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / _CHECKPOINT_TENSORS))
-    state = {"step": step, "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state().tolist(),
+    state = {"step": step, "numpy_rng": rng.bit_generator.state,
+             "torch_rng": gen.get_state().tolist() if gen is not None else None,
              "losses": losses, "clip_losses": clip_losses}
     (tmp / _CHECKPOINT_STATE).write_text(json.dumps(state))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
 
-def _load_training_state(folder: Path, params: list, ema: list, opt, rng, gen, losses, clip_losses) -> int:
+def _load_training_state(folder: Path, params: list, ema: list | None, opt, rng, gen, losses, clip_losses) -> int:
     """Restore what ``_save_training_state`` wrote; returns the step to continue from."""
     from safetensors.torch import load_file
 
     state = json.loads((folder / _CHECKPOINT_STATE).read_text())
     tensors = load_file(str(folder / _CHECKPOINT_TENSORS))
     with torch.no_grad():
-        for i, (p, e) in enumerate(zip(params, ema)):
+        for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
-            e.copy_(tensors[f"ema.{i}"])
+            if ema is not None:
+                ema[i].copy_(tensors[f"ema.{i}"])
             moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
             if moments:
                 opt.state[p] = moments
     rng.bit_generator.state = state["numpy_rng"]
-    gen.set_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    if gen is not None:
+        gen.set_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     losses[:], clip_losses[:] = state["losses"], state["clip_losses"]
     return int(state["step"])
 
@@ -849,10 +866,13 @@ def _build_world(out: Path, cfg: BuildConfig, progress: bool) -> Path:
         print(f"toyworld build: rendering {cfg.n_images} training images")
     data = stage_data(cfg, progress)
     metrics = {"data": {"n_images": cfg.n_images, "distinct_captions": len(set(data["captions"]))}}
-    metrics["clip"] = _run_stage(out, "clip", lambda d: stage_clip(cfg, data, d, progress), progress)
+    partial_clip = stages / "clip.partial"  # resumable training states, removed once their stage is done
+    metrics["clip"] = _run_stage(out, "clip", lambda d: stage_clip(cfg, data, d, progress, checkpoint=partial_clip),
+                                 progress)
+    shutil.rmtree(partial_clip, ignore_errors=True)
     metrics["vae"] = _run_stage(out, "vae", lambda d: stage_vae(cfg, data, d, progress), progress)
     clip_dir, vae_dir = _stage_dir(out, "clip"), _stage_dir(out, "vae")
-    partial_unet = stages / "unet.partial"  # resumable training state, removed once the stage is done
+    partial_unet = stages / "unet.partial"
     metrics["unet"] = _run_stage(
         out, "unet", lambda d: stage_unet(cfg, data, clip_dir, vae_dir, d, progress, checkpoint=partial_unet), progress
     )
