@@ -81,31 +81,18 @@ def _anchor_accuracy(pipe, evaluator, sampling: dict, seed: int, batch_size: int
     return out
 
 
-def ip_image_embeds(pipe, images: np.ndarray) -> torch.Tensor:
-    """Image-prompt embeddings of uint8 images as ``pipe(ip_adapter_image_embeds=[...])`` takes
-    them under classifier-free guidance: the unconditional image's, then the images', both from
-    the pipeline's own ``encode_image`` (its feature extractor and image encoder)."""
-    from PIL import Image
-
-    with torch.no_grad():
-        embeds, uncond = pipe.encode_image([Image.fromarray(x) for x in images], pipe.unet.device, 1)
-    return torch.cat([uncond, embeds])[:, None]
-
-
-def _ip_image_only_accuracy(pipe, evaluator, sampling: dict, seed: int, batch_size: int) -> dict:
+def _ip_image_only_accuracy(pipe, evaluator, sampling: dict, seed: int) -> dict:
     """Percent of identities drawn from one held-out render of them, with an empty prompt."""
-    from engine.evaluation.generation import generate_batch
+    from engine.evaluation.generation import generate_with_image_prompts, image_prompt_embeds
     from engine.toyworld.render import identity_images
 
     people = cat.IDENTITIES[:: max(1, len(cat.IDENTITIES) // IP_IDENTITIES)][:IP_IDENTITIES]
     refs = np.concatenate([identity_images(who, 1, seed=seed + 7 + i) for i, who in enumerate(people)])
-    images = []
-    for s in range(0, len(people), batch_size):
-        part = refs[s : s + batch_size]
-        images.append(generate_batch(pipe, [""] * len(part), [seed + 31 + s + i for i in range(len(part))],
-                                     steps=sampling["steps"], guidance=sampling["guidance"], size=SIZE,
-                                     ip_adapter_image_embeds=[ip_image_embeds(pipe, part)]))
-    predicted = predict(evaluator, np.concatenate(images))["identity"]
+    embeds, uncond = image_prompt_embeds(pipe, refs)
+    images = generate_with_image_prompts(pipe, [""] * len(people), [seed + 31 + i for i in range(len(people))],
+                                         embeds, uncond, steps=sampling["steps"], guidance=sampling["guidance"],
+                                         size=SIZE)
+    predicted = predict(evaluator, images)["identity"]
     hits = [p == who.name for p, who in zip(predicted, people)]
     return {"accuracy": 100.0 * sum(hits) / len(hits), "identities": len(people)}
 
@@ -171,7 +158,7 @@ def measure_gates(world=None, images_per_prompt: int = 4, n_renders: int = 5000,
     from engine.toyworld.world import load_toy_ip_adapter
 
     load_toy_ip_adapter(pipe, root)
-    ip = _ip_image_only_accuracy(pipe, evaluator, sampling, seed, batch_size)
+    ip = _ip_image_only_accuracy(pipe, evaluator, sampling, seed)
     gates = {
         "summary": gate_summary(renders, rows, anchors, ip["accuracy"]),
         "thresholds": THRESHOLDS,

@@ -42,6 +42,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int, gu
     and each image's generator is passed on for any stochastic scheduler steps. ``pipe_kwargs``
     go to the pipeline as they are (e.g. ``ip_adapter_image_embeds``).
     """
+    _check_image_prompt_rows(pipe_kwargs.get("ip_adapter_image_embeds"), guidance)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     latents = torch.cat([torch.randn(shape, generator=g) for g in generators])
@@ -61,6 +62,49 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int, gu
     if not np.isfinite(images).all():
         raise FloatingPointError(f"the model produced NaN/inf pixels for prompts such as {prompts[0]!r}")
     return (images.clip(0, 1) * 255).round().astype(np.uint8)  # rounded as diffusers' numpy_to_pil does
+
+
+def _check_image_prompt_rows(embeds, guidance: float) -> None:
+    """A diffusers pipeline repeats each ``ip_adapter_image_embeds`` entry for every prompt of
+    the batch, so an entry holds ONE image prompt (two rows under guidance: the unconditional
+    image's, then the image's). Rows for a whole batch would be mixed into every image, silently."""
+    rows = 2 if guidance > 1 else 1
+    for entry in embeds or []:
+        if entry.shape[0] != rows:
+            raise ValueError(
+                f"an ip_adapter_image_embeds entry must hold {rows} row(s) (one image prompt"
+                f"{', unconditional first' if rows == 2 else ''}), got {entry.shape[0]}: a pipeline gives every prompt "
+                "of a batch the same image prompt; use generate_with_image_prompts for one image prompt per image"
+            )
+
+
+def image_prompt_embeds(pipe, images, projection=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """IP-Adapter embeddings of ``images`` (uint8 arrays or PIL images) and of the unconditional
+    image, from the pipeline's own ``encode_image`` (its feature extractor and image encoder): the
+    pooled embedding for a plain IP-Adapter, hidden states for a projection that reads them (Plus).
+    ``projection``: the adapter's image projection where it is not in the UNet at the moment."""
+    from diffusers.models.embeddings import ImageProjection
+    from PIL import Image
+
+    projection = projection or pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    images = [Image.fromarray(x) if isinstance(x, np.ndarray) else x for x in images]
+    with torch.no_grad():
+        return pipe.encode_image(images, pipe.unet.device, 1, not isinstance(projection, ImageProjection))
+
+
+def generate_with_image_prompts(pipe, prompts: list[str], seeds: list[int], image_embeds: torch.Tensor,
+                                uncond_embeds: torch.Tensor, *, steps: int, guidance: float, size: int) -> np.ndarray:
+    """uint8 images of ``prompts``, image i with the image prompt ``image_embeds[i]`` (IP-Adapter
+    embeddings as ``pipe.encode_image`` gives them; ``uncond_embeds``: the unconditional image's,
+    one row). One pipeline call per image: a pipeline shares one image prompt across its batch."""
+    images = []
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        embeds = image_embeds[i : i + 1]
+        if guidance > 1:
+            embeds = torch.cat([uncond_embeds[:1], embeds])
+        images.append(generate_batch(pipe, [prompt], [seed], steps=steps, guidance=guidance, size=size,
+                                     ip_adapter_image_embeds=[embeds[:, None]]))
+    return np.concatenate(images)
 
 
 def image_size(pipe) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.concepts import ConceptSet
+from engine.evaluation.generation import image_prompt_embeds
 from engine.finetune.config import TOY_TRAINING, TrainConfig, check_numbers, check_positive_ints
 from engine.finetune.frozen import Prompts, build_trajectory_cache, guidance_moved
 from engine.finetune.images import generate_images, load_ip_adapter, read_images
@@ -94,7 +95,7 @@ class CoErasingObjective(Objective):
                 m = np.asarray(m, np.float32)[..., None]
                 filtered.append(Image.fromarray((m * x + (1 - m) * x.mean((0, 1))).round().astype(np.uint8)))
             images = filtered
-        embeds, _ = pipe.encode_image(images, pipe.unet.device, 1)
+        embeds, _ = image_prompt_embeds(pipe, images, self._projection)
         q = self._projection(embeds.to(pipe.unet.dtype))  # N x tokens x D
         attn = torch.softmax(q @ text.T / math.sqrt(q.shape[-1]), dim=-1)  # N x tokens x 77
         return attn @ text  # N x tokens x D
