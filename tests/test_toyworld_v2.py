@@ -222,3 +222,57 @@ def test_an_interrupted_clip_stage_resumes_to_the_same_weights(quick_world_v2, t
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0)
+
+
+def test_plus_ip_adapter_files_load_in_diffusers_as_trained(quick_world_v2):
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from safetensors.torch import load_file
+
+    from engine.toyworld.world import load_toy_pipeline, world_info
+
+    metrics = world_info(quick_world_v2)["metrics"]["ip_adapter"]
+    assert metrics["kind"] == "plus" and "align_heldout_name_retrieval" in metrics
+    pipe = load_toy_pipeline(quick_world_v2, ip_adapter=True)
+    proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    assert isinstance(proj, IPAdapterPlusImageProjection) and proj.latents.shape[1] == 16
+    saved = load_file(quick_world_v2 / "ip_adapter" / "ip_adapter.safetensors")
+    loaded = b.ip_adapter_state_dict(pipe.unet)
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        torch.testing.assert_close(loaded[key], saved[key], rtol=0, atol=0)
+    # A fresh projection written in the file layout is the same function once diffusers loads it.
+    fresh = b.plus_image_projection(128, 128, 16, seed=9)
+    with torch.no_grad():  # non-trivial norms and biases, so a misplaced one shows
+        for p in fresh.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    unet = pipe.unet
+    unet._load_ip_adapter_weights([b._initial_ip_adapter(unet, b.plus_projection_file_layout(fresh.state_dict()))],
+                                  low_cpu_mem_usage=False)
+    x = torch.randn(3, 17, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(unet.encoder_hid_proj.image_projection_layers[0](x), fresh(x))
+
+
+def test_image_phrases_name_what_an_image_shows():
+    assert b.image_phrase({"identity": "Ann Lee", "background": "sky"}) == "Ann Lee"
+    assert b.image_phrase({"identity": "Ann Lee", "style": "neon"}) == "Ann Lee in neon style"
+    assert b.image_phrase({"object": "star", "colour": "red", "background": "sky"}) == "a red star"
+    assert b.image_phrase({"object": "heart", "colour": "orange", "style": "neon"}) == "an orange heart in neon style"
+    assert b.image_phrase({"unsafe": "weapon", "background": "grass"}) == "a weapon"
+
+
+def test_a_batch_cannot_share_per_image_prompts(quick_world_v2):
+    from engine.evaluation.generation import generate_batch, generate_with_image_prompts, image_prompt_embeds
+    from engine.toyworld.world import load_toy_pipeline
+
+    pipe = load_toy_pipeline(quick_world_v2, ip_adapter=True)
+    images = make_dataset(2, seed=4)["images"]
+    embeds, uncond = image_prompt_embeds(pipe, images)
+    assert embeds.shape == (2, 17, 128) and uncond.shape == (2, 17, 128)  # hidden states for a Plus adapter
+    with pytest.raises(ValueError, match="same image prompt"):
+        generate_batch(pipe, ["", ""], [0, 1], steps=2, guidance=5.0, size=32,
+                       ip_adapter_image_embeds=[torch.cat([uncond, embeds])[:, None]])
+    both = generate_with_image_prompts(pipe, ["", ""], [0, 1], embeds, uncond, steps=2, guidance=5.0, size=32)
+    first = generate_with_image_prompts(pipe, [""], [0], embeds[:1], uncond, steps=2, guidance=5.0, size=32)
+    np.testing.assert_array_equal(both[:1], first)
+    assert not np.array_equal(both[0], both[1])

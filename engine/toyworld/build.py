@@ -121,6 +121,10 @@ TOY_SCHEDULER = {
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IP_TOKENS = 4  # the standard IP-Adapter's number of image tokens
+IP_PLUS_HIDDEN = 128  # IP-Adapter Plus resampler width (2 heads of 64, the head size diffusers' loader assumes)
+IP_ALIGN_BATCH = 128
+IP_ALIGN_CE = 0.1  # weight of the name-retrieval term of the alignment
+IP_ALIGN_TAU = 0.05  # its temperature, relative to the mean squared distance between two names' states
 
 
 @dataclass
@@ -146,6 +150,8 @@ class BuildConfig:
     ip_steps: int = 400
     ip_batch: int = 64
     ip_lr: float = 1e-3
+    ip_queries: int = 0  # image tokens of an IP-Adapter Plus projection (0: the plain 4-token IP-Adapter)
+    ip_align_steps: int = 0  # Plus only: steps aligning image tokens with text states before diffusion training
     sampling_steps: int = 25
     guidance: float = 5.0
     identities: int = DEFAULT_IDENTITIES  # catalogue identities the world learns (catalogue.set_identity_count)
@@ -171,7 +177,8 @@ class BuildConfig:
         """A build of a few steps per stage, to test the machinery (the models learn little)."""
         return cls(**{**WORLDS[world], "seed": seed, "n_images": 512, "evaluator_train": 512, "clip_steps": 3,
                       "clip_batch": 32, "vae_steps": 3, "vae_batch": 16, "unet_steps": 3, "unet_batch": 16,
-                      "ip_steps": 3, "ip_batch": 16, "sampling_steps": 4})
+                      "ip_steps": 3, "ip_batch": 16, "ip_align_steps": min(3, WORLDS[world].get("ip_align_steps", 0)),
+                      "sampling_steps": 4})
 
     @classmethod
     def for_world(cls, world: str, seed: int = 0) -> "BuildConfig":
@@ -187,7 +194,7 @@ class BuildConfig:
 WORLDS: dict[str, dict] = {
     "v1": {},
     "v2": {"identities": 432, "text_width": 768, "text_layers": 0, "generic_captions": 0.1, "n_images": 120_000,
-           "unet_steps": 9000, "clip_phrases": 32},
+           "unet_steps": 9000, "clip_phrases": 32, "ip_queries": 16, "ip_align_steps": 1500},
 }
 
 
@@ -666,19 +673,26 @@ def _vision_encoder_from_clip(clip):
 
 
 def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
-    """A UNet's loaded IP-Adapter in ``load_ip_adapter``'s file layout: ``image_proj.*`` and
+    """A UNet's loaded IP-Adapter in ``load_ip_adapter``'s file layout: ``image_proj.*`` (the plain
+    projection's, or an IP-Adapter Plus resampler's in the released Plus files' key names) and
     ``ip_adapter.<k>.to_{k,v}_ip.weight``, k = 1, 3, 5, ... over cross-attention processors in
     ``unet.attn_processors`` order (the numbering diffusers' loader expects)."""
+    from diffusers.models.embeddings import ImageProjection
+
     proj = unet.encoder_hid_proj.image_projection_layers[0]
-    out = {
-        "image_proj.proj.weight": proj.image_embeds.weight,
-        "image_proj.proj.bias": proj.image_embeds.bias,
-        "image_proj.norm.weight": proj.norm.weight,
-        "image_proj.norm.bias": proj.norm.bias,
-    }
+    if isinstance(proj, ImageProjection):
+        image_proj = {
+            "proj.weight": proj.image_embeds.weight,
+            "proj.bias": proj.image_embeds.bias,
+            "norm.weight": proj.norm.weight,
+            "norm.bias": proj.norm.bias,
+        }
+    else:
+        image_proj = plus_projection_file_layout(proj.state_dict())
+    out = {f"image_proj.{k}": v for k, v in image_proj.items()}
     key_id = 1
     for name, processor in unet.attn_processors.items():
-        if name.endswith("attn1.processor"):
+        if not hasattr(processor, "to_k_ip"):  # self-attention, or attention inside the projection
             continue
         out[f"ip_adapter.{key_id}.to_k_ip.weight"] = processor.to_k_ip[0].weight
         out[f"ip_adapter.{key_id}.to_v_ip.weight"] = processor.to_v_ip[0].weight
@@ -686,17 +700,32 @@ def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def _initial_ip_adapter(unet, image_dim: int, seed: int) -> dict:
-    """IP-Adapter start: a random image projection; to_k_ip/to_v_ip copied from to_k/to_v (as
-    IP-Adapter's training initialises them)."""
-    gen = torch.Generator().manual_seed(seed)
-    cross = unet.config.cross_attention_dim
-    image_proj = {
-        "proj.weight": torch.randn(IP_TOKENS * cross, image_dim, generator=gen) / math.sqrt(image_dim),
-        "proj.bias": torch.zeros(IP_TOKENS * cross),
-        "norm.weight": torch.ones(cross),
-        "norm.bias": torch.zeros(cross),
-    }
+def plus_projection_file_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An ``IPAdapterPlusImageProjection`` state dict under the released IP-Adapter Plus files'
+    names (the inverse of the renaming diffusers' loader applies): per layer ``i``, attention
+    ``layers.i.0.{norm1,norm2,to_q,to_kv,to_out}`` (keys and values stacked in ``to_kv``) and
+    feed-forward ``layers.i.1.{0,1,3}``."""
+    renames = {"ln0": "0.norm1", "ln1": "0.norm2", "attn.to_q": "0.to_q", "attn.to_out.0": "0.to_out",
+               "ff.0": "1.0", "ff.1.net.0.proj": "1.1", "ff.1.net.2": "1.3"}
+    out = {}
+    for key, value in state.items():
+        if not key.startswith("layers."):
+            out[key] = value
+            continue
+        _, layer, rest = key.split(".", 2)
+        if rest.startswith("attn.to_k."):
+            out[f"layers.{layer}.0.to_kv.weight"] = torch.cat([value, state[f"layers.{layer}.attn.to_v.weight"]])
+            continue
+        if rest.startswith("attn.to_v."):
+            continue
+        module, param = rest.rsplit(".", 1)
+        out[f"layers.{layer}.{renames[module]}.{param}"] = value
+    return out
+
+
+def _initial_ip_adapter(unet, image_proj: dict) -> dict:
+    """IP-Adapter start: the given image projection (file layout); to_k_ip/to_v_ip copied from
+    to_k/to_v (as IP-Adapter's training initialises them)."""
     ip = {}
     key_id = 1
     for name, module in unet.attn_processors.items():
@@ -707,6 +736,105 @@ def _initial_ip_adapter(unet, image_dim: int, seed: int) -> dict:
         ip[f"{key_id}.to_v_ip.weight"] = attn.to_v.weight.detach().clone()
         key_id += 2
     return {"image_proj": image_proj, "ip_adapter": ip}
+
+
+def _plain_image_projection(cross: int, image_dim: int, seed: int) -> dict:
+    """A random plain IP-Adapter projection (pooled image embedding -> 4 tokens), file layout."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "proj.weight": torch.randn(IP_TOKENS * cross, image_dim, generator=gen) / math.sqrt(image_dim),
+        "proj.bias": torch.zeros(IP_TOKENS * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+
+
+def plus_image_projection(image_width: int, cross: int, queries: int, seed: int):
+    """A random IP-Adapter Plus projection (a resampler of ``queries`` learned tokens over the image
+    encoder's penultimate hidden states) in the shape diffusers' loader rebuilds from a file."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    torch.manual_seed(seed)
+    return IPAdapterPlusImageProjection(embed_dims=image_width, output_dims=cross, hidden_dims=IP_PLUS_HIDDEN,
+                                        heads=IP_PLUS_HIDDEN // 64, num_queries=queries)
+
+
+def image_phrase(label: dict) -> str:
+    """The words naming what a training image shows, without a template: the subject and its style
+    if it has one ("Ann Lee", "a red star in sepia style"); the background is left out."""
+    if "identity" in label:
+        subject = label["identity"]
+    elif "object" in label:
+        subject = concept_phrase("object", f"{label['colour']} {label['object']}" if "colour" in label else label["object"])
+    else:
+        subject = concept_phrase("unsafe", label["unsafe"])
+    if "style" in label:
+        subject = f"{subject} in {label['style']} style"
+    from engine.toyworld.catalogue import with_article
+
+    return with_article(subject)
+
+
+def _image_hidden_states(vision, images: np.ndarray) -> torch.Tensor:
+    """The image encoder's penultimate hidden states, as ``pipe.encode_image`` gives a Plus adapter."""
+    with torch.no_grad():
+        return torch.cat([vision(pixel_values=clip_pixels(images[s : s + 512]), output_hidden_states=True).hidden_states[-2]
+                          for s in range(0, len(images), 512)])
+
+
+def align_ip_projection(proj, hidden: torch.Tensor, zero_hidden: torch.Tensor, labels: list[dict], texts,
+                        steps: int, seed: int, progress: bool) -> dict:
+    """Train a Plus projection so an image's tokens read as text: MSE to the text encoder's states of
+    ``image_phrase`` (its first ``num_queries`` positions), the unconditional (zero) image to the
+    empty prompt's; and, for a portrait, cross-entropy over every identity by negative distance to
+    its name's states (temperature ``IP_ALIGN_TAU`` times the mean distance between two names), so
+    the tokens pick out the person rather than an average face. The UNet's own to_k/to_v then read
+    the tokens as they read the name, which the diffusion phase refines. ``hidden``: N x 17 x C,
+    one image per label; ``zero_hidden``: the unconditional image's. The last 512 portraits are
+    held out for the returned retrieval accuracy."""
+    from engine.toyworld import catalogue as cat
+
+    queries = proj.latents.shape[1]
+    phrases = [image_phrase(label) for label in labels]
+    distinct = sorted(set(phrases))
+    states = torch.cat([texts(distinct[s : s + 256])[:, :queries] for s in range(0, len(distinct), 256)])
+    row_of = {p: i for i, p in enumerate(distinct)}
+    phrase_row = torch.tensor([row_of[p] for p in phrases])
+    names = cat.concepts("identity")
+    name_states = texts(names)[:, :queries]
+    name_row = {n: i for i, n in enumerate(names)}
+    identity = torch.tensor([name_row[l["identity"]] if "identity" in l and "style" not in l else -100 for l in labels])
+    portraits = torch.nonzero(identity >= 0).flatten()
+    held_out = portraits[-512:] if len(portraits) > 1024 else portraits[:0]
+    train = torch.from_numpy(np.setdiff1d(np.arange(len(labels)), held_out.numpy()))
+    between = torch.cdist(name_states.flatten(1), name_states.flatten(1)).pow(2) / name_states[0].numel()
+    tau = IP_ALIGN_TAU * float(between.sum() / max(1, len(names) * (len(names) - 1)))
+    empty = texts([""])[:, :queries]
+
+    def distance(tokens):  # B x identities: mean squared distance to each name's states
+        return (tokens.flatten(1)[:, None] - name_states.flatten(1)[None]).pow(2).mean(-1)
+
+    opt = torch.optim.AdamW(proj.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    proj.train()
+    with _bar(steps, "ip-adapter: align", progress) as bar:
+        for step in range(steps):
+            idx = train[torch.randint(0, len(train), (IP_ALIGN_BATCH,), generator=gen)]
+            tokens = proj(torch.cat([hidden[idx], zero_hidden]))
+            loss = F.mse_loss(tokens, torch.cat([states[phrase_row[idx]], empty]))
+            rows = identity[idx] >= 0
+            if rows.any():
+                logits = -distance(tokens[:-1][rows]) / tau
+                loss = loss + IP_ALIGN_CE * F.cross_entropy(logits, identity[idx][rows])
+            _set_lr(opt, _lr_at(step, steps, 1e-3))
+            _train_step(opt, loss, bar, losses)
+    proj.eval()
+    with torch.no_grad():
+        hits = [(distance(proj(hidden[held_out[s : s + 256]])).argmin(1) == identity[held_out[s : s + 256]]).float()
+                for s in range(0, len(held_out), 256)]
+    return {"align_final_loss": float(np.mean(losses[-100:])) if losses else None,
+            "align_heldout_name_retrieval": float(torch.cat(hits).mean()) if hits else None}
 
 
 def ip_condition_drops(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -734,20 +862,46 @@ def stage_ip_adapter(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path
     vision = _vision_encoder_from_clip(clip)
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
     unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True).eval()
+    metrics = train_ip_adapter(cfg, data, text_encoder, build_clip_tokenizer(), vision, vae, unet, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(ip_adapter_state_dict(unet), str(out / "ip_adapter.safetensors"))
+    return metrics
+
+
+def train_ip_adapter(cfg: BuildConfig, data: dict, text_encoder, tokenizer, vision, vae, unet, progress: bool) -> dict:
+    """Give ``unet`` a trained IP-Adapter (diffusers' loaded form); returns the metrics.
+
+    Plain (``cfg.ip_queries`` 0): a 4-token projection of the pooled image embedding. Plus: a
+    resampler of ``ip_queries`` tokens over the encoder's hidden states, first aligned with the text
+    states of what the image shows (``align_ip_projection``, ``ip_align_steps``). Then both train
+    with IP-Adapter's diffusion objective (``ip_steps``; projection and to_k_ip/to_v_ip, the UNet
+    frozen) on images whose caption or image is dropped as ``ip_condition_drops`` says.
+    """
+    n_images = min(len(data["images"]), 40_000)
+    images = data["images"][:n_images]
+    texts = _TextCache(text_encoder, tokenizer)
+    cross = unet.config.cross_attention_dim
+    metrics = {"train_images": n_images, "kind": "plus" if cfg.ip_queries else "plain"}
+    if cfg.ip_queries:
+        image_embeds = _image_hidden_states(vision, images)  # N x 17 x C
+        zero = _unconditional_hidden_states(vision)
+        proj = plus_image_projection(image_embeds.shape[-1], cross, cfg.ip_queries, cfg.seed + 8)
+        metrics.update(align_ip_projection(proj, image_embeds, zero, data["labels"][:n_images], texts,
+                                           cfg.ip_align_steps, cfg.seed + 11, progress))
+        image_proj = plus_projection_file_layout(proj.state_dict())
+    else:
+        with torch.no_grad():
+            image_embeds = torch.cat([vision(pixel_values=clip_pixels(images[s : s + 512])).image_embeds
+                                      for s in range(0, n_images, 512)])  # N x P
+        zero = torch.zeros_like(image_embeds[:1])
+        image_proj = _plain_image_projection(cross, vision.config.projection_dim, cfg.seed + 8)
     unet.requires_grad_(False)
-    unet._load_ip_adapter_weights([_initial_ip_adapter(unet, vision.config.projection_dim, cfg.seed + 8)],
-                                  low_cpu_mem_usage=False)
+    unet._load_ip_adapter_weights([_initial_ip_adapter(unet, image_proj)], low_cpu_mem_usage=False)
     trainable = [p for n, p in unet.named_parameters() if "encoder_hid_proj" in n or "_ip." in n]
     for p in trainable:
         p.requires_grad_(True)
-    n_images = min(len(data["images"]), 40_000)
-    images = data["images"][:n_images]
     latent_mean, latent_std = _encode_latents(vae, images, progress)
-    with torch.no_grad():
-        image_embeds = torch.cat([vision(pixel_values=clip_pixels(images[s : s + 512])).image_embeds
-                                  for s in range(0, n_images, 512)])  # N x P
     scaling = vae.config.scaling_factor
-    texts = _TextCache(text_encoder, build_clip_tokenizer())
     scheduler = _noise_scheduler()
     opt = torch.optim.AdamW(trainable, lr=cfg.ip_lr, weight_decay=0.01)
     rng = np.random.default_rng(cfg.seed + 9)
@@ -758,15 +912,24 @@ def stage_ip_adapter(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path
             idx = torch.from_numpy(rng.choice(n_images, size=min(cfg.ip_batch, n_images), replace=False))
             drop_text, drop_image = ip_condition_drops(rng, len(idx))
             captions = ["" if d else data["captions"][i] for i, d in zip(idx.tolist(), drop_text)]
-            embeds = image_embeds[idx] * torch.from_numpy(~drop_image).float()[:, None]
+            dropped = torch.from_numpy(drop_image).view(-1, *[1] * (image_embeds.dim() - 1))
+            embeds = torch.where(dropped, zero, image_embeds[idx])  # the unconditional image where dropped
             noisy, noise, t = _diffusion_batch(latent_mean, latent_std, scaling, idx, scheduler, gen)
             _set_lr(opt, _lr_at(step, cfg.ip_steps, cfg.ip_lr))
-            pred = unet(noisy, t, texts(captions), added_cond_kwargs={"image_embeds": [embeds[:, None, :]]}).sample
+            pred = unet(noisy, t, texts(captions), added_cond_kwargs={"image_embeds": [embeds[:, None]]}).sample
             loss = F.mse_loss(pred, noise)
             _train_step(opt, loss, bar, losses)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(ip_adapter_state_dict(unet), str(out / "ip_adapter.safetensors"))
-    return {"final_loss": float(np.mean(losses[-200:])), "train_images": n_images}
+    unet.requires_grad_(False)
+    metrics["final_loss"] = float(np.mean(losses[-200:])) if losses else None
+    return metrics
+
+
+def _unconditional_hidden_states(vision) -> torch.Tensor:
+    """What ``pipe.encode_image`` gives a Plus adapter for no image: the encoder's penultimate
+    hidden states of all-zero (normalised) pixels."""
+    size = vision.config.image_size
+    with torch.no_grad():
+        return vision(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states[-2]
 
 
 # ----------------------------------------------------------------------------- assembly
