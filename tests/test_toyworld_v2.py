@@ -131,27 +131,42 @@ def test_v2_build_selects_its_catalogue_and_loads(quick_world_v2):
     assert info["metrics"]["unet"]["text_layers_tuned"] == 0
     pipe = load_toy_pipeline(quick_world_v2)
     assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 128
+    from safetensors import safe_open
+
+    for stored in ("pipeline/unet/diffusion_pytorch_model.safetensors", "pipeline/text_encoder/model.safetensors",
+                   "ip_adapter/ip_adapter.safetensors"):
+        with safe_open(quick_world_v2 / stored, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, stored
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32  # loaded back as fp32
     assert len(load_toy_evaluator(quick_world_v2).heads_names["identity"]) == 201
     assert not (quick_world_v2 / ".stages" / "unet.partial").exists()
     from engine.toyworld.card import model_card
 
     card = model_card(info)
     assert "200 made-up identities" in card and "width 128" in card and "--world v2" in card
+    assert "IP-Adapter Plus (16 image tokens)" in card and "IP-Adapter 3 aligning + 3 (batch 16)" in card
+    assert "stored in fp16" in card
+
+
+def _interrupt_training_at(monkeypatch, step: int):
+    """Make the build's ``step``-th training step (1-based) raise KeyboardInterrupt; returns the real one."""
+    real_step, calls = b._train_step, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(b, "_train_step", dies)
+    return real_step
 
 
 def test_an_interrupted_unet_stage_resumes_to_the_same_weights(quick_world_v2, tmp_path, monkeypatch):
     out = tmp_path / "w"
     shutil.copytree(quick_world_v2 / ".stages", out / ".stages")
     shutil.rmtree(out / ".stages" / "unet")  # the later stages are kept: only the UNet reruns
-    real_step, calls = b._train_step, []
-
-    def dies_at_third_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(b, "_train_step", dies_at_third_step)
+    real_step = _interrupt_training_at(monkeypatch, step=3)
     with pytest.raises(KeyboardInterrupt):
         b.build_world(out, quick_v2_config(), progress=False)
     assert json.loads((out / ".stages" / "unet.partial" / "state.json").read_text())["step"] == 2
@@ -202,15 +217,7 @@ def test_an_interrupted_clip_stage_resumes_to_the_same_weights(quick_world_v2, t
     out = tmp_path / "w"
     (out / ".stages").mkdir(parents=True)
     data = b.stage_data(cfg, progress=False)
-    real_step, calls = b._train_step, []
-
-    def dies_at_fourth_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(b, "_train_step", dies_at_fourth_step)
+    real_step = _interrupt_training_at(monkeypatch, step=4)
     with pytest.raises(KeyboardInterrupt):
         b.stage_clip(cfg, data, out / "resumed", progress=False, checkpoint=out / "clip.partial")
     assert json.loads((out / "clip.partial" / "state.json").read_text())["step"] == 2
@@ -238,8 +245,9 @@ def test_plus_ip_adapter_files_load_in_diffusers_as_trained(quick_world_v2):
     saved = load_file(quick_world_v2 / "ip_adapter" / "ip_adapter.safetensors")
     loaded = b.ip_adapter_state_dict(pipe.unet)
     assert saved.keys() == loaded.keys()
-    for key in saved:
-        torch.testing.assert_close(loaded[key], saved[key], rtol=0, atol=0)
+    for key in saved:  # stored in fp16, loaded as fp32: the same values
+        assert loaded[key].dtype == torch.float32
+        torch.testing.assert_close(loaded[key].half(), saved[key], rtol=0, atol=0)
     # A fresh projection written in the file layout is the same function once diffusers loads it.
     fresh = b.plus_image_projection(128, 128, 16, seed=9)
     with torch.no_grad():  # non-trivial norms and biases, so a misplaced one shows

@@ -86,7 +86,8 @@ def image_prompt_embeds(pipe, images, projection=None) -> tuple[torch.Tensor, to
     from diffusers.models.embeddings import ImageProjection
     from PIL import Image
 
-    projection = projection or pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    if projection is None:
+        projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
     images = [Image.fromarray(x) if isinstance(x, np.ndarray) else x for x in images]
     with torch.no_grad():
         return pipe.encode_image(images, pipe.unet.device, 1, not isinstance(projection, ImageProjection))

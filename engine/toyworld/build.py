@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from engine.toyworld import render as rnd
 from engine.toyworld.catalogue import DEFAULT_IDENTITIES
+from engine.toyworld.world import IP_ADAPTER_WEIGHTS
 
 # ----------------------------------------------------------------------------- configurations
 
@@ -159,6 +160,7 @@ class BuildConfig:
     generic_captions: float = 0.0  # share of captions naming the subject generically ("a person")
     checkpoint_every: int = 500  # CLIP and UNet steps between resumable checkpoints (0: none)
     clip_phrases: int = 0  # concept phrases per kind per CLIP step beyond the batch's own (0: all)
+    store_fp16: bool = False  # write the pipeline and IP-Adapter weights in fp16 (loaded back as fp32)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -194,7 +196,8 @@ class BuildConfig:
 WORLDS: dict[str, dict] = {
     "v1": {},
     "v2": {"identities": 432, "text_width": 768, "text_layers": 0, "generic_captions": 0.1, "n_images": 120_000,
-           "unet_steps": 9000, "clip_phrases": 32, "ip_queries": 16, "ip_align_steps": 1500},
+           "unet_steps": 9000, "clip_phrases": 32, "ip_queries": 16, "ip_align_steps": 1500,
+           "store_fp16": True},
 }
 
 
@@ -299,6 +302,7 @@ def _concept_targets(labels: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
+# Over 60 lines: one training loop, its two losses and its resumable state, read top to bottom.
 def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool, checkpoint: Path | None = None) -> dict:
     """Contrastive CLIP; saves the full ``CLIPModel`` (split into pipeline parts at assembly).
 
@@ -807,12 +811,14 @@ def align_ip_projection(proj, hidden: torch.Tensor, zero_hidden: torch.Tensor, l
     portraits = torch.nonzero(identity >= 0).flatten()
     held_out = portraits[-512:] if len(portraits) > 1024 else portraits[:0]
     train = torch.from_numpy(np.setdiff1d(np.arange(len(labels)), held_out.numpy()))
-    between = torch.cdist(name_states.flatten(1), name_states.flatten(1)).pow(2) / name_states[0].numel()
-    tau = IP_ALIGN_TAU * float(between.sum() / max(1, len(names) * (len(names) - 1)))
     empty = texts([""])[:, :queries]
+    flat_names = name_states.flatten(1)
 
     def distance(tokens):  # B x identities: mean squared distance to each name's states
-        return (tokens.flatten(1)[:, None] - name_states.flatten(1)[None]).pow(2).mean(-1)
+        flat = tokens.flatten(1)  # |a - b|^2 by matrix product: no B x identities x D tensor
+        return (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ flat_names.T + flat_names.pow(2).sum(1)) / flat.shape[1]
+
+    tau = IP_ALIGN_TAU * float(distance(name_states).clamp(min=0).sum()) / max(1, len(names) * (len(names) - 1))
 
     opt = torch.optim.AdamW(proj.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -864,7 +870,7 @@ def stage_ip_adapter(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path
     unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True).eval()
     metrics = train_ip_adapter(cfg, data, text_encoder, build_clip_tokenizer(), vision, vae, unet, progress)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(ip_adapter_state_dict(unet), str(out / "ip_adapter.safetensors"))
+    save_file(ip_adapter_state_dict(unet), str(out / IP_ADAPTER_WEIGHTS))
     return metrics
 
 
@@ -1055,10 +1061,17 @@ def _build_world(out: Path, cfg: BuildConfig, progress: bool) -> Path:
     tmp = out / ".world.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
+    # fp16 halves what a 768-wide text tower weighs (its unseen token rows are zeros either way);
+    # the gates are measured on the stored weights.
+    (pipe.to(torch.float16) if cfg.store_fp16 else pipe).save_pretrained(tmp / "pipeline", safe_serialization=True)
     (tmp / "clip").mkdir()
     save_file(projection, str(tmp / "clip" / "projection.safetensors"))
     shutil.copytree(_stage_dir(out, "ip_adapter"), tmp / "ip_adapter", ignore=shutil.ignore_patterns("stage.json"))
+    if cfg.store_fp16:
+        from safetensors.torch import load_file
+
+        adapter = tmp / "ip_adapter" / IP_ADAPTER_WEIGHTS
+        save_file({k: v.half() for k, v in load_file(str(adapter)).items()}, str(adapter))
     shutil.copytree(_stage_dir(out, "evaluator"), tmp / "evaluator", ignore=shutil.ignore_patterns("stage.json"))
     files = sha256_tree(tmp, desc="hashing the world", progress=progress)
     info = {

@@ -49,6 +49,7 @@ def gates_table(gates: dict) -> str:
     return "\n".join(lines)
 
 
+# Over 60 lines: the card's text in reading order.
 def model_card(info: dict) -> str:
     """The world's README.md: what it is, how it was built, and its measured gates."""
     from engine.toyworld.build import BuildConfig, text_config
@@ -58,6 +59,9 @@ def model_card(info: dict) -> str:
     text = text_config(cfg.get("text_width", defaults.text_width))
     identities = cfg.get("identities", defaults.identities)
     gates = info.get("gates")
+    queries = cfg.get("ip_queries", 0)
+    ip_kind = f"IP-Adapter Plus ({queries} image tokens)" if queries else "IP-Adapter (4 image tokens)"
+    align = f"{cfg['ip_align_steps']} aligning + " if queries else ""
     parts = [
         "# The toy world",
         "",
@@ -71,7 +75,7 @@ def model_card(info: dict) -> str:
         "| `pipeline/` | diffusers `StableDiffusionPipeline`: VAE (32x32x3 -> 8x8x4), CLIP text encoder "
         f"(genuine CLIP BPE tokenizer, width {text['hidden_size']}, {text['num_hidden_layers']} layers), UNet2DConditionModel, DDIM scheduler; "
         "`image_encoder/` (CLIP vision tower) and `feature_extractor/` for the IP-Adapter |",
-        "| `ip_adapter/ip_adapter.safetensors` | IP-Adapter: `pipe.load_ip_adapter(DIR/'ip_adapter', subfolder='', "
+        f"| `ip_adapter/ip_adapter.safetensors` | {ip_kind}: `pipe.load_ip_adapter(DIR/'ip_adapter', subfolder='', "
         "weight_name='ip_adapter.safetensors')` |",
         "| `clip/projection.safetensors` | CLIP text projection and logit scale (alignment score) |",
         "| `evaluator/` | the classifier trained on renders only, one head per concept kind |",
@@ -100,7 +104,8 @@ def model_card(info: dict) -> str:
         "",
         f"Training images: {cfg['n_images']}; steps: CLIP {cfg['clip_steps']} (batch {cfg['clip_batch']}), "
         f"VAE {cfg['vae_steps']} (batch {cfg['vae_batch']}), UNet {cfg['unet_steps']} (batch {cfg['unet_batch']}), "
-        f"IP-Adapter {cfg['ip_steps']} (batch {cfg['ip_batch']}). Stage times: {stage_times}.",
+        f"IP-Adapter {align}{cfg['ip_steps']} (batch {cfg['ip_batch']}). Stage times: {stage_times}."
+        + (" Pipeline and IP-Adapter weights are stored in fp16 (loaded as fp32)." if cfg.get("store_fp16") else ""),
         "",
         "Rebuild: `erasure toyworld build --out DIR --seed " + str(info["seed"])
         + ("" if identities == defaults.identities else " --world v2") + "`.",

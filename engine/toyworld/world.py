@@ -76,12 +76,14 @@ def pipeline_path(path: str | os.PathLike | None = None) -> Path:
 
 
 def load_toy_pipeline(path: str | os.PathLike | None = None, ip_adapter: bool = False, device: str = "cpu"):
-    """The world's ``StableDiffusionPipeline`` (fp32, safety checker off, progress bar off);
+    """The world's ``StableDiffusionPipeline`` (fp32 whatever the stored precision, safety checker off, progress bar off);
     with ``ip_adapter=True`` the IP-Adapter is loaded too (``pipe(..., ip_adapter_image=...)``)."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
     root = world_path(path)
-    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", torch_dtype=None, use_safetensors=True).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", torch_dtype=torch.float32,
+                                                   use_safetensors=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     if ip_adapter:
         load_toy_ip_adapter(pipe, root)
