@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
 demo: venv
 	$(PY) -m engine demo --out build/demo
 
+# Two workers: CI's two cores (tests/conftest.py gives each one torch thread).
 test: venv
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2
 
 bench: venv
 	$(PY) -m benchmarks.run_all
