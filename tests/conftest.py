@@ -86,9 +86,18 @@ def quick_v2_config(**changes):
 
 @pytest.fixture(scope="session")
 def quick_world_v2(tmp_path_factory):
-    """A quick build with the v2 world's settings (``quick_v2_config``)."""
+    """A quick build with the v2 world's settings (``quick_v2_config``), on one thread like the
+    modules that use it: a matmul's rounding depends on the thread count, and the resume test
+    compares weights bit for bit."""
+    import torch
+
     from engine.toyworld.build import build_world
 
     out = tmp_path_factory.mktemp("world-v2") / "w"
-    build_world(out, quick_v2_config(), progress=False)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_world(out, quick_v2_config(), progress=False)
+    finally:
+        torch.set_num_threads(old)
     return out

@@ -733,7 +733,8 @@ def _initial_ip_adapter(unet, image_proj: dict) -> dict:
     ip = {}
     key_id = 1
     for name, module in unet.attn_processors.items():
-        if name.endswith("attn1.processor"):
+        # Self-attention takes no image tokens; a loaded Plus projection's own attention is no UNet layer.
+        if name.endswith("attn1.processor") or name.startswith("encoder_hid_proj."):
             continue
         attn = unet.get_submodule(name[: -len(".processor")])
         ip[f"{key_id}.to_k_ip.weight"] = attn.to_k.weight.detach().clone()
