@@ -527,7 +527,7 @@ def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out:
     identities up. A contrastive term on the batch (frozen vision tower) keeps text and images
     aligned for the CLIP score and the IP-Adapter. With ``text_layers=0`` the tower stays frozen
     and each caption's states are computed once (a wide tower costs more than the UNet).
-    Saves the UNet (EMA) in ``out`` and the CLIP (EMA text layers) in ``out/clip``.
+    Saves the UNet (EMA) in ``out`` and, if text layers were tuned, the CLIP (EMA text layers) in ``out/clip``.
 
     ``checkpoint``: a folder where the training state is saved every ``checkpoint_every`` steps
     and resumed from, so a killed build loses at most that many steps.
@@ -610,8 +610,8 @@ def stage_unet(cfg: BuildConfig, data: dict, clip_dir: Path, vae_dir: Path, out:
         for p_ema, p in zip(ema, trained):
             p.copy_(p_ema)
     unet.eval().save_pretrained(out, safe_serialization=True)
-    # The CLIP with the tuned text layers (text_encoder shares its modules with clip.text_model).
-    clip.save_pretrained(out / "clip", safe_serialization=True)
+    if cfg.text_layers:  # the CLIP with the tuned text layers (text_encoder shares its modules with clip.text_model)
+        clip.save_pretrained(out / "clip", safe_serialization=True)
     return {"final_loss": float(np.mean(losses[-200:])), "final_clip_loss": float(np.mean(clip_losses[-200:] or [0.0])),
             "text_layers_tuned": cfg.text_layers, "resumed_at_step": first}
 
@@ -1048,7 +1048,8 @@ def _build_world(out: Path, cfg: BuildConfig, progress: bool) -> Path:
     )
     shutil.rmtree(partial_unet, ignore_errors=True)
     unet_dir = _stage_dir(out, "unet")
-    clip_dir = unet_dir / "clip"  # the CLIP whose text layers were tuned with the UNet
+    if cfg.text_layers:
+        clip_dir = unet_dir / "clip"  # the CLIP whose text layers were tuned with the UNet
     metrics["ip_adapter"] = _run_stage(
         out, "ip_adapter", lambda d: stage_ip_adapter(cfg, data, clip_dir, vae_dir, unet_dir, d, progress), progress
     )
