@@ -1,4 +1,3 @@
-import contextlib
 import os
 
 # Both must be set before transformers/triton are imported anywhere.
@@ -36,24 +35,14 @@ def _shipped_catalogue():
     cat.set_identity_count(shipped)
 
 
-@contextlib.contextmanager
-def _single_torch_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models: their small tensors are overhead-bound, one torch thread is as
     fast, and two threads per process on a busy two-core machine are up to ten times slower.
     Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    with _single_torch_thread():
+    from engine.closed_form import single_threaded
+
+    with single_threaded():
         yield
 
 
@@ -98,9 +87,10 @@ def quick_world_v2(tmp_path_factory):
     """A quick build with the v2 world's settings (``quick_v2_config``), on one thread like the
     modules that use it: a matmul's rounding depends on the thread count, and the resume test
     compares weights bit for bit."""
+    from engine.closed_form import single_threaded
     from engine.toyworld.build import build_world
 
     out = tmp_path_factory.mktemp("world-v2") / "w"
-    with _single_torch_thread():
+    with single_threaded():
         build_world(out, quick_v2_config(), progress=False)
     return out
