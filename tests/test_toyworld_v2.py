@@ -2,6 +2,7 @@
 resumable UNet training, and the anchor and image-only IP-Adapter gates."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -61,6 +62,35 @@ def test_generic_captions_name_the_class_not_the_subject():
     mixed = make_dataset(600, seed=3, generic_captions=0.3)["captions"]
     generic = sum(any(w in c for w in ("a person", "someone", "a man", "a woman")) for c in mixed)
     assert 0.05 < generic / len(mixed) < 0.25  # 30% of the identity captions (40% of the images)
+
+
+def test_object_captions_leave_the_colour_out_at_times_in_worlds_with_generic_captions():
+    cat.set_identity_count(200)
+    data = make_dataset(1200, seed=4, generic_captions=0.1)
+    plain = [(c, s) for c, s in zip(data["captions"], data["scenes"]) if s.kind == "object" and s.style is None]
+    colourless = [c for c, s in plain if f"{s.colour} " not in c]
+    assert 0.15 < len(colourless) / len(plain) < 0.35, len(colourless) / len(plain)  # COLOURLESS_OBJECTS = 0.25
+    assert any(c.startswith(("a tree", "an object", "a thing")) for c in colourless)
+    assert all("  " not in c and not re.search(r"\ba [aeiou]", c) for c in data["captions"])
+    v1 = make_dataset(300, seed=4)
+    assert all(f"{s.colour} " in c for c, s in zip(v1["captions"], v1["scenes"]) if s.kind == "object")
+
+
+def test_the_look_term_reads_the_look_of_named_identities_only():
+    cat.set_identity_count(200)
+    person = cat.IDENTITIES[150]
+    captions = [f"a photo of {person.name}", f"a photo of a {person.gender}", "a red star"]
+    targets = b._look_targets(captions, [{"identity": person.name}, {"identity": person.name}, {"object": "star"}])
+    expected = [cat.attribute_values(a).index(getattr(person, a)) for a in cat.IDENTITY_ATTRIBUTES]
+    assert targets[0].tolist() == expected and (targets[1:] == -100).all()
+    head = torch.nn.Linear(16, sum(b._look_sizes()))
+    states = torch.randn(3, 16, requires_grad=True)
+    loss = b._look_loss(head, states, targets)
+    logits = head(states[0]).split(b._look_sizes())
+    by_hand = sum(-lg.log_softmax(0)[k] for lg, k in zip(logits, expected)) / len(expected)
+    torch.testing.assert_close(loss, by_hand)
+    loss.backward()
+    assert states.grad[0].abs().sum() > 0 and states.grad[1:].abs().sum() == 0
 
 
 def test_world_settings_and_text_widths():

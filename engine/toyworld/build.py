@@ -161,6 +161,7 @@ class BuildConfig:
     checkpoint_every: int = 500  # CLIP and UNet steps between resumable checkpoints (0: none)
     clip_phrases: int = 0  # concept phrases per kind per CLIP step beyond the batch's own (0: all)
     store_fp16: bool = False  # write the pipeline and IP-Adapter weights in fp16 (loaded back as fp32)
+    clip_looks: float = 0.0  # weight of the CLIP term reading a named identity's look from its [EoT] state
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -196,8 +197,8 @@ class BuildConfig:
 WORLDS: dict[str, dict] = {
     "v1": {},
     "v2": {"identities": 432, "text_width": 768, "text_layers": 0, "generic_captions": 0.1, "n_images": 120_000,
-           "unet_steps": 9000, "clip_phrases": 32, "ip_queries": 16, "ip_align_steps": 1500,
-           "store_fp16": True},
+           "unet_steps": 5000, "clip_phrases": 32, "ip_queries": 16, "ip_align_steps": 1500,
+           "store_fp16": True, "clip_looks": 1.0, "evaluator_train": 90_000},
 }
 
 
@@ -327,7 +328,10 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool, checkpoi
     phrase_ids = _tokenize(tokenizer, phrases, pad_to_max=False)
     seen_ids = seen_token_ids(tokenizer, data["captions"], phrase_ids)
     seen = zero_unseen_token_embeddings(model.text_model.embeddings.token_embedding, seen_ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
+    look_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(_look_sizes()))
+    look_targets = _look_targets(data["captions"], data["labels"])
+    params = list(model.parameters()) + (list(look_head.parameters()) if cfg.clip_looks else [])
+    opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.05)
     rng = np.random.default_rng(cfg.seed + 2)
     n = len(data["captions"])
     keys = np.array(data["label_keys"])
@@ -337,7 +341,6 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool, checkpoi
         spans[kind] = slice(start, start + len(cat.concepts(kind)))
         start = spans[kind].stop
     model.train()
-    params = list(model.parameters())
     losses, first = [], 0
     if checkpoint is not None and (checkpoint / _CHECKPOINT_STATE).is_file():
         first = _load_training_state(checkpoint, params, None, opt, rng, None, losses, [])
@@ -351,6 +354,10 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool, checkpoi
             outputs = model(input_ids=ids, pixel_values=pixels)
             # logits_per_image: B x B, scaled by the learned temperature
             loss = _clip_loss(outputs.logits_per_image, keys[idx])
+            if cfg.clip_looks:
+                eot = (ids == tokenizer.eos_token_id).int().argmax(-1)  # the first [EoT] of each caption
+                eot_states = outputs.text_model_output.last_hidden_state[torch.arange(len(ids)), eot]
+                loss = loss + cfg.clip_looks * _look_loss(look_head, eot_states, look_targets[idx])
             image_embeds = outputs.image_embeds  # already normalised
             idx_t = torch.from_numpy(idx)
             rows, kind_targets = _phrase_rows(spans, {k: targets[k][idx_t] for k in cat.KINDS}, cfg.clip_phrases, rng)
@@ -371,6 +378,40 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool, checkpoi
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     return {"final_loss": float(np.mean(losses[-100:])), "seen_tokens": seen}
+
+
+def _look_sizes() -> list[int]:
+    from engine.toyworld import catalogue as cat
+
+    return [len(cat.attribute_values(a)) for a in cat.IDENTITY_ATTRIBUTES]
+
+
+def _look_targets(captions: list[str], labels: list[dict]) -> torch.Tensor:
+    """n x attributes: each image's identity attribute indices where its caption names the
+    identity (-100 elsewhere: other kinds, and generic captions such as "a person")."""
+    from engine.toyworld import catalogue as cat
+
+    out = torch.full((len(captions), len(cat.IDENTITY_ATTRIBUTES)), -100, dtype=torch.long)
+    for i, (caption, label) in enumerate(zip(captions, labels)):
+        name = label.get("identity")
+        if name is not None and name in caption:
+            person = cat.identity(name)
+            out[i] = torch.tensor([cat.attribute_values(a).index(getattr(person, a)) for a in cat.IDENTITY_ATTRIBUTES])
+    return out
+
+
+def _look_loss(head: torch.nn.Linear, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each identity attribute read linearly from the [EoT] ``states``.
+
+    Contrastive training separates the names but may keep what tells them apart in directions
+    of small variance, which the UNet's cross-attention then learns to read only slowly (a frozen
+    768-wide tower left it drawing the wrong hair and accessories). Reading the look linearly
+    from the state puts it in directions of its own."""
+    named = targets[:, 0] >= 0
+    if not named.any():
+        return states.sum() * 0.0
+    logits = head(states[named]).split(_look_sizes(), dim=1)
+    return sum(F.cross_entropy(lg, targets[named, j]) for j, lg in enumerate(logits)) / len(logits)
 
 
 def _phrase_rows(spans: dict, targets: dict, per_kind: int, rng) -> tuple[torch.Tensor, dict]:

@@ -102,6 +102,11 @@ _ATTRIBUTE_VALUES = {
 }
 
 
+def attribute_values(attribute: str) -> tuple[str, ...]:
+    """The values an identity attribute (one of ``IDENTITY_ATTRIBUTES``) can take, in a fixed order."""
+    return _ATTRIBUTE_VALUES[attribute]
+
+
 @dataclass(frozen=True)
 class Identity:
     """A made-up person: a two-word name and a fixed look (attribute values are palette keys)."""

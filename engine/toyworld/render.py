@@ -565,12 +565,17 @@ def labels_for(scene: Scene) -> dict[str, str]:
     return labels
 
 
-def _subject_text(scene: Scene) -> str:
+def _subject_text(scene: Scene, colour: str | None) -> str:
     if scene.kind == "identity":
         return scene.subject
     if scene.kind == "object":
-        return f"a {scene.colour} {scene.subject}"
+        return f"a {colour} {scene.subject}" if colour else f"a {scene.subject}"
     return f"a {scene.subject}"
+
+
+# In worlds with generic captions, the share of object captions that leave the colour out
+# ("a tree", "a thing"), as people often do: anchors such as "a tree" must draw their object.
+COLOURLESS_OBJECTS = 0.25
 
 
 def caption_for(scene: Scene, rng: np.random.Generator, split: str = "train", generic_captions: float = 0.0) -> str:
@@ -590,10 +595,12 @@ def caption_for(scene: Scene, rng: np.random.Generator, split: str = "train", ge
     templates = cat.TEMPLATES[kind][split]
     if split == "train":
         templates = templates + cat.TEMPLATES[kind]["train_extra"]
-    concept = scene.subject
+    concept, colour = scene.subject, scene.colour
     # Drawn only when asked for, so worlds without generic captions keep their captions.
+    if generic_captions > 0 and scene.kind == "object" and rng.random() < COLOURLESS_OBJECTS:
+        colour = None
     if generic_captions > 0 and kind in ("identity", "object", "style") and rng.random() < generic_captions:
-        return cat.with_article(_generic_caption(scene, kind, templates, rng))
+        return _tidy(_generic_caption(scene, kind, templates, rng, colour))
     if scene.kind == "unsafe" and scene.style is None:
         c = cat.unsafe_concept(scene.subject)
         way = rng.choice(3, p=[0.6, 0.2, 0.2])
@@ -604,22 +611,28 @@ def caption_for(scene: Scene, rng: np.random.Generator, split: str = "train", ge
             concept = c.synonyms[rng.integers(len(c.synonyms))]
     template = templates[rng.integers(len(templates))]
     text = template.format(
-        name=scene.subject, object=scene.subject, colour=scene.colour, background=scene.background,
-        style=scene.style, subject=_subject_text(scene), concept=concept,
+        name=scene.subject, object=scene.subject, colour=colour or "", background=scene.background,
+        style=scene.style, subject=_subject_text(scene, colour), concept=concept,
     )
-    return cat.with_article(text)
+    return _tidy(text)
 
 
-def _generic_caption(scene: Scene, kind: str, templates: tuple[str, ...], rng: np.random.Generator) -> str:
+def _tidy(text: str) -> str:
+    """One space between words (a left-out colour leaves two) and "an" before vowels."""
+    return cat.with_article(" ".join(text.split()))
+
+
+def _generic_caption(scene: Scene, kind: str, templates: tuple[str, ...], rng: np.random.Generator,
+                     colour: str | None) -> str:
     if kind == "style":
         template = cat.GENERIC_STYLE_TEMPLATES[rng.integers(len(cat.GENERIC_STYLE_TEMPLATES))]
-        return template.format(subject=_subject_text(scene))
+        return template.format(subject=_subject_text(scene, colour))
     words = cat.GENERIC_SUBJECTS[kind]
     word = words[rng.integers(len(words))]
     template = templates[rng.integers(len(templates))]
     if kind == "identity":
         return template.format(name=word.format(gender=cat.identity(scene.subject).gender))
-    return template.format(object=word, colour=scene.colour, background=scene.background)
+    return template.format(object=word, colour=colour or "", background=scene.background)
 
 
 def _subject_kind(name: str) -> str:
