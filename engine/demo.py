@@ -15,7 +15,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--out", default="build/demo")
     p.add_argument("--erase", type=int, default=10, help="how many identities to erase (default 10)")
     p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--world", help="toy world folder (default: the shipped one)")
+    p.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: v1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_demo)
 

@@ -197,7 +197,7 @@ class BuildConfig:
 WORLDS: dict[str, dict] = {
     "v1": {},
     "v2": {"identities": 432, "text_width": 768, "text_layers": 0, "generic_captions": 0.1, "n_images": 120_000,
-           "unet_steps": 5000, "clip_phrases": 32, "ip_queries": 16, "ip_align_steps": 1500,
+           "unet_steps": 5000, "clip_phrases": 32, "ip_queries": 16, "ip_align_steps": 1500, "ip_steps": 1600,
            "store_fp16": True, "clip_looks": 1.0, "evaluator_train": 90_000},
 }
 

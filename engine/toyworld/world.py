@@ -1,7 +1,7 @@
 """The shipped toy world: where its files are, checking them, and loading its parts.
 
-A world folder (``erasure toyworld build --out DIR`` writes one; the package ships one under
-``engine/toyworld/assets``) holds:
+A world folder (``erasure toyworld build --out DIR`` writes one; the package ships the default
+world under ``engine/toyworld/assets`` and the v2 world under ``assets_v2``) holds:
 
 * ``pipeline/``: a diffusers ``StableDiffusionPipeline`` (VAE, CLIP text encoder with the genuine
   CLIP BPE tokenizer, UNet, scheduler) plus its ``image_encoder`` (CLIP vision tower) and
@@ -20,18 +20,25 @@ import json
 import os
 from pathlib import Path
 
-SHIPPED = Path(__file__).resolve().parent / "assets"
+SHIPPED = Path(__file__).resolve().parent / "assets"  # the default world
+# Every world the package ships, by the name `erasure toyworld build --world` gives its kind: a
+# ``--world`` / ``path`` argument may name one instead of a folder.
+SHIPPED_WORLDS = {"v1": SHIPPED, "v2": Path(__file__).resolve().parent / "assets_v2"}
 WORLD_FILE = "world.json"
 IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"
 
 
 def world_path(path: str | os.PathLike | None = None) -> Path:
-    """The world folder: ``path`` if given, else ``$ERASURE_TOYWORLD``, else the shipped one.
+    """The world folder: ``path`` if given, else ``$ERASURE_TOYWORLD``, else the shipped default.
+    Either may also name a shipped world (``SHIPPED_WORLDS``: "v1", "v2") where no folder of
+    that name exists.
 
     Raises FileNotFoundError naming the folder when it holds no ``world.json``.
     """
     chosen = path if path is not None else os.environ.get("ERASURE_TOYWORLD") or SHIPPED
     root = Path(chosen)
+    if str(chosen) in SHIPPED_WORLDS and not root.exists():
+        root = SHIPPED_WORLDS[str(chosen)]
     if not (root / WORLD_FILE).is_file():
         raise FileNotFoundError(
             f"no toy world at {root} (missing {WORLD_FILE}); rebuild it with "
