@@ -311,7 +311,9 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool, checkpoi
     embeddings of every concept of each kind it shows ("a star", "a moon", ...; cross-entropy,
     as zero-shot CLIP classifies). Captions alone rarely need the object's shape to tell a batch
     apart (colour and background usually suffice), so without this term the text tower learns
-    colours and names but not shapes, and the UNet conditioned on it cannot draw them.
+    colours and names but not shapes, and the UNet conditioned on it cannot draw them. With
+    ``clip_looks``, a named identity's look is also read from its caption's [EoT] state
+    (``_look_loss``).
 
     ``checkpoint``: a folder for the resumable training state, saved every ``checkpoint_every``
     steps and continued from when present (as in ``stage_unet``).
@@ -328,9 +330,11 @@ def stage_clip(cfg: BuildConfig, data: dict, out: Path, progress: bool, checkpoi
     phrase_ids = _tokenize(tokenizer, phrases, pad_to_max=False)
     seen_ids = seen_token_ids(tokenizer, data["captions"], phrase_ids)
     seen = zero_unseen_token_embeddings(model.text_model.embeddings.token_embedding, seen_ids)
-    look_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(_look_sizes()))
-    look_targets = _look_targets(data["captions"], data["labels"])
-    params = list(model.parameters()) + (list(look_head.parameters()) if cfg.clip_looks else [])
+    params = list(model.parameters())
+    if cfg.clip_looks:
+        look_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(_look_sizes()))
+        look_targets = _look_targets(data["captions"], data["labels"])
+        params += list(look_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.05)
     rng = np.random.default_rng(cfg.seed + 2)
     n = len(data["captions"])

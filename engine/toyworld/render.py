@@ -585,7 +585,8 @@ def caption_for(scene: Scene, rng: np.random.Generator, split: str = "train", ge
     by a synonym 20%, and by one of the split's paraphrases 20%. With probability
     ``generic_captions`` an identity or object is named by a generic word instead
     (``catalogue.GENERIC_SUBJECTS``: "a person", "a red thing") or a style by a generic
-    template (``catalogue.GENERIC_STYLE_TEMPLATES``: "a painting of ...").
+    template (``catalogue.GENERIC_STYLE_TEMPLATES``: "a painting of ..."), and an object's colour
+    is left out with probability ``COLOURLESS_OBJECTS``.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
