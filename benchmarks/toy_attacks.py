@@ -49,7 +49,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the fine-tuning methods run, as erasure erase --set")
     parser.add_argument("--label", help="the rows' model name (default: the method's), e.g. for a --set variant")
-    parser.add_argument("--world", help="toy world folder (default: the shipped one)")
+    parser.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: v2)")
     parser.add_argument("--ti-steps", type=int, default=300)
     parser.add_argument("--udiff-timesteps", type=int, default=10)
     parser.add_argument("--udiff-iterations", type=int, default=40)

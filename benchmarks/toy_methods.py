@@ -36,7 +36,7 @@ from engine.evaluation import evaluate_toy
 from engine.export import package_versions
 from engine.methods import get_method
 from engine.toyworld import TEMPLATES, concepts
-from engine.toyworld.world import pipeline_path, verify_world
+from engine.toyworld.world import pipeline_path, verify_world, world_name
 
 # Fine-tuning settings for the toy world: each method's ``toy`` preset (engine/methods/<method>.py,
 # e.g. `erasure erase --preset toy`; the published settings are for SD's 860M-parameter UNet, this
@@ -91,7 +91,7 @@ def parse_arguments(argv=None):
     parser = argument_parser(__doc__)
     parser.add_argument("--methods", default="uce,esd,co-erasing,bi-erasing,trce")
     parser.add_argument("--scenarios", default="identity,unsafe,identities10")
-    parser.add_argument("--world", help="toy world folder (default: the shipped one)")
+    parser.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: v2)")
     parser.add_argument("--iterations", type=int, help="fine-tuning steps (default: TOY_ITERATIONS per scenario)")
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -131,13 +131,25 @@ def print_table(results: list[dict]) -> None:
               f"{r['erase_seconds']:.0f} |")
 
 
+def previous_results(out: Path, world) -> list[dict]:
+    """The rows already in ``out``, kept (and replaced row by row) only when they were measured on
+    the same world: rows of two worlds in one table would not compare."""
+    if not out.is_file():
+        return []
+    report = json.loads(out.read_text())
+    if report.get("world") != world_name(world):
+        raise SystemExit(f"{out} holds results of the world {report.get('world')}, not {world}: "
+                         "pass another --out, or move that file away")
+    return report["results"]
+
+
 def main(argv=None):
     args = parse_arguments(argv)
     sha = git_sha()  # at launch: the code that runs is this sha's
     world = verify_world(args.world)
     model = pipeline_path(world)
     out = result_path(args.out, "toy_methods.json")
-    results = json.loads(out.read_text())["results"] if out.is_file() else []
+    results = previous_results(out, world)
     for scen in args.scenarios.split(","):
         concept_set, names = scenario(scen)
         for method in args.methods.split(","):
@@ -148,7 +160,7 @@ def main(argv=None):
             results = [r for r in results if (r["method"], r["scenario"]) != (method, scen)] + [row]
             print(json.dumps(row), flush=True)
             write_report(out, {"benchmark": "toy_methods", "device": device_name(torch.device("cpu")),
-                               "world": str(world), "versions": package_versions(), "git_sha": sha,
+                               "world": world_name(world), "versions": package_versions(), "git_sha": sha,
                                "date": now(), "results": results})
     print_table(results)
 

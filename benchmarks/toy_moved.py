@@ -32,7 +32,7 @@ def main(argv=None):
     parser.add_argument("--methods", default="esd,co-erasing")
     parser.add_argument("--iterations", default="25,50,100,300")
     parser.add_argument("--settings", default="published,toy", help="published (the method's defaults) and/or toy")
-    parser.add_argument("--world", help="toy world folder (default: the shipped one)")
+    parser.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: v2)")
     add_out_argument(parser, "toy_moved.json")
     args = parser.parse_args(argv)
     sha, world = git_sha(), verify_world(args.world)

@@ -100,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--methods", default="uce,uce-plus")
     parser.add_argument("--counts", default="1,10,100")
     parser.add_argument("--variants", default="names,listed")
-    parser.add_argument("--world", help="toy world folder (default: the shipped one)")
+    parser.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: v2)")
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of every method run, as erasure erase --set")

@@ -313,10 +313,13 @@ def test_clip_score_with_a_small_image_encoder_and_projection(tiny_sd_dir, tmp_p
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory, tiny_sd_dir):
     """A toy world folder: world.json, an untrained evaluator and the tiny pipeline as its model."""
+    from engine.toyworld import catalogue as cat
     from engine.toyworld.evaluator import ToyEvaluator
 
     world = tmp_path_factory.mktemp("world")
-    (world / "world.json").write_text(json.dumps({"sampling": {"steps": 2, "guidance": 3.0}}))
+    # the evaluator's classes are the selected catalogue's: the world names its identity count
+    (world / "world.json").write_text(json.dumps({"sampling": {"steps": 2, "guidance": 3.0},
+                                                  "config": {"identities": cat.N_IDENTITIES}}))
     torch.manual_seed(0)
     ToyEvaluator(width=8, feature_dim=16).save(world / "evaluator")
     (world / "pipeline").symlink_to(tiny_sd_dir, target_is_directory=True)

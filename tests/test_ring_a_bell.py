@@ -18,11 +18,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def clip():
-    """(text encoder, tokenizer) of the shipped toy world's pipeline."""
+    """(text encoder, tokenizer) of the shipped toy world's pipeline, in fp32 as the engine loads it
+    (v2 stores fp16)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = pipeline_path()
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder").eval()
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder").float().eval()
     return text_encoder, CLIPTokenizer.from_pretrained(root / "tokenizer")
 
 
@@ -94,7 +95,7 @@ def test_concept_vector_is_the_mean_difference_of_the_pairs(clip):
     vec = concept_vector(text_encoder, tokenizer, with_concept, without)
     reference = torch.stack([embed_one(text_encoder, tokenizer, a) - embed_one(text_encoder, tokenizer, b)
                              for a, b in zip(with_concept, without)]).mean(0)
-    assert vec.shape == (77, 96) and vec.dtype == torch.float32
+    assert vec.shape == (77, text_encoder.config.hidden_size) and vec.dtype == torch.float32
     assert reference.abs().max() > 0.1  # the pairs do differ
     torch.testing.assert_close(vec, reference, atol=2e-5, rtol=1e-4)
 
@@ -120,17 +121,18 @@ def test_concept_vector_refuses_bad_pairs(clip, with_concept, without, message):
 
 def test_target_and_attack_refuse_bad_embeddings(clip):
     text_encoder, tokenizer = clip
-    good = torch.zeros(77, 96)
-    with pytest.raises(ValueError, match=r"vector must have shape \(77, 96\)"):
-        target_embedding(text_encoder, tokenizer, "a skull", torch.zeros(77, 768), 3.0)
+    width = text_encoder.config.hidden_size
+    good = torch.zeros(77, width)
+    with pytest.raises(ValueError, match=rf"vector must have shape \(77, {width}\)"):
+        target_embedding(text_encoder, tokenizer, "a skull", torch.zeros(77, width + 1), 3.0)
     with pytest.raises(ValueError, match="strength must be a finite number"):
         target_embedding(text_encoder, tokenizer, "a skull", good, math.inf)
     with pytest.raises(ValueError, match="base_prompt must be a string"):
         target_embedding(text_encoder, tokenizer, ["a skull"], good, 3.0)
     with pytest.raises(ValueError, match="target holds NaN"):
-        ring_a_bell(text_encoder, tokenizer, torch.full((77, 96), math.nan), RingABellSettings(), progress=False)
-    with pytest.raises(ValueError, match=r"target must have shape \(77, 96\)"):
-        ring_a_bell(text_encoder, tokenizer, torch.zeros(76, 96), RingABellSettings(), progress=False)
+        ring_a_bell(text_encoder, tokenizer, torch.full((77, width), math.nan), RingABellSettings(), progress=False)
+    with pytest.raises(ValueError, match=rf"target must have shape \(77, {width}\)"):
+        ring_a_bell(text_encoder, tokenizer, torch.zeros(76, width), RingABellSettings(), progress=False)
     with pytest.raises(ValueError, match="settings must be RingABellSettings, got dict"):
         ring_a_bell(text_encoder, tokenizer, good, {"length": 16}, progress=False)
 

@@ -32,8 +32,8 @@ def test_a_shipped_world_is_named_where_no_folder_has_its_name(tmp_path, monkeyp
     from engine.toyworld import catalogue as cat
 
     monkeypatch.chdir(tmp_path)
-    assert world_path("v2") == SHIPPED_WORLDS["v2"] and cat.N_IDENTITIES == 432
-    assert world_path("v1") == SHIPPED == world_path() and cat.N_IDENTITIES == 128
+    assert world_path("v1") == SHIPPED_WORLDS["v1"] and cat.N_IDENTITIES == 128
+    assert world_path("v2") == SHIPPED == world_path() and cat.N_IDENTITIES == 432
     (tmp_path / "v2").mkdir()  # a folder of that name is what the user means
     with pytest.raises(FileNotFoundError, match="no toy world"):
         world_path("v2")

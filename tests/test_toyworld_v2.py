@@ -155,7 +155,7 @@ def test_training_state_round_trip_continues_exactly(tmp_path):
 def test_v2_build_selects_its_catalogue_and_loads(quick_world_v2):
     from engine.toyworld.world import load_toy_evaluator, load_toy_pipeline, world_info
 
-    assert cat.N_IDENTITIES == 128  # building did not change the caller's catalogue
+    assert cat.N_IDENTITIES == cat.DEFAULT_IDENTITIES  # building did not change the caller's catalogue
     info = world_info(quick_world_v2)
     assert info["config"]["identities"] == 200 and cat.N_IDENTITIES == 200  # loading a world selects it
     assert info["metrics"]["unet"]["text_layers_tuned"] == 0

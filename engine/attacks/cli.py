@@ -20,7 +20,7 @@ def add_attack_parser(sub) -> None:
     p.add_argument("--original", help="the unedited model: it draws the concept's target images and the transfer "
                                       "rows learn on it (default: the toy world's pipeline)")
     p.add_argument("--no-transfer", action="store_true", help="skip replaying what was learned on the original")
-    p.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: $ERASURE_TOYWORLD or v1)")
+    p.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: $ERASURE_TOYWORLD or v2)")
     p.add_argument("--clip-model", help="local CLIP folder: judge a concept that is not the toy world's, zero-shot")
     p.add_argument("--judge-class", action="append", metavar="TEXT",
                    help=f"another zero-shot class for the CLIP judge (repeatable; default {list(JUDGE_CLASSES)})")

@@ -32,7 +32,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--erased", help="concept file of the erased concepts (.yaml/.json/.txt/.csv); required by toy")
     p.add_argument("--original", help="the unedited model (default: the toy world's pipeline)")
     p.add_argument("--retained", help="concept file of concepts that must be kept (default: up to 100, seeded)")
-    p.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: $ERASURE_TOYWORLD or v1)")
+    p.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: $ERASURE_TOYWORLD or v2)")
     p.add_argument("--images-per-prompt", type=int, help="images per prompt and model (default 4)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the world's, else 25)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the world's, else 5.0)")

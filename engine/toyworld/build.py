@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.toyworld import render as rnd
-from engine.toyworld.catalogue import DEFAULT_IDENTITIES
+from engine.toyworld.catalogue import V1_IDENTITIES
 from engine.toyworld.world import IP_ADAPTER_WEIGHTS
 
 # ----------------------------------------------------------------------------- configurations
@@ -155,7 +155,7 @@ class BuildConfig:
     ip_align_steps: int = 0  # Plus only: steps aligning image tokens with text states before diffusion training
     sampling_steps: int = 25
     guidance: float = 5.0
-    identities: int = DEFAULT_IDENTITIES  # catalogue identities the world learns (catalogue.set_identity_count)
+    identities: int = V1_IDENTITIES  # catalogue identities the world learns (catalogue.set_identity_count)
     text_width: int = 96  # the text tower's hidden size, read by the UNet's cross-attention
     generic_captions: float = 0.0  # share of captions naming the subject generically ("a person")
     checkpoint_every: int = 500  # CLIP and UNet steps between resumable checkpoints (0: none)

@@ -147,7 +147,8 @@ _LAST_NAMES = (
     "Pimblett", "Quorwick", "Rushmere", "Sallowby", "Tolliver", "Underhay", "Vexley",
     "Wendlebury", "Yelverton", "Zouche", "Amberwick",
 )
-DEFAULT_IDENTITIES = 128  # the shipped world's, and a world.json's that names no count
+V1_IDENTITIES = 128  # world v1's, and a world.json's that names no count (v1 predates the count)
+DEFAULT_IDENTITIES = 432  # the default shipped world's (v2)
 N_IDENTITIES = DEFAULT_IDENTITIES  # the selected world's (``set_identity_count``)
 MAX_IDENTITIES = 448  # the most that stay >= 3 salient attributes apart, with 16 unseen people
 # Names read as a woman's; the rest as a man's ("a woman" / "a man" in generic captions).

@@ -92,21 +92,21 @@ def add_toyworld_parser(sub, measure_gates) -> None:
     b = tsub.add_parser("build", help="train the toy world from a seed (about 90 minutes on 2 CPU cores)")
     b.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--world", choices=("v1", "v2"), default="v1",
-                   help="v1: 128 identities, text width 96 (the default world); v2: 432 identities, SD1.5's "
-                        "text width 768 and generic captions ('a person'), about 80 minutes on 2 CPU cores")
+    b.add_argument("--world", choices=("v1", "v2"), default="v2",
+                   help="v2 (the default world): 432 identities, SD1.5's text width 768 and generic captions "
+                        "('a person'), about 90 minutes on 2 CPU cores; v1: 128 identities, text width 96")
     b.add_argument("--quick", action="store_true", help="a few steps per stage: tests the machinery only")
     b.add_argument("--skip-gates", action="store_true", help="do not measure the quality gates afterwards")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=partial(cmd_build, measure_gates=measure_gates))
 
     w = tsub.add_parser("path", help="print the toy world's folder (the shipped one by default)")
-    w.add_argument("--world", help="a world folder, or a shipped world by name: v1, v2 (default: $ERASURE_TOYWORLD or v1)")
+    w.add_argument("--world", help="a world folder, or a shipped world by name: v1, v2 (default: $ERASURE_TOYWORLD or v2)")
     w.add_argument("--pipeline", action="store_true", help="print its diffusers pipeline folder instead")
     w.set_defaults(func=cmd_path)
 
     c = tsub.add_parser("concepts", help="list the world's concept names by kind (or write a names file)")
-    c.add_argument("--world", help="a world folder, or a shipped world by name: v1, v2 (default: $ERASURE_TOYWORLD or v1)")
+    c.add_argument("--world", help="a world folder, or a shipped world by name: v1, v2 (default: $ERASURE_TOYWORLD or v2)")
     c.add_argument("--kind", choices=CONCEPT_KINDS, help="only this kind (default: all four)")
     c.add_argument("--out", metavar="FILE", help="write the names to FILE (a .txt usable as `erasure erase --concepts`)")
     c.set_defaults(func=cmd_concepts)

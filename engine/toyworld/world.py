@@ -20,10 +20,11 @@ import json
 import os
 from pathlib import Path
 
-SHIPPED = Path(__file__).resolve().parent / "assets"  # the default world
+SHIPPED = Path(__file__).resolve().parent / "assets_v2"  # the default world (v2)
 # Every world the package ships, by the name `erasure toyworld build --world` gives its kind: a
-# ``--world`` / ``path`` argument may name one instead of a folder.
-SHIPPED_WORLDS = {"v1": SHIPPED, "v2": Path(__file__).resolve().parent / "assets_v2"}
+# ``--world`` / ``path`` argument may name one instead of a folder. v1 (128 identities, text
+# width 96) is smaller and faster: some tests use it.
+SHIPPED_WORLDS = {"v1": Path(__file__).resolve().parent / "assets", "v2": SHIPPED}
 WORLD_FILE = "world.json"
 IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"
 
@@ -53,7 +54,14 @@ def _select_catalogue(root: Path) -> None:
     from engine.toyworld import catalogue as cat
 
     config = json.loads((root / WORLD_FILE).read_text()).get("config") or {}
-    cat.set_identity_count(int(config.get("identities", cat.DEFAULT_IDENTITIES)))
+    cat.set_identity_count(int(config.get("identities", cat.V1_IDENTITIES)))
+
+
+def world_name(path: str | os.PathLike | None = None) -> str:
+    """How a record names the world: its shipped name ("v1", "v2") or its folder, so results
+    measured on two worlds are never merged or compared by mistake."""
+    root = world_path(path).resolve()
+    return next((name for name, folder in SHIPPED_WORLDS.items() if folder.resolve() == root), str(root))
 
 
 def world_info(path: str | os.PathLike | None = None) -> dict:
