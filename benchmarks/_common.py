@@ -8,6 +8,7 @@ Every script runs from the repository root as ``python -m benchmarks.<name>``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -72,6 +73,19 @@ def report_header(benchmark: str, device: torch.device) -> dict:
 def write_report(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, report)
+
+
+def previous_results(out: Path, world: str) -> list[dict]:
+    """The rows already in ``out``, which a rerun replaces row by row; only rows measured on the
+    same toy world (``world``: ``engine.toyworld.world.world_name``): rows of two worlds in one
+    table would not compare."""
+    if not out.is_file():
+        return []
+    report = json.loads(out.read_text())
+    if report.get("world") != world:
+        raise SystemExit(f"{out} holds results of the toy world {report.get('world')}, not {world}: "
+                         "pass another --out, or move that file away")
+    return report["results"]
 
 
 def result_path(out: str | None, default_name: str) -> Path:

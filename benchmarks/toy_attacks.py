@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from benchmarks._common import add_out_argument, argument_parser, device_name, git_sha, now, result_path, write_report
+from benchmarks._common import (add_out_argument, argument_parser, device_name, git_sha, now, previous_results,
+                                result_path, write_report)
 from benchmarks.toy_methods import method_settings, scenario
 from engine.cli import parse_sets
 from engine.api import erase
@@ -35,7 +36,7 @@ from engine.attacks.control import never_learned_control
 from engine.attacks.runner import ring_a_bell_settings
 from engine.evaluation import evaluate_toy
 from engine.export import package_versions
-from engine.toyworld.world import load_toy_pipeline, pipeline_path, verify_world
+from engine.toyworld.world import load_toy_pipeline, pipeline_path, verify_world, world_name
 
 CONTROL = "never-learned"  # the pseudo-method of the control row
 QUALITY = ("H", "kid", "erased_acc", "erased_acc_other_templates", "erased_acc_indirect", "retained_acc")
@@ -134,7 +135,7 @@ def main(argv=None):
     sha = git_sha()
     world = verify_world(args.world)
     out = result_path(args.out, "toy_attacks.json")
-    results = json.loads(out.read_text())["results"] if out.is_file() else []
+    results = previous_results(out, world_name(world))
     budgets = {"ti_steps": args.ti_steps, "udiff_timesteps": args.udiff_timesteps,
                "udiff_iterations": args.udiff_iterations, "rab_generations": args.rab_generations,
                "images": args.images, "prompts": args.prompts}
@@ -151,7 +152,7 @@ def main(argv=None):
             print(json.dumps({k: row[k] for k in ("method", "scenario", "H", "plain", "attacks")}, default=str)[:1500],
                   flush=True)
             write_report(out, {"benchmark": "toy_attacks", "device": device_name(torch.device("cpu")),
-                               "world": str(world), "versions": package_versions(), "git_sha": sha, "date": now(),
+                               "world": world_name(world), "versions": package_versions(), "git_sha": sha, "date": now(),
                                "results": results})
     print_table(results)
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import add_out_argument, argument_parser, device_name, git_sha, now, result_path, write_report
+from benchmarks._common import (add_out_argument, argument_parser, device_name, git_sha, now, previous_results,
+                                result_path, write_report)
 from engine.api import erase
 from engine.cli import parse_sets
 from engine.concepts import concepts_from_names
@@ -131,25 +132,13 @@ def print_table(results: list[dict]) -> None:
               f"{r['erase_seconds']:.0f} |")
 
 
-def previous_results(out: Path, world) -> list[dict]:
-    """The rows already in ``out``, kept (and replaced row by row) only when they were measured on
-    the same world: rows of two worlds in one table would not compare."""
-    if not out.is_file():
-        return []
-    report = json.loads(out.read_text())
-    if report.get("world") != world_name(world):
-        raise SystemExit(f"{out} holds results of the world {report.get('world')}, not {world}: "
-                         "pass another --out, or move that file away")
-    return report["results"]
-
-
 def main(argv=None):
     args = parse_arguments(argv)
     sha = git_sha()  # at launch: the code that runs is this sha's
     world = verify_world(args.world)
     model = pipeline_path(world)
     out = result_path(args.out, "toy_methods.json")
-    results = previous_results(out, world)
+    results = previous_results(out, world_name(world))
     for scen in args.scenarios.split(","):
         concept_set, names = scenario(scen)
         for method in args.methods.split(","):

@@ -1,14 +1,16 @@
 """Closed-form erasure of many identities on the toy world: what is erased, what is kept.
 
     python -m benchmarks.toy_scale [--methods uce,uce-plus] [--counts 1,10,100]
-        [--variants names,listed] [--images-per-prompt 1] [--set KEY=VALUE ...] [--tag NAME]
+        [--variants names,listed,all] [--images-per-prompt 1] [--set KEY=VALUE ...] [--tag NAME]
 
 For each method, count N and variant, the first N identities of the catalogue are erased from
 the world's pipeline with anchor "a person":
 
 * ``names``: the names alone, as `erasure erase --concepts names.txt --anchor "a person"`
   does (template "{}", nothing listed to preserve: only what the method itself preserves);
-* ``listed``: the same, with every second identity not erased listed to preserve.
+* ``listed``: the same, with every second identity not erased listed to preserve;
+* ``all``: the demo's edit (`erasure demo`): the identity templates, every identity not erased
+  and the world's captions that name none of the erased ones listed to preserve.
 
 Then ``evaluate_toy`` against the original (default retained set: 100 concepts, three quarters
 identities). Retained accuracy is split into identities the edit listed to preserve and those
@@ -24,17 +26,20 @@ import time
 import numpy as np
 import torch
 
-from benchmarks._common import add_out_argument, argument_parser, device_name, git_sha, now, result_path, write_report
+from benchmarks._common import (add_out_argument, argument_parser, device_name, git_sha, now, previous_results,
+                                result_path, write_report)
 from engine.api import erase
 from engine.cli import parse_sets
 from engine.concepts import concepts_from_names
+from engine.demo import demo_concepts
 from engine.evaluation import evaluate_toy
 from engine.export import package_versions
 from engine.models import load_pipeline
 from engine.toyworld import concepts
-from engine.toyworld.world import pipeline_path, verify_world
+from engine.toyworld.world import pipeline_path, verify_world, world_name
 
 ANCHOR = "a person"
+VARIANTS = ("names", "listed", "all")
 
 
 def concept_set(count: int, variant: str):
@@ -43,6 +48,10 @@ def concept_set(count: int, variant: str):
     if count > len(ids):
         raise ValueError(f"the world has {len(ids)} identities; cannot erase {count}")
     names = ids[:count]
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+    if variant == "all":
+        return demo_concepts(count)
     listed = [n for n in ids if n not in names][::2] if variant == "listed" else []
     return concepts_from_names(names, anchor=ANCHOR, preserve=listed), names, listed
 
@@ -112,7 +121,7 @@ def main(argv=None):
     pipe, original = load_pipeline(pipeline_path(world)), load_pipeline(pipeline_path(world))
     snapshot = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
     out = result_path(args.out, "toy_scale.json")
-    results = json.loads(out.read_text())["results"] if out.is_file() else []
+    results = previous_results(out, world_name(world))
     settings = parse_sets(args.set)
     for method in args.methods.split(","):
         for count in (int(c) for c in args.counts.split(",")):
@@ -124,7 +133,7 @@ def main(argv=None):
                 results = [r for r in results if key(r) != key(row)] + [row]
                 print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
                 write_report(out, {"benchmark": "toy_scale", "device": device_name(torch.device("cpu")),
-                                   "world": str(world), "versions": package_versions(), "date": now(),
+                                   "world": world_name(world), "versions": package_versions(), "date": now(),
                                    "images_per_prompt": args.images_per_prompt, "results": results})
     print_table(results)
 

@@ -15,7 +15,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--out", default="build/demo")
     p.add_argument("--erase", type=int, default=10, help="how many identities to erase (default 10)")
     p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: v1)")
+    p.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: v2)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_demo)
 
@@ -70,6 +70,24 @@ def _demo_random_weights(args) -> int:
     return 0
 
 
+def demo_concepts(count: int):
+    """The demo's edit of the selected toy world: (ConceptSet, erased names, names preserved).
+    The first ``count`` identities are erased toward "a person" with the identity templates; the
+    other identities and the world's captions that name none of the erased ones are preserved
+    (MACE/UCE style)."""
+    from engine.concepts import concepts_from_names
+    from engine.toyworld import TEMPLATES, concepts, make_dataset
+
+    identities = concepts("identity")
+    erased, kept = identities[:count], identities[count:]
+    captions = preservation_captions(make_dataset(300, seed=12345)["captions"], erased)
+    concept_set = concepts_from_names(
+        erased, anchor="a person", templates=[t.replace("{name}", "{}") for t in TEMPLATES["identity"]["train"]],
+        preserve=kept, captions=captions,
+    )
+    return concept_set, erased, kept
+
+
 def preservation_captions(captions: list[str], erased: list[str]) -> list[str]:
     """The distinct ``captions`` (sorted) that name none of the ``erased`` concepts: a caption that
     names one would ask the edit to keep what it erases."""
@@ -98,26 +116,16 @@ def run_demo(args) -> int:
     if args.world is None and not (SHIPPED / WORLD_FILE).is_file():
         return _demo_random_weights(args)
     from engine.api import erase
-    from engine.concepts import concepts_from_names
     from engine.evaluation.report import describe_kid, write_report
     from engine.evaluation import evaluate_toy
-    from engine.toyworld import TEMPLATES, concepts, make_dataset
     from engine.toyworld.world import pipeline_path, verify_world
 
     world = verify_world(args.world)
     model = pipeline_path(world)
-    identities = concepts("identity")
-    erased_names = identities[: args.erase]
-    kept = identities[args.erase :]
-    # Preserve the identities that stay and general captions of the world (MACE/UCE style).
-    captions = preservation_captions(make_dataset(300, seed=12345)["captions"], erased_names)
-    concept_set = concepts_from_names(
-        erased_names, anchor="a person", templates=[t.replace("{name}", "{}") for t in TEMPLATES["identity"]["train"]],
-        preserve=kept, captions=captions,
-    )
+    concept_set, erased_names, kept = demo_concepts(args.erase)
     out = Path(args.out)
     print(f"demo: erasing {len(erased_names)} identities from the toy world ({model}) with {DEMO_METHOD}; "
-          f"preserving {len(kept)} identities and {len(captions)} captions")
+          f"preserving {len(kept)} identities and {len(concept_set.preserve_captions)} captions")
     start = time.perf_counter()
     result = erase(str(model), concept_set, method=DEMO_METHOD, progress=not args.quiet)
     erased_dir = out / "erased"

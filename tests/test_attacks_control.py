@@ -126,7 +126,7 @@ def test_benchmark_row_merges_and_prints(control, monkeypatch, tmp_path, capsys)
     out = tmp_path / "toy_attacks.json"
     other = {"method": "esd", "scenario": "identity", "concept": cat.IDENTITIES[0].name, "H": 98.0, "kid": 0.0,
              "plain": 0.0, "attacks": {"inversion": {"success_rate": 100.0}}}
-    out.write_text(json.dumps({"results": [other]}))
+    out.write_text(json.dumps({"world": "v2", "results": [other]}))  # rows of the default world
     bench.main(["--methods", "never-learned", "--scenarios", "identity,unsafe", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
     assert [r["method"] for r in rows] == ["esd", "never-learned"] and rows[0] == other

@@ -213,10 +213,36 @@ def test_toy_attacks_variant_rows_take_the_settings_and_keep_the_plain_rows(monk
     monkeypatch.setattr(toy_attacks, "run_attacks", lambda s: attacked if s.model == "edited pipeline" else None)
     out = tmp_path / "toy_attacks.json"
     plain = {"method": "esd", "scenario": "identity", "H": 98.0, "kid": 0.0, "plain": 0.0, "attacks": {}}
-    out.write_text(json.dumps({"results": [plain]}))
+    out.write_text(json.dumps({"world": "v2", "results": [plain]}))  # rows of the default world
     toy_attacks.main(["--methods", "esd", "--scenarios", "identity", "--set", "lr=0.0005", "--label", "esd, lr=5e-4",
                       "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
     assert seen["method"] == "esd" and seen["lr"] == 0.0005 and seen["iterations"] == 300  # the preset, then --set
     assert rows[0] == plain and rows[1]["method"] == "esd, lr=5e-4" and rows[1]["base_method"] == "esd"
     assert rows[1]["settings"]["lr"] == 0.0005
+
+
+def test_benchmark_rows_of_another_world_are_never_merged(tmp_path):
+    from benchmarks._common import previous_results
+
+    out = tmp_path / "rows.json"
+    assert previous_results(out, "v2") == []  # nothing yet
+    out.write_text(json.dumps({"world": "v2", "results": [{"method": "uce"}]}))
+    assert previous_results(out, "v2") == [{"method": "uce"}]
+    with pytest.raises(SystemExit, match="results of the toy world v2, not v1"):
+        previous_results(out, "v1")
+    out.write_text(json.dumps({"world": "/some/folder", "results": []}))  # a world by its folder
+    with pytest.raises(SystemExit, match="not v2"):
+        previous_results(out, "v2")
+
+
+def test_a_world_is_recorded_by_its_shipped_name_or_its_folder(tmp_path):
+    import shutil
+
+    from engine.toyworld.world import SHIPPED_WORLDS, world_name
+
+    assert world_name() == "v2" and world_name("v1") == "v1" and world_name(SHIPPED_WORLDS["v1"]) == "v1"
+    copy = tmp_path / "w"
+    copy.mkdir()
+    shutil.copy(SHIPPED_WORLDS["v1"] / "world.json", copy / "world.json")
+    assert world_name(copy) == str(copy.resolve())

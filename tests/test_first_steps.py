@@ -161,7 +161,7 @@ def test_the_demo_prints_the_recorded_figures_with_their_scales(tmp_path, capsys
     import engine.evaluation.report
     from engine.demo import run_demo
 
-    record = json.loads((ROOT / "benchmarks" / "results" / "toyworld_seed0_demo_uce_10_identities.json").read_text())
+    record = json.loads((ROOT / "benchmarks" / "results" / "toyworld_v2_seed0_demo_uce_plus_10_identities.json").read_text())
     seen = {}
 
     class Result:

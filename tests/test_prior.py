@@ -126,7 +126,7 @@ def test_the_automatic_weight_is_the_largest_that_still_erases(pipe):
     edit = closed_form_edit(pipe, concepts, plain(preserve_weight="auto", prior="generic"))
     tried = edit.preserve_weight_search["max_concept_residual"]
     lam = edit.preserve_weight
-    assert lam in PRESERVE_GRID and tried[f"{lam:.3g}"] <= AUTO_RESIDUAL
+    assert lam in PRESERVE_GRID and tried[f"{lam:.3g}"] <= AUTO_RESIDUAL and edit.preserve_weight_search["met"]
     following = list(tried.values())[list(tried).index(f"{lam:.3g}") + 1 :]  # tried in increasing order
     assert lam == PRESERVE_GRID[-1] or following[0] > AUTO_RESIDUAL
     ratios = [edit.concept_residual[n] / edit.concept_residual_before[n] for n in concepts.names()]
@@ -162,3 +162,12 @@ def test_the_automatic_weight_gives_the_edit_of_that_weight_set_by_hand(pipe):
     by_hand = edit(auto.preserve_weight)
     assert by_hand.preserve_weight == auto.preserve_weight
     torch.testing.assert_close(auto.transform, by_hand.transform, rtol=1e-6, atol=1e-8)
+
+
+def test_an_automatic_weight_that_cannot_erase_says_so(pipe):
+    """A ridge this large holds every weight near the original: no preservation weight on the grid
+    lets the edit reach 80% of the way, and the edit warns instead of passing the smallest as fit."""
+    concepts = concepts_from_names(["Ann Lee"], anchor="a person", preserve=["Cy Moss"])
+    with pytest.warns(UserWarning, match="even the smallest weight"):
+        edit = closed_form_edit(pipe, concepts, plain(preserve_weight="auto", ridge=1e4))
+    assert edit.preserve_weight == PRESERVE_GRID[0] and edit.preserve_weight_search["met"] is False
