@@ -4,9 +4,9 @@ No real Stable Diffusion weights are available offline, so the project ships its
 procedurally drawn 32x32 RGB images with captions and subject masks, on which a tiny SD
 pipeline and an evaluator classifier are trained. Its concepts mirror real erasure use cases:
 
-* ``identity``: made-up people (celebrity analogue), each with a fixed, distinctive look: 128 in
-  the shipped world, 432 in ``erasure toyworld build --world v2``'s (``catalogue.IDENTITIES``
-  follows the world last loaded or built; ``catalogue.set_identity_count`` selects one);
+* ``identity``: made-up people (celebrity analogue), each with a fixed, distinctive look: 432 in
+  the default world (v2), 128 in v1's (``catalogue.IDENTITIES`` follows the world last loaded or
+  built; ``catalogue.set_identity_count`` selects one);
 * ``object`` (13 glyphs) in a ``colour`` (8) on a ``background`` (6);
 * ``style``: 6 art-style analogues that restyle any subject (pixel mosaic, hatched,
   pointillist, neon, sepia, pencil sketch);

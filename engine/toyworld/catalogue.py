@@ -2,7 +2,8 @@
 
 Six kinds of concept, mirroring what concept erasure is used for on real Stable Diffusion:
 
-* ``identity`` (celebrity analogue): 128 made-up people, each a head-and-shoulders sprite with a
+* ``identity`` (celebrity analogue): made-up people (432 in the default world v2, the first 128 in
+  v1; ``set_identity_count``), each a head-and-shoulders sprite with a
   fixed combination of eight attributes (skin tone, hair colour, hair shape, eye colour, eye
   shape, accessory, shirt colour, shirt pattern). The combinations are chosen so that any two
   identities differ in at least 3 of the six large, visible attributes (eyes are too small to
