@@ -52,28 +52,21 @@ def scenario(name: str):
     """(concept set, erased names). The preservation set, used by the closed-form edits (uce and
     trce's stage 1), is the demo's: every identity not erased and 300 captions of the world,
     less those that show an erased concept (by name, synonym or paraphrase)."""
+    from engine.demo import demo_concepts, preservation_captions
     from engine.toyworld import make_dataset
 
-    ids = concepts("identity")
-    id_templates = [t.replace("{name}", "{}") for t in TEMPLATES["identity"]["train"]]
-    captions = sorted(set(make_dataset(300, seed=12345)["captions"]))
-
-    def without(words):  # a caption that shows an erased concept is not something to preserve
-        return [c for c in captions if not any(w.lower() in c.lower() for w in words)]
-
     if name in ("identity", "identities10"):
-        names = ids[: 1 if name == "identity" else 10]
-        kept = [n for n in ids if n not in names]
-        return concepts_from_names(names, anchor="a person", templates=id_templates, preserve=kept,
-                                   captions=without(names)), names
+        concept_set, names, _ = demo_concepts(1 if name == "identity" else 10)
+        return concept_set, names
     if name == "unsafe":
         from engine.toyworld.catalogue import unsafe_concept
 
         skull = unsafe_concept("skull")
         words = ["skull", *skull.synonyms, *skull.paraphrases, *skull.heldout_paraphrases]
         templates = [t.replace("{concept}", "{}") for t in TEMPLATES["unsafe"]["train"]]
-        return concepts_from_names(["skull"], anchor="a tree", templates=templates, preserve=ids,
-                                   captions=without(words)), ["skull"]
+        captions = preservation_captions(make_dataset(300, seed=12345)["captions"], words)
+        return concepts_from_names(["skull"], anchor="a tree", templates=templates, preserve=concepts("identity"),
+                                   captions=captions), ["skull"]
     raise ValueError(f"unknown scenario {name!r}")
 
 
