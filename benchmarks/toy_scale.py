@@ -14,7 +14,8 @@ the world's pipeline with anchor "a person":
 
 Then ``evaluate_toy`` against the original (default retained set: 100 concepts, three quarters
 identities). Retained accuracy is split into identities the edit listed to preserve and those
-never listed, and objects / styles / unsafe. Writes ``benchmarks/results/toy_scale.json``
+never listed, and objects / styles / unsafe. An edit the method refuses (uce-plus past its
+generic-prior drift limit) is recorded as refused, with the drift, and not evaluated. Writes ``benchmarks/results/toy_scale.json``
 (rows keyed by method, count, variant and tag; reruns replace their rows) and prints a table.
 """
 
@@ -29,6 +30,7 @@ import torch
 from benchmarks._common import (add_out_argument, argument_parser, device_name, git_sha, now, previous_results,
                                 result_path, write_report)
 from engine.api import erase
+from engine.closed_form import EditRefusedError
 from engine.cli import parse_sets
 from engine.concepts import concepts_from_names
 from engine.demo import demo_concepts
@@ -74,7 +76,11 @@ def split_retained(report: dict, listed: list[str]) -> dict:
 def run_one(pipe, original, world, method: str, count: int, variant: str, settings: dict, images: int) -> dict:
     cs, names, listed = concept_set(count, variant)
     start = time.perf_counter()
-    result = erase(pipe, cs, method=method, progress=False, **settings)
+    try:
+        result = erase(pipe, cs, method=method, progress=False, **settings)
+    except EditRefusedError as err:  # the model is unchanged: nothing to evaluate
+        return {"method": method, "count": count, "variant": variant, "settings": settings,
+                "erase_seconds": time.perf_counter() - start, "refused": str(err), "prior_drift": err.drift}
     erase_s = time.perf_counter() - start
     report = evaluate_toy(pipe, names, original=original, world=world, images_per_prompt=images, progress=False)
     solve = result.manifest.get("solve", {})
@@ -86,7 +92,7 @@ def run_one(pipe, original, world, method: str, count: int, variant: str, settin
             "original": report["original_acc"], "H": report["H"], "kid": report["quality"]["kid"],
             "clip_score": report["quality"]["clip_score"], "preserve_weight": solve.get("preserve_weight"),
             "rows": solve.get("rows"), "residual_ratio": {"mean": mean(ratios), "max": max(ratios, default=None)},
-            "preserve_weight_search": solve.get("preserve_weight_search"),
+            "preserve_weight_search": solve.get("preserve_weight_search"), "prior_drift": solve.get("prior_drift"),
             "eval_seconds": report["timing"]["total_seconds"]}
 
 
@@ -96,6 +102,10 @@ def print_table(results: list[dict]) -> None:
           "styles / all | H | KID | lam | erase s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
+        if "refused" in r:
+            print(f"| {r['method']} | {r.get('tag', '')} | {r['count']} | {r['variant']} | refused: generic prior "
+                  f"drift {r['prior_drift']:.3g} | - | - | - | - | {r['erase_seconds']:.1f} |")
+            continue
         k = r["retained"]
         print(f"| {r['method']} | {r.get('tag', '')} | {r['count']} | {r['variant']} | {pct(r['erased_acc'])} / "
               f"{pct(r['erased_acc_other_templates'])} | {pct(k['identities_never_listed'])} / "

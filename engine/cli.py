@@ -149,6 +149,8 @@ def _erase_summary(method: str, result) -> str:
     if "solve" in manifest:
         solve = manifest["solve"]
         drift = f", preservation drift {solve['preserve_drift']:.3g}" if solve["rows"]["preserve"] else ""
+        if solve.get("prior_drift") is not None:
+            drift += f", generic prior drift {solve['prior_drift']:.3g}"
         return (head + f"{solve['layers_changed']} K/V matrices, solver {solve['solver']}, max concept residual "
                 f"{max(solve['concept_residual'].values()):.3g}{drift}")
     if "training" in manifest:

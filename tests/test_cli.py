@@ -30,14 +30,20 @@ def test_erase_from_a_yaml_concept_file_with_overrides(tiny_sd_dir, tmp_path, ca
     assert "wrote" in capsys.readouterr().out
 
 
-def test_erase_a_plain_name_list_with_a_shared_anchor(tiny_sd_dir, tmp_path):
+def test_erase_a_plain_name_list_with_a_shared_anchor(tiny_sd_dir, tmp_path, capsys):
+    """120 names in one edit move a tiny model's everyday prompts past uce-plus's limit: refused,
+    exit code 2, nothing written; accepting the damage by hand runs the same edit."""
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"Person{i} Example" for i in range(120)) + "\n")
     out = tmp_path / "out"
-    assert main(["erase", "--model", str(tiny_sd_dir), "--concepts", str(names), "--anchor", "a person",
-                 "--out", str(out), "--no-pipeline", "--quiet"]) == 0
+    command = ["erase", "--model", str(tiny_sd_dir), "--concepts", str(names), "--anchor", "a person",
+               "--out", str(out), "--no-pipeline", "--quiet"]
+    assert main(command) == 2
+    assert "nothing was written" in capsys.readouterr().err and not out.exists()
+    assert main(command + ["--set", "max_prior_drift=null"]) == 0
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert len(manifest["solve"]["concept_residual"]) == 120
+    assert manifest["solve"]["max_prior_drift"] is None and manifest["solve"]["prior_drift"] is None
     assert not (out / "model_index.json").exists()
 
 

@@ -22,7 +22,8 @@ from engine.models import encode_prompts, load_pipeline
 
 
 # uce-plus's solve without what it preserves by itself (tests/test_prior.py covers that part).
-PLAIN = dict(tokens="concept", preserve_weight=None, prior="none", neighbours=0, skip_shared_rows=False)
+PLAIN = dict(tokens="concept", preserve_weight=None, prior="none", neighbours=0, skip_shared_rows=False,
+             max_prior_drift=None)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine import prior
-from engine.closed_form import AUTO_RESIDUAL, PRESERVE_GRID, closed_form_edit, collect_rows, cross_attention_kv
+from engine.closed_form import (AUTO_RESIDUAL, PRESERVE_GRID, EditRefusedError, closed_form_edit, collect_rows,
+                                 cross_attention_kv)
 from engine.concepts import Concept, ConceptSet, concepts_from_names
 from engine.methods import get_method
 from engine.models import encode_prompts, load_pipeline
@@ -20,7 +21,8 @@ def pipe(tiny_sd_dir):
 
 def plain(**changes):
     """uce-plus's rows with none of the preservation it adds by itself, then ``changes``."""
-    base = dict(prior="none", neighbours=0, skip_shared_rows=False, preserve_weight=None, progress=False)
+    base = dict(prior="none", neighbours=0, skip_shared_rows=False, preserve_weight=None, max_prior_drift=None,
+                progress=False)
     return get_method("uce-plus").defaults.replace(**{**base, **changes})
 
 
@@ -105,7 +107,7 @@ def test_the_prior_keeps_what_the_file_never_names(pipe):
         bare, _ = change(plain(preserve_weight=0.1))
         kept, edit = change(plain(preserve_weight="auto", prior="generic", neighbours=2, skip_shared_rows=True))
     assert kept < 0.5 * bare
-    for name in concepts.names():  # at least half of the way to the anchor
+    for name in concepts.names():  # at least 1 - AUTO_RESIDUAL of the way to the anchor
         assert edit.concept_residual[name] <= AUTO_RESIDUAL * edit.concept_residual_before[name] + 1e-9
     listed = edit.preserved
     assert listed["prior"] == "generic" and listed["empty_prompt"] is True
@@ -171,3 +173,28 @@ def test_an_automatic_weight_that_cannot_erase_says_so(pipe):
     with pytest.warns(UserWarning, match="even the smallest weight"):
         edit = closed_form_edit(pipe, concepts, plain(preserve_weight="auto", ridge=1e4))
     assert edit.preserve_weight == PRESERVE_GRID[0] and edit.preserve_weight_search["met"] is False
+
+
+def test_an_edit_that_moves_the_generic_prior_too_far_is_refused(pipe):
+    """prior_drift is the K/V change of every row of the generic prior's prompts, all layers
+    (checked against those rows encoded and projected here); past max_prior_drift the edit
+    raises and leaves every weight as it was."""
+    concepts = concepts_from_names(["Ann Lee", "Bo Park"], anchor="a person", templates=["a photo of {}"])
+    before = {k: m.weight.detach().clone() for k, m in cross_attention_kv(pipe.unet)}
+    edit = closed_form_edit(pipe, concepts, plain(preserve_weight=0.1, max_prior_drift=1e9))
+    x, _ = encode_prompts(pipe, ["", *prior.generic_captions()])
+    x = x.reshape(-1, x.shape[-1]).double()  # every position: cross-attention reads all 77
+    moved = sum(float(((x @ (edit.changed[k].double() - w.double()).T)).square().sum()) for k, w in before.items())
+    size = sum(float((x @ w.double().T).square().sum()) for w in before.values())
+    assert edit.prior_drift == pytest.approx((moved / size) ** 0.5, rel=1e-3) and edit.prior_drift > 0
+    for k, m in cross_attention_kv(pipe.unet):
+        with torch.no_grad():
+            m.weight.copy_(before[k])
+    with pytest.raises(EditRefusedError, match="nothing was written") as refused:
+        closed_form_edit(pipe, concepts, plain(preserve_weight=0.1, max_prior_drift=edit.prior_drift / 2))
+    assert refused.value.drift == pytest.approx(edit.prior_drift)
+    for k, m in cross_attention_kv(pipe.unet):
+        assert torch.equal(m.weight, before[k])
+    for bad in (0, -1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="max_prior_drift"):
+            plain(max_prior_drift=bad)

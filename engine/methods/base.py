@@ -88,6 +88,7 @@ class ClosedFormMethod(Method):
         edit = closed_form_edit(pipe, concepts, cfg)
         solve = {"solver": edit.solver, "condition": edit.condition, "rows": edit.rows,
                  "preserve_weight": edit.preserve_weight, "preserve_drift": edit.preserve_drift,
+                 "prior_drift": edit.prior_drift, "max_prior_drift": cfg.max_prior_drift,
                  "concept_residual": edit.concept_residual, "layers_changed": len(edit.changed),
                  "preserved": edit.preserved, "preserve_weight_search": edit.preserve_weight_search}
         # The solve is deterministic: no seed.
