@@ -73,6 +73,9 @@ AUTO_RESIDUAL = 0.2
 # kept 95.8-99.2% of the other concepts recognised; 0.145-0.155 (100 identities) kept 60%, and
 # 1.04 (300 identities) 0.3%.
 PRIOR_DRIFT_LIMIT = 0.1
+# balance_concepts: solves per tried weight, and the slack on the rule the reweighting may end at.
+BALANCE_ITERATIONS = 12
+BALANCE_TOLERANCE = 1.01
 
 
 class EditRefusedError(ValueError):
@@ -100,6 +103,7 @@ class ClosedFormConfig(Settings):
     neighbours: int = 0  # per word position of a multi-word name: neighbour names to preserve (prior.name_neighbours)
     skip_shared_rows: bool = False  # skip edit rows whose token prefix a preserved prompt shares
     max_prior_drift: float | None = None  # refuse an edit whose prior_drift exceeds this (None: never)
+    balance_concepts: bool = False  # preserve_weight=auto: raise the weight of concepts left furthest from their anchor
     progress: bool = True
 
     def __post_init__(self):
@@ -134,6 +138,10 @@ class ClosedFormConfig(Settings):
             or not math.isfinite(self.max_prior_drift) or self.max_prior_drift <= 0
         ):
             raise ValueError(f"config field 'max_prior_drift' must be a number > 0 or null, got {self.max_prior_drift!r}")
+        if not isinstance(self.balance_concepts, bool):
+            raise ValueError(f"config field 'balance_concepts' must be true or false, got {self.balance_concepts!r}")
+        if self.balance_concepts and self.preserve_weight != AUTO:
+            raise ValueError("config field 'balance_concepts' needs preserve_weight=auto (it balances the automatic search)")
         if self.gram_dtype not in GRAM_DTYPES:
             raise ValueError(f"config field 'gram_dtype' must be one of {tuple(GRAM_DTYPES)}, got {self.gram_dtype!r}")
 
@@ -595,11 +603,35 @@ def edit_residuals(rows: EditRows, T: torch.Tensor, Re: torch.Tensor, R: torch.T
     return (after / before.clamp_min(1e-300)).sqrt()
 
 
+def balanced_edit_sums(rows: EditRows, lam: float, P: torch.Tensor, Re: torch.Tensor, R: torch.Tensor,
+                       config: ClosedFormConfig):
+    """``balance_concepts``: (S_edit, C_edit, worst residual, iterations, concept weights) at
+    preservation weight ``lam``, each concept's edit weight multiplied by (r_i / AUTO_RESIDUAL)^2
+    while its residual r_i is above the rule (at most BALANCE_ITERATIONS solves): a lagrangian
+    for "every concept to the rule, the preserved prompts as still as that allows"."""
+    n = rows.n_edit
+    owner = rows.owner[:n].to(rows.weight.device)
+    factor = torch.ones(int(rows.owner[:n].max()) + 1, dtype=torch.float64)
+    for iteration in range(1, BALANCE_ITERATIONS + 1):
+        weight = torch.zeros_like(rows.weight)
+        weight[:n] = rows.weight[:n] * factor.to(weight.device, weight.dtype)[owner]
+        S_e, C_e = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
+                                 out_dtype=torch.float64, backend=config.backend)
+        T, _, _ = solve_transform(S_e + lam * P, C_e + lam * P, config.ridge, config.max_condition)
+        residual = edit_residuals(rows, T, Re, R)
+        if float(residual.max()) <= AUTO_RESIDUAL * BALANCE_TOLERANCE:
+            break
+        factor = factor * (residual / AUTO_RESIDUAL).clamp_min(1.0).square()
+    return S_e, C_e, float(residual.max()), iteration, factor
+
+
 def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig):
     """The largest preservation weight on a log grid (1e-5 .. 1e3) whose edit still moves every
     concept at least ``1 - AUTO_RESIDUAL`` of the way to its anchor (``edit_residuals``): as much
     of the preserved prompts kept as erasing every concept allows. The sums are linear in the
-    weight, S(lam) = S_edit + lam P, so each try is one D x D solve.
+    weight, S(lam) = S_edit + lam P, so each try is one D x D solve. With ``balance_concepts``
+    each try also raises the edit weight of the concepts left furthest (``balanced_edit_sums``),
+    so the hardest concept no longer sets the weight for all.
 
     Returns (weight, search report, (S, C) at that weight in float64, or None when there is
     nothing to preserve): the sums ``accumulate`` would compute, so they are not built twice."""
@@ -617,23 +649,33 @@ def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormCo
         P = P + rows.caption_gram.to(P.device, P.dtype)
     R = gram_root(G)
     Re = rows.table.double() @ R.T.to(rows.table.device)
-    tried, chosen = {}, PRESERVE_GRID[0]
+    tried, chosen, balanced = {}, PRESERVE_GRID[0], {}
+    limit = AUTO_RESIDUAL * (BALANCE_TOLERANCE if config.balance_concepts else 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an ill-conditioned try is only a try
         for lam in PRESERVE_GRID:
-            T, _, _ = solve_transform(S_e + lam * P, C_e + lam * P, config.ridge, config.max_condition)
-            worst = float(edit_residuals(rows, T, Re, R).max())
+            if config.balance_concepts:
+                S_b, C_b, worst, iterations, factor = balanced_edit_sums(rows, lam, P, Re, R, config)
+            else:
+                T, _, _ = solve_transform(S_e + lam * P, C_e + lam * P, config.ridge, config.max_condition)
+                worst = float(edit_residuals(rows, T, Re, R).max())
             tried[f"{lam:.3g}"] = worst
-            if worst > AUTO_RESIDUAL:
+            if worst > limit:
                 break
             chosen = lam
-    met = tried[f"{chosen:.3g}"] <= AUTO_RESIDUAL
+            if config.balance_concepts:
+                S_e, C_e = S_b, C_b  # the sums of the chosen weight, with its concept weights
+                balanced = {"iterations": iterations, "concepts_reweighted": int((factor > 1).sum()),
+                            "concept_weights": factor.tolist()}
+    met = tried[f"{chosen:.3g}"] <= limit
     if not met:
         warnings.warn(f"preserve_weight=auto: even the smallest weight ({chosen:.3g}) leaves a concept "
                       f"{tried[f'{chosen:.3g}']:.2f} of its way to its anchor (the rule asks <= {AUTO_RESIDUAL}); "
                       "fewer preserved prompts, or a lower ridge, let the edit reach further", stacklevel=3)
     search = {"rule": f"largest weight with every concept's residual <= {AUTO_RESIDUAL}", "met": met,
               "max_concept_residual": tried}
+    if config.balance_concepts:
+        search["balanced"] = balanced
     return chosen, search, (S_e + chosen * P, C_e + chosen * P)
 
 
@@ -652,6 +694,9 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     if config.preserve_weight == AUTO:
         with timer("preserve_weight"):
             rows.preserve_weight, search, sums = choose_preserve_weight(rows, G, config)
+        if search.get("balanced"):  # each concept's factor on its edit weight, by name
+            weights = search["balanced"]["concept_weights"]
+            search["balanced"]["concept_weights"] = dict(zip(concepts.names(), weights))
         rows.weight[rows.n_edit :] = rows.preserve_weight
     with timer("gram"):
         if sums is None:

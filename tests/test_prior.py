@@ -1,6 +1,7 @@
 """What a closed-form edit preserves by itself (engine/prior.py) and the automatic preservation
 weight, on a tiny real-format pipeline."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -198,3 +199,36 @@ def test_an_edit_that_moves_the_generic_prior_too_far_is_refused(pipe):
     for bad in (0, -1.0, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="max_prior_drift"):
             plain(max_prior_drift=bad)
+
+
+def test_balancing_the_concepts_lets_the_others_be_kept_and_is_a_reweighted_solve(pipe):
+    """balance_concepts raises the edit weight of the concepts the search leaves furthest: the
+    chosen preservation weight is at least the plain search's, every concept still meets the rule,
+    and the edit is the plain solve with those concept weights set by hand."""
+    names = ["Ann Lee", "Bo Park", "Cy Moss", "Di Fox"]
+    concepts = concepts_from_names(names, anchor="a person", preserve=["Ed Hale"],
+                                   captions=["a dog sleeping on a porch", "a bowl of fruit"])
+    before = {k: m.weight.detach().clone() for k, m in cross_attention_kv(pipe.unet)}
+
+    def edit(concept_set, **changes):  # each edit starts from the same weights
+        result = closed_form_edit(pipe, concept_set, plain(prior="generic", **changes))
+        for k, m in cross_attention_kv(pipe.unet):
+            with torch.no_grad():
+                m.weight.copy_(before[k])
+        return result
+
+    equal = edit(concepts, preserve_weight="auto")
+    balanced = edit(concepts, preserve_weight="auto", balance_concepts=True)
+    search = balanced.preserve_weight_search
+    assert search["met"] and balanced.preserve_weight > equal.preserve_weight
+    factors = search["balanced"]["concept_weights"]
+    assert set(factors) == set(names) and min(factors.values()) >= 1.0 and max(factors.values()) > 1.0
+    for name in names:
+        assert balanced.concept_residual[name] <= 1.01 * AUTO_RESIDUAL * balanced.concept_residual_before[name]
+    by_hand = ConceptSet(concepts=[dataclasses.replace(c, weight=factors[c.name]) for c in concepts.concepts],
+                         preserve_concepts=concepts.preserve_concepts, preserve_captions=concepts.preserve_captions,
+                         source=concepts.source)
+    fixed = edit(by_hand, preserve_weight=balanced.preserve_weight)
+    torch.testing.assert_close(fixed.transform, balanced.transform, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="balance_concepts"):
+        plain(preserve_weight=0.1, balance_concepts=True)
