@@ -714,8 +714,10 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
                 f"{concepts.source}: erasing these {len(concepts.concepts)} concept(s) in one edit would move the "
                 f"cross-attention keys/values of everyday prompts by {moved_prior:.3g} of their size (the limit, "
                 f"max_prior_drift, is {config.max_prior_drift:.3g}): the edited model would no longer draw much "
-                "else reliably, so nothing was written. Erase fewer concepts, or set max_prior_drift=null to "
-                "accept the damage", moved_prior)
+                "else reliably, so nothing was written. Erase fewer concepts"
+                + ("" if config.balance_concepts or config.preserve_weight != AUTO else
+                   ", try balance_concepts=true (each concept moved only as far as the rule asks)")
+                + ", or set max_prior_drift=null to accept the damage", moved_prior)
     with timer("weight_update"):
         changed = apply_transform(kv, T, config.backend)
     with timer("report"):
