@@ -15,8 +15,9 @@ the world's pipeline with anchor "a person":
 Then ``evaluate_toy`` against the original (default retained set: 100 concepts, three quarters
 identities). Retained accuracy is split into identities the edit listed to preserve and those
 never listed, and objects / styles / unsafe. An edit the method refuses (uce-plus past its
-generic-prior drift limit) is recorded as refused, with the drift, and not evaluated. Writes ``benchmarks/results/toy_scale.json``
-(rows keyed by method, count, variant and tag; reruns replace their rows) and prints a table.
+generic-prior drift limit) is recorded as refused, with the drift, and not evaluated. Writes
+``benchmarks/results/toy_scale.json`` (rows keyed by method, count, variant and tag; reruns
+replace their rows) and prints a table.
 """
 
 from __future__ import annotations
