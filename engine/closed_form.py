@@ -389,6 +389,7 @@ class EditRows:
     caption_gram: torch.Tensor | None  # (D, D) sum of caption rows' outer products, unweighted
     caption_rows: int
     preserved: dict = dataclasses.field(default_factory=dict)  # what was preserved, for the manifest
+    prior_gram: torch.Tensor | None = None  # prior="generic": its rows' share of caption_gram (for prior_drift)
 
 
 def target_positions(mode: str, tokenizer, template: str, anchor: str, src_pos: list[int], ids_s: list[int],
@@ -514,11 +515,12 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
         lam = max(0.1, 1.0 / n_prompts) if n_prompts else 0.0
     weights += [lam] * (len(src_rows) - n_edit)
     table = plan.encode(pipe, config.batch_size, config.progress, "encode prompts")
-    P_cap, caption_rows = None, 0
+    P_cap, caption_rows, P_prior = None, 0, None
     for texts, padding in ((captions, False), (generic, True)):
         if texts:
             gram, n = caption_gram(pipe, texts, config, padding=padding)
             P_cap, caption_rows = (gram if P_cap is None else P_cap + gram), caption_rows + n
+            P_prior = gram if padding else P_prior
     if len(src_rows) == n_edit and P_cap is None:
         warnings.warn("the edit preserves nothing (no preserve: concepts or captions, prior=none): it will also move "
                       "prompts it does not name; list what to keep, or use a preset with the generic prior "
@@ -535,6 +537,7 @@ def collect_rows(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> EditRo
         caption_gram=P_cap,
         caption_rows=caption_rows,
         preserved=preserved,
+        prior_gram=P_prior,
     )
 
 
@@ -613,9 +616,8 @@ def balanced_edit_sums(rows: EditRows, lam: float, P: torch.Tensor, Re: torch.Te
     owner = rows.owner[:n].to(rows.weight.device)
     factor = torch.ones(int(rows.owner[:n].max()) + 1, dtype=torch.float64)
     for iteration in range(1, BALANCE_ITERATIONS + 1):
-        weight = torch.zeros_like(rows.weight)
-        weight[:n] = rows.weight[:n] * factor.to(weight.device, weight.dtype)[owner]
-        S_e, C_e = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
+        weight = rows.weight[:n] * factor.to(rows.weight.device, rows.weight.dtype)[owner]
+        S_e, C_e = weighted_gram(rows.table, rows.table, weight, rows.src_index[:n], rows.tgt_index[:n],
                                  out_dtype=torch.float64, backend=config.backend)
         T, _, _ = solve_transform(S_e + lam * P, C_e + lam * P, config.ridge, config.max_condition)
         residual = edit_residuals(rows, T, Re, R)
@@ -708,7 +710,7 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     moved_prior = None
     if config.max_prior_drift is not None:
         with timer("report"):
-            moved_prior = prior_drift(pipe, concepts, config, T, G)
+            moved_prior = prior_drift(pipe, concepts, config, T, G, rows.prior_gram)
         if moved_prior > config.max_prior_drift:
             raise EditRefusedError(
                 f"{concepts.source}: erasing these {len(concepts.concepts)} concept(s) in one edit would move the "
@@ -739,12 +741,15 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     )
 
 
-def prior_drift(pipe, concepts: ConceptSet, config: ClosedFormConfig, T: torch.Tensor, G: torch.Tensor) -> float:
+def prior_drift(pipe, concepts: ConceptSet, config: ClosedFormConfig, T: torch.Tensor, G: torch.Tensor,
+                P: torch.Tensor | None = None) -> float:
     """||W (T - I) p|| / ||W p|| over every row (all 77 positions) of the generic prior's prompts
     (the empty prompt and engine/prior.py's captions, less those naming an erased concept) and
-    every layer: how far the edit moves everyday prompts, whether or not it preserved them."""
-    captions, _ = prior.naming_erased(("", *prior.generic_captions()), concepts)
-    P, _ = caption_gram(pipe, list(captions), config, padding=True)  # cached, as the prior's preservation
+    every layer: how far the edit moves everyday prompts, whether or not it preserved them.
+    ``P``: those rows' Gram where the edit already built it (``EditRows.prior_gram``)."""
+    if P is None:
+        captions, _ = prior.naming_erased(("", *prior.generic_captions()), concepts)
+        P, _ = caption_gram(pipe, list(captions), config, padding=True)
     M = T.double().cpu() - torch.eye(T.shape[0], dtype=torch.float64)
     num, den = gram_drift_terms(gram_root(G) @ M, G, P.double().cpu())
     return math.sqrt(num / den) if den > 0 else 0.0
