@@ -1,15 +1,17 @@
 """Closed-form erasure of many identities on the toy world: what is erased, what is kept.
 
-    python -m benchmarks.toy_scale [--methods uce,uce-plus] [--counts 1,10,100]
+    python -m benchmarks.toy_scale [--methods uce,uce-plus] [--counts 1,10,100] [--kind identity]
         [--variants names,listed,all] [--images-per-prompt 1] [--set KEY=VALUE ...] [--tag NAME]
 
-For each method, count N and variant, the first N identities of the catalogue are erased from
-the world's pipeline with anchor "a person":
+For each method, count N and variant, the first N concepts of the catalogue's ``--kind``
+(identity, object or style) are erased from the world's pipeline toward the kind's anchor
+("a person", "an object", "a painting": prompts the world draws as that kind, without a
+particular one):
 
 * ``names``: the names alone, as `erasure erase --concepts names.txt --anchor "a person"`
   does (template "{}", nothing listed to preserve: only what the method itself preserves);
-* ``listed``: the same, with every second identity not erased listed to preserve;
-* ``all``: the demo's edit (`erasure demo`): the identity templates, every identity not erased
+* ``listed``: the same, with every second concept of the kind not erased listed to preserve;
+* ``all`` (identities only): the demo's edit (`erasure demo`): the identity templates, every identity not erased
   and the world's captions that name none of the erased ones listed to preserve.
 
 Then ``evaluate_toy`` against the original (default retained set: 100 concepts, three quarters
@@ -17,7 +19,7 @@ identities). Retained accuracy is split into identities the edit listed to prese
 never listed, and objects / styles / unsafe. An edit the method refuses (uce-plus past its
 generic-prior drift limit) is recorded as refused, with the drift, and not evaluated. Writes
 ``benchmarks/results/toy_scale.json`` (rows keyed by method, count, variant and tag; reruns
-replace their rows) and prints a table.
+replace their rows; a row without ``kind`` erased identities) and prints a table.
 """
 
 from __future__ import annotations
@@ -41,22 +43,26 @@ from engine.models import load_pipeline
 from engine.toyworld import concepts
 from engine.toyworld.world import pipeline_path, verify_world, world_name
 
-ANCHOR = "a person"
+ANCHORS = {"identity": "a person", "object": "an object", "style": "a painting"}  # catalogue.ANCHOR_PROMPTS
 VARIANTS = ("names", "listed", "all")
 
 
-def concept_set(count: int, variant: str):
+def concept_set(count: int, variant: str, kind: str = "identity"):
     """(ConceptSet, erased names, names listed to preserve) of a run."""
-    ids = concepts("identity")
-    if count > len(ids):
-        raise ValueError(f"the world has {len(ids)} identities; cannot erase {count}")
-    names = ids[:count]
+    if kind not in ANCHORS:
+        raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(ANCHORS)}")
+    pool = concepts(kind)
+    if count > len(pool):
+        raise ValueError(f"the world has {len(pool)} concepts of kind {kind}; cannot erase {count}")
+    names = pool[:count]
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
     if variant == "all":
+        if kind != "identity":
+            raise ValueError("the variant 'all' is the demo's edit of identities")
         return demo_concepts(count)
-    listed = [n for n in ids if n not in names][::2] if variant == "listed" else []
-    return concepts_from_names(names, anchor=ANCHOR, preserve=listed), names, listed
+    listed = [n for n in pool if n not in names][::2] if variant == "listed" else []
+    return concepts_from_names(names, anchor=ANCHORS[kind], preserve=listed), names, listed
 
 
 def mean(values):
@@ -74,20 +80,22 @@ def split_retained(report: dict, listed: list[str]) -> dict:
     return out
 
 
-def run_one(pipe, original, world, method: str, count: int, variant: str, settings: dict, images: int) -> dict:
-    cs, names, listed = concept_set(count, variant)
+def run_one(pipe, original, world, method: str, count: int, variant: str, settings: dict, images: int,
+            kind: str = "identity") -> dict:
+    cs, names, listed = concept_set(count, variant, kind)
     start = time.perf_counter()
     try:
         result = erase(pipe, cs, method=method, progress=False, **settings)
     except EditRefusedError as err:  # the model is unchanged: nothing to evaluate
-        return {"method": method, "count": count, "variant": variant, "settings": settings,
+        return {"method": method, "kind": kind, "count": count, "variant": variant, "settings": settings,
                 "erase_seconds": time.perf_counter() - start, "refused": str(err), "prior_drift": err.drift}
     erase_s = time.perf_counter() - start
     report = evaluate_toy(pipe, names, original=original, world=world, images_per_prompt=images, progress=False)
     solve = result.manifest.get("solve", {})
     edit = result.edit  # closed-form methods: the share of each concept's way to its anchor left
     ratios = [edit.concept_residual[n] / max(edit.concept_residual_before[n], 1e-300) for n in names] if edit else []
-    return {"method": method, "count": count, "variant": variant, "settings": settings, "erase_seconds": erase_s,
+    return {"method": method, "kind": kind, "count": count, "variant": variant, "settings": settings,
+            "erase_seconds": erase_s,
             "erased_acc": report["erased_acc"], "erased_acc_other_templates": report["erased_acc_other_templates"],
             "retained_acc": report["retained_acc"], "retained": split_retained(report, listed),
             "original": report["original_acc"], "H": report["H"], "kid": report["quality"]["kid"],
@@ -99,16 +107,17 @@ def run_one(pipe, original, world, method: str, count: int, variant: str, settin
 
 def print_table(results: list[dict]) -> None:
     pct = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    count = lambda r: f"{r['count']}" + ("" if r.get("kind", "identity") == "identity" else f" {r['kind']}")  # noqa: E731
     print("| method | tag | N | variant | erased (train / held-out) | retained: never listed / listed / objects / "
           "styles / all | H | KID | lam | erase s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "refused" in r:
-            print(f"| {r['method']} | {r.get('tag', '')} | {r['count']} | {r['variant']} | refused: generic prior "
+            print(f"| {r['method']} | {r.get('tag', '')} | {count(r)} | {r['variant']} | refused: generic prior "
                   f"drift {r['prior_drift']:.3g} | - | - | - | - | {r['erase_seconds']:.1f} |")
             continue
         k = r["retained"]
-        print(f"| {r['method']} | {r.get('tag', '')} | {r['count']} | {r['variant']} | {pct(r['erased_acc'])} / "
+        print(f"| {r['method']} | {r.get('tag', '')} | {count(r)} | {r['variant']} | {pct(r['erased_acc'])} / "
               f"{pct(r['erased_acc_other_templates'])} | {pct(k['identities_never_listed'])} / "
               f"{pct(k['identities_listed'])} / {pct(k['object'])} / {pct(k['style'])} / {pct(r['retained_acc'])} | "
               f"{pct(r['H'])} | {r['kid']:.2f} | {'-' if r['preserve_weight'] is None else format(r['preserve_weight'], '.3g')} | "
@@ -119,6 +128,7 @@ def main(argv=None):
     parser = argument_parser(__doc__)
     parser.add_argument("--methods", default="uce,uce-plus")
     parser.add_argument("--counts", default="1,10,100")
+    parser.add_argument("--kind", default="identity", choices=tuple(ANCHORS), help="what is erased")
     parser.add_argument("--variants", default="names,listed")
     parser.add_argument("--world", help="toy world folder, or a shipped world by name: v1, v2 (default: v2)")
     parser.add_argument("--images-per-prompt", type=int, default=1)
@@ -137,10 +147,12 @@ def main(argv=None):
     for method in args.methods.split(","):
         for count in (int(c) for c in args.counts.split(",")):
             for variant in args.variants.split(","):
-                row = {**run_one(pipe, original, world, method, count, variant, settings, args.images_per_prompt),
+                row = {**run_one(pipe, original, world, method, count, variant, settings, args.images_per_prompt,
+                                 args.kind),
                        "tag": args.tag, "git_sha": sha}
                 pipe.unet.load_state_dict(snapshot)  # the next run starts from the original
-                key = lambda r: (r["method"], r["count"], r["variant"], r.get("tag", ""))  # noqa: E731
+                key = lambda r: (r["method"], r.get("kind", "identity"), r["count"], r["variant"],  # noqa: E731
+                                 r.get("tag", ""))
                 results = [r for r in results if key(r) != key(row)] + [row]
                 print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
                 write_report(out, {"benchmark": "toy_scale", "device": device_name(torch.device("cpu")),

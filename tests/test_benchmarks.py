@@ -180,8 +180,14 @@ def test_toy_scale_lists_half_of_the_rest_and_splits_what_was_kept():
     cs, names, listed = concept_set(3, "listed")
     assert names == ids[:3] and listed == ids[3:][::2] and [c.name for c in cs.preserve_concepts] == listed
     assert concept_set(3, "names")[2] == [] and not concept_set(3, "names")[0].preserve_concepts
-    with pytest.raises(ValueError, match="identities"):
+    with pytest.raises(ValueError, match="kind identity"):
         concept_set(len(ids) + 1, "names")
+    objects = concepts("object")
+    cs, names, listed = concept_set(2, "listed", kind="object")
+    assert names == objects[:2] and listed == objects[2:][::2]
+    assert {c.anchor for c in cs.concepts} == {"an object"}
+    with pytest.raises(ValueError, match="demo"):
+        concept_set(2, "all", kind="style")
     report = {"concepts": [
         {"name": ids[0], "kind": "identity", "role": "erased", "acc": {"direct": 0.0}},
         {"name": listed[0], "kind": "identity", "role": "retained", "acc": {"direct": 100.0}},
