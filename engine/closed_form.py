@@ -627,6 +627,21 @@ def balanced_edit_sums(rows: EditRows, lam: float, P: torch.Tensor, Re: torch.Te
     return S_e, C_e, float(residual.max()), iteration, factor
 
 
+def edit_and_preserved_sums(rows: EditRows, backend: str):
+    """(S_edit, C_edit, P) in float64: the edit rows' sums and the unweighted preserved Gram."""
+    weight = rows.weight.clone()
+    weight[rows.n_edit :] = 0.0
+    S_e, C_e = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
+                             out_dtype=torch.float64, backend=backend)
+    weight = torch.zeros_like(weight)
+    weight[rows.n_edit :] = 1.0
+    P, _ = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
+                         out_dtype=torch.float64, backend=backend)
+    if rows.caption_gram is not None:
+        P = P + rows.caption_gram.to(P.device, P.dtype)
+    return S_e, C_e, P
+
+
 def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig):
     """The largest preservation weight on a log grid (1e-5 .. 1e3) whose edit still moves every
     concept at least ``1 - AUTO_RESIDUAL`` of the way to its anchor (``edit_residuals``): as much
@@ -641,16 +656,7 @@ def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormCo
     nothing to preserve): the sums ``accumulate`` would compute, so they are not built twice."""
     if len(rows.src_index) == rows.n_edit and rows.caption_gram is None:
         return 0.0, {"rule": "nothing to preserve"}, None
-    weight = rows.weight.clone()
-    weight[rows.n_edit :] = 0.0
-    S_e, C_e = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
-                             out_dtype=torch.float64, backend=config.backend)
-    weight = torch.zeros_like(weight)
-    weight[rows.n_edit :] = 1.0
-    P, _ = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
-                         out_dtype=torch.float64, backend=config.backend)
-    if rows.caption_gram is not None:
-        P = P + rows.caption_gram.to(P.device, P.dtype)
+    S_e, C_e, P = edit_and_preserved_sums(rows, config.backend)
     R = gram_root(G)
     Re = rows.table.double() @ R.T.to(rows.table.device)
     limit = AUTO_RESIDUAL * (BALANCE_TOLERANCE if config.balance_concepts else 1.0)
