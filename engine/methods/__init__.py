@@ -2,7 +2,7 @@
 
 Built in: uce, uce-plus (uce.py), trce-stage1 and trce (trce.py), esd (esd.py), co-erasing
 (co_erasing.py), bi-erasing (bi_erasing.py), speed (speed.py), mace (mace.py,
-mace_lora.py), rece and rece-plus (rece.py), advunlearn (advunlearn.py, advunlearn_attack.py: it trains the
+mace_lora.py), rece (rece.py), advunlearn (advunlearn.py, advunlearn_attack.py: it trains the
 text encoder, ``Method.component``), stereo (stereo.py). Other packages add methods
 without forking, either by calling ``register_method(method)`` or through the
 ``erasure_engine.methods`` entry-point group (a ``Method`` object, or a callable returning one),
@@ -25,7 +25,7 @@ from engine.methods.bi_erasing import BI_ERASING, BiErasingConfig
 from engine.methods.co_erasing import CO_ERASING, CoErasingConfig
 from engine.methods.esd import ESD, ESDConfig
 from engine.methods.mace import MACE, MACEConfig
-from engine.methods.rece import RECE, RECE_PLUS, RECEConfig
+from engine.methods.rece import RECE, RECEConfig
 from engine.methods.speed import SPEED, SpeedConfig
 from engine.methods.stereo import STEREO, StereoConfig
 from engine.methods.trce import TRCE, TRCE_STAGE1, TRCEConfig
@@ -35,7 +35,7 @@ ENTRY_POINT_GROUP = "erasure_engine.methods"
 DEFAULT_METHOD = "uce-plus"  # what `erase` and `erasure erase` use when no method is named
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in (UCE, UCE_PLUS, TRCE_STAGE1, ESD, CO_ERASING, BI_ERASING, TRCE,
-                                                     SPEED, MACE, RECE, RECE_PLUS, ADVUNLEARN, STEREO)}
+                                                     SPEED, MACE, RECE, ADVUNLEARN, STEREO)}
 _entry_points_read = False
 
 

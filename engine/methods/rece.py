@@ -42,11 +42,6 @@ Deviations from the official code:
   float32 torch.inverse per layer); an ill-conditioned one with clamped eigenvalues (a warning).
 * No image generation or per-epoch detection (official: the epoch with the lowest nudity / Q16 /
   classifier rate is kept); the model after the last epoch is the result.
-
-``rece-plus``, the engine's preset (not the paper's): stage 1 ``uce-plus`` (it erases where UCE's
-rows do not, e.g. on toy world v2); every epoch keeps its generic prior and the names' neighbours,
-at the weight of its rule (``preserve_weight="auto"``: a fixed 0.1 against the prior's ~25k rows
-would barely move c'); a result past ``PRIOR_DRIFT_LIMIT`` is refused, the original weights back.
 """
 
 from __future__ import annotations
@@ -58,15 +53,14 @@ from dataclasses import dataclass
 import torch
 
 from engine.closed_form import (
-    AUTO, GRAM_DTYPES, PRIOR_DRIFT_LIMIT, ClosedFormConfig, EditRefusedError, EditRows, PhaseTimer, accumulate,
-    apply_transform, caption_gram, choose_preserve_weight, closed_form_edit, collect_rows, cross_attention_kv,
-    fit_report, gram_root, kv_gram, prior_drift, solve_transform,
+    GRAM_DTYPES, ClosedFormConfig, EditRows, PhaseTimer, accumulate, apply_transform, caption_gram, closed_form_edit,
+    collect_rows, cross_attention_kv, fit_report, gram_root, kv_gram, solve_transform,
 )
 from engine.concepts import TOKEN_MODES, ConceptSet
 from engine.finetune.config import check_choices, check_numbers, check_positive_ints
 from engine.kernels import weighted_gram
 from engine.methods.base import Method, Outcome
-from engine.methods.uce import UCE, UCE_PLUS
+from engine.methods.uce import UCE
 from engine.settings import Settings
 
 
@@ -77,16 +71,12 @@ class RECEConfig(Settings):
     epochs: int = 3  # derive-and-erase rounds after UCE (0: UCE alone)
     embedding_reg: float = 0.1  # lam: the ridge of c' (--regular_scale, close_regzero)
     ridge: float = 0.1  # l1: pulls each epoch's edit towards the current weights (--lamb)
-    preserve_weight: float | str = 0.1  # l2: the preserved rows (--preserve_scale); "auto": as uce-plus chooses it
+    preserve_weight: float = 0.1  # l2: the preserved rows (--preserve_scale)
     erase_weight: float = 1.0  # e: multiplies every concept's weight (--erase_scale)
     tokens: str = "all"  # rows of each concept prompt and its anchor (a concept's own tokens win)
     uce_tokens: str = "last"  # stage 1, the uce preset's
     uce_preserve_weight: float | None = 1.0  # stage 1; None: UCE's max(0.1, 1 / #prompts)
     uce_ridge: float = 0.5  # stage 1
-    stage1: str = "uce"  # uce | uce-plus (that preset as it is; the uce_* fields then do not apply)
-    prior: str = "none"  # the epochs also preserve: none | generic (the closed-form solve's generic prior)
-    neighbours: int = 0  # the epochs also preserve this many neighbour names per word (prior.name_neighbours)
-    max_prior_drift: float | None = None  # refuse a result moving the generic prior further (both stages)
     max_condition: float = 1e12  # above this the solves clamp eigenvalues
     batch_size: int = 64  # prompts per text-encoder call
     backend: str = "auto"  # kernels: auto | triton | torch
@@ -97,13 +87,11 @@ class RECEConfig(Settings):
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"config field 'epochs' must be an integer >= 0, got {self.epochs!r}")
-        check_numbers(self, ("embedding_reg", "ridge", "erase_weight", "uce_ridge"),
+        check_numbers(self, ("embedding_reg", "ridge", "preserve_weight", "erase_weight", "uce_ridge"),
                       nullable=("uce_preserve_weight",), positive=("erase_weight",))
         check_choices(self, {"tokens": TOKEN_MODES, "uce_tokens": TOKEN_MODES, "backend": ("auto", "triton", "torch"),
                              "gram_dtype": tuple(GRAM_DTYPES)})
         check_positive_ints(self, ("batch_size",))
-        check_choices(self, {"stage1": STAGE1})
-        self.epoch_config(), self.uce_config()  # the shared solve checks preserve_weight, prior, neighbours, ...
         if isinstance(self.max_condition, bool) or not isinstance(self.max_condition, (int, float)) or not (
                 1 < self.max_condition < math.inf):
             raise ValueError(f"config field 'max_condition' must be a finite number > 1, got {self.max_condition!r}")
@@ -111,25 +99,19 @@ class RECEConfig(Settings):
             raise ValueError(f"config field 'progress' must be true or false, got {self.progress!r}")
 
     def uce_config(self) -> ClosedFormConfig:
-        """Stage 1's settings: the uce preset with ``uce_*``, or the uce-plus preset, and the shared numerics."""
-        if self.stage1 == "uce-plus":
-            return UCE_PLUS.defaults.replace(max_prior_drift=self.max_prior_drift, **self.numerics())
+        """Stage 1's settings: the uce preset with ``uce_*`` and the shared numerics."""
         return UCE.defaults.replace(tokens=self.uce_tokens, preserve_weight=self.uce_preserve_weight,
                                     ridge=self.uce_ridge, **self.numerics())
 
     def epoch_config(self) -> ClosedFormConfig:
         """Each epoch's erase (step b) on the shared solve; its rows also select c and n."""
         return ClosedFormConfig(tokens=self.tokens, erase_weight=self.erase_weight,
-                                preserve_weight=self.preserve_weight, ridge=self.ridge, prior=self.prior,
-                                neighbours=self.neighbours, max_prior_drift=self.max_prior_drift, **self.numerics())
+                                preserve_weight=self.preserve_weight, ridge=self.ridge, **self.numerics())
 
     def numerics(self) -> dict:
         """The settings both solves share."""
         return {k: getattr(self, k) for k in ("max_condition", "batch_size", "backend", "gram_dtype", "cache_dir",
                                               "progress")}
-
-
-STAGE1 = ("uce", "uce-plus")
 
 
 def adversarial_map(G: torch.Tensor, T: torch.Tensor, reg: float, max_condition: float = 1e12):
@@ -202,31 +184,12 @@ class EpochRows:
                      "regeneration_residual": dict(zip(self.names, reached.tolist()))}
 
 
-def checked_drift(pipe, concepts: ConceptSet, cfg: RECEConfig, T: torch.Tensor, G: torch.Tensor, prior_gram,
-                  kv, original) -> float | None:
-    """The result's ``prior_drift`` (None without ``max_prior_drift``); past the limit the original
-    weights go back into ``kv`` (stage 1 and the epochs wrote into it) and the edit is refused."""
-    if cfg.max_prior_drift is None:
-        return None
-    moved = prior_drift(pipe, concepts, cfg.epoch_config(), T, G, prior_gram)
-    if moved > cfg.max_prior_drift:
-        with torch.no_grad():
-            for key, m in kv:
-                m.weight.copy_(original[key])
-        raise EditRefusedError(
-            f"{concepts.source}: RECE's result would move the cross-attention keys/values of everyday prompts by "
-            f"{moved:.3g} of their size (the limit, max_prior_drift, is {cfg.max_prior_drift:.3g}), so nothing was "
-            "written; erase fewer concepts, run fewer epochs, or set max_prior_drift=null", moved)
-    return moved
-
-
 def rece_edit(pipe, concepts: ConceptSet, cfg: RECEConfig) -> Outcome:
     """UCE, then ``cfg.epochs`` rounds of closed-form adversarial embeddings erased on the shared
     solve (module docstring), written into ``pipe.unet``'s cross-attention K/V."""
     timer, kv, ccfg = PhaseTimer(), cross_attention_kv(pipe.unet), cfg.epoch_config()
     with timer("report"):
         G = kv_gram(kv)  # of the original weights: every later K/V matrix is W T
-    original = {key: m.weight.detach().clone() for key, m in kv} if cfg.max_prior_drift is not None else None
     stage1 = closed_form_edit(pipe, concepts, cfg.uce_config())
     changed, T_total, epochs = stage1.changed, stage1.transform.double().cpu(), []
     with timer("text_encoding"):
@@ -234,13 +197,9 @@ def rece_edit(pipe, concepts: ConceptSet, cfg: RECEConfig) -> Outcome:
     for _ in range(cfg.epochs):
         with timer("embedding"):
             adv, found = data.derive(T_total, cfg)
-        rows, search = data.erase_rows(adv), None
-        if cfg.preserve_weight == AUTO:  # the largest weight still moving every c' 80% of its way (uce-plus's rule)
-            with timer("preserve_weight"):
-                rows.preserve_weight, search, (S, C) = choose_preserve_weight(rows, T_total.T @ G @ T_total, ccfg)
-        else:
-            with timer("gram"):
-                S, C = accumulate(rows, ccfg.backend, ccfg.gram_dtype)
+        with timer("gram"):
+            rows = data.erase_rows(adv)
+            S, C = accumulate(rows, ccfg.backend, ccfg.gram_dtype)
         with timer("solve"):
             T, solver, cond = solve_transform(S, C, ccfg.ridge, ccfg.max_condition)
         with timer("weight_update"):
@@ -248,11 +207,9 @@ def rece_edit(pipe, concepts: ConceptSet, cfg: RECEConfig) -> Outcome:
         with timer("report"):
             residual, _, drift = fit_report(rows, T, T_total.T @ G @ T_total, concepts)
         T_total = T_total @ T
-        epochs.append({"embedding": found, "erase": {
-            "solver": solver, "condition": _finite(cond), "concept_residual": residual, "preserve_drift": drift,
-            "preserve_weight": rows.preserve_weight, "preserve_weight_search": search}})
+        epochs.append({"embedding": found, "erase": {"solver": solver, "condition": _finite(cond),
+                                                     "concept_residual": residual, "preserve_drift": drift}})
     with timer("report"):
-        moved_prior = checked_drift(pipe, concepts, cfg, T_total, G, data.rows.prior_gram, kv, original)
         _, final = data.derive(T_total, cfg)  # what the closed form now finds on the result
         residual, before, drift = fit_report(data.erase_rows(data.c), T_total, G, concepts)  # c -> n, all of RECE
     clamped = [s for s in [stage1.solver] + [e["erase"]["solver"] for e in epochs] if s != "cholesky"]
@@ -262,7 +219,7 @@ def rece_edit(pipe, concepts: ConceptSet, cfg: RECEConfig) -> Outcome:
         "rows": {"edit": data.n, "preserve": data.n_preserve, "caption": data.rows.caption_rows},
         "concept_residual": residual, "concept_residual_before": before, "preserve_drift": drift,
         "concept_embedding_norm": data.norms(data.c), "epochs": epochs, "final_embedding": final,
-        "preserved": data.preserved, "prior_drift": moved_prior, "max_prior_drift": cfg.max_prior_drift,
+        "preserved": data.preserved,
         "stage1": {"solver": stage1.solver, "condition": _finite(stage1.condition), "rows": stage1.rows,
                    "preserve_weight": stage1.preserve_weight, "concept_residual": stage1.concept_residual,
                    "preserve_drift": stage1.preserve_drift},
@@ -290,11 +247,4 @@ RECE = RECEMethod(
     # The README's settings per kind of concept (the defaults are the nudity run's).
     presets={"unsafe": {"epochs": 2}, "art": {"epochs": 1, "embedding_reg": 1e-3, "uce_preserve_weight": None},
              "object-hard": {"epochs": 1, "embedding_reg": 1e-3}, "object-easy": {"epochs": 1}},
-)
-
-RECE_PLUS = RECEMethod(
-    name="rece-plus",
-    defaults=RECEConfig(stage1="uce-plus", preserve_weight=AUTO, prior="generic", neighbours=4,
-                        max_prior_drift=PRIOR_DRIFT_LIMIT),
-    summary="RECE's epochs on the uce-plus edit, each keeping its generic prior at a weight chosen from the data",
 )
