@@ -11,8 +11,9 @@ particular one):
 * ``names``: the names alone, as `erasure erase --concepts names.txt --anchor "a person"`
   does (template "{}", nothing listed to preserve: only what the method itself preserves);
 * ``listed``: the same, with every second concept of the kind not erased listed to preserve;
-* ``all`` (identities only): the demo's edit (`erasure demo`): the identity templates, every identity not erased
-  and the world's captions that name none of the erased ones listed to preserve.
+* ``all`` (identities only): the demo's edit (`erasure demo`): the identity templates, every
+  identity not erased and the world's captions that name none of the erased ones listed to
+  preserve.
 
 Then ``evaluate_toy`` against the original (default retained set: 100 concepts, three quarters
 identities). Retained accuracy is split into identities the edit listed to preserve and those
