@@ -2,6 +2,7 @@
 
     python -m benchmarks.toy_scale [--methods uce,uce-plus] [--counts 1,10,100] [--kind identity]
         [--variants names,listed,all] [--images-per-prompt 1] [--set KEY=VALUE ...] [--tag NAME]
+        [--templates FILE]
 
 For each method, count N and variant, the first N concepts of the catalogue's ``--kind``
 (identity, object or style) are erased from the world's pipeline toward the kind's anchor
@@ -11,6 +12,8 @@ particular one):
 * ``names``: the names alone, as `erasure erase --concepts names.txt --anchor "a person"`
   does (template "{}", nothing listed to preserve: only what the method itself preserves);
 * ``listed``: the same, with every second concept of the kind not erased listed to preserve;
+  ``--templates FILE`` (one template per line, ``{}`` where the name goes) gives the erased
+  and listed names these templates instead of "{}", e.g. examples/context_templates.txt;
 * ``all`` (identities only): the demo's edit (`erasure demo`): the identity templates, every
   identity not erased and the world's captions that name none of the erased ones listed to
   preserve.
@@ -48,8 +51,9 @@ ANCHORS = {"identity": "a person", "object": "an object", "style": "a painting"}
 VARIANTS = ("names", "listed", "all")
 
 
-def concept_set(count: int, variant: str, kind: str = "identity"):
-    """(ConceptSet, erased names, names listed to preserve) of a run."""
+def concept_set(count: int, variant: str, kind: str = "identity", templates: list[str] | None = None):
+    """(ConceptSet, erased names, names listed to preserve) of a run; ``templates``: the names'
+    templates in the variants names and listed (None: "{}")."""
     if kind not in ANCHORS:
         raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(ANCHORS)}")
     pool = concepts(kind)
@@ -59,11 +63,20 @@ def concept_set(count: int, variant: str, kind: str = "identity"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
     if variant == "all":
-        if kind != "identity":
-            raise ValueError("the variant 'all' is the demo's edit of identities")
+        if kind != "identity" or templates:
+            raise ValueError("the variant 'all' is the demo's edit of identities, with its own templates")
         return demo_concepts(count)
     listed = [n for n in pool if n not in names][::2] if variant == "listed" else []
-    return concepts_from_names(names, anchor=ANCHORS[kind], preserve=listed), names, listed
+    return concepts_from_names(names, anchor=ANCHORS[kind], templates=templates, preserve=listed), names, listed
+
+
+def read_templates(path: str) -> list[str]:
+    """The non-empty lines of a templates file."""
+    with open(path, encoding="utf-8") as f:
+        templates = [line.strip() for line in f if line.strip()]
+    if not templates:
+        raise SystemExit(f"{path}: no templates")
+    return templates
 
 
 def mean(values):
@@ -82,21 +95,22 @@ def split_retained(report: dict, listed: list[str]) -> dict:
 
 
 def run_one(pipe, original, world, method: str, count: int, variant: str, settings: dict, images: int,
-            kind: str = "identity") -> dict:
-    cs, names, listed = concept_set(count, variant, kind)
+            kind: str = "identity", templates: list[str] | None = None) -> dict:
+    cs, names, listed = concept_set(count, variant, kind, templates)
     start = time.perf_counter()
     try:
         result = erase(pipe, cs, method=method, progress=False, **settings)
     except EditRefusedError as err:  # the model is unchanged: nothing to evaluate
         return {"method": method, "kind": kind, "count": count, "variant": variant, "settings": settings,
-                "erase_seconds": time.perf_counter() - start, "refused": str(err), "prior_drift": err.drift}
+                "templates": templates, "erase_seconds": time.perf_counter() - start, "refused": str(err),
+                "prior_drift": err.drift}
     erase_s = time.perf_counter() - start
     report = evaluate_toy(pipe, names, original=original, world=world, images_per_prompt=images, progress=False)
     solve = result.manifest.get("solve", {})
     edit = result.edit  # closed-form methods: the share of each concept's way to its anchor left
     ratios = [edit.concept_residual[n] / max(edit.concept_residual_before[n], 1e-300) for n in names] if edit else []
     return {"method": method, "kind": kind, "count": count, "variant": variant, "settings": settings,
-            "erase_seconds": erase_s,
+            "templates": templates, "erase_seconds": erase_s,
             "erased_acc": report["erased_acc"], "erased_acc_other_templates": report["erased_acc_other_templates"],
             "retained_acc": report["retained_acc"], "retained": split_retained(report, listed),
             "original": report["original_acc"], "H": report["H"], "kid": report["quality"]["kid"],
@@ -136,6 +150,8 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of every method run, as erasure erase --set")
     parser.add_argument("--tag", default="", help="a label stored with the rows (e.g. the settings tried)")
+    parser.add_argument("--templates", help="a file of templates ({} where the name goes, one a line) for the "
+                                            "names of the variants names and listed (default: {} alone)")
     add_out_argument(parser, "toy_scale.json")
     args = parser.parse_args(argv)
     sha = git_sha()
@@ -145,11 +161,12 @@ def main(argv=None):
     out = result_path(args.out, "toy_scale.json")
     results = previous_results(out, world_name(world))
     settings = parse_sets(args.set)
+    templates = read_templates(args.templates) if args.templates else None
     for method in args.methods.split(","):
         for count in (int(c) for c in args.counts.split(",")):
             for variant in args.variants.split(","):
                 row = {**run_one(pipe, original, world, method, count, variant, settings, args.images_per_prompt,
-                                 args.kind),
+                                 args.kind, templates),
                        "tag": args.tag, "git_sha": sha}
                 pipe.unet.load_state_dict(snapshot)  # the next run starts from the original
                 key = lambda r: (r["method"], r.get("kind", "identity"), r["count"], r["variant"],  # noqa: E731

@@ -188,6 +188,12 @@ def test_toy_scale_lists_half_of_the_rest_and_splits_what_was_kept():
     assert {c.anchor for c in cs.concepts} == {"an object"}
     with pytest.raises(ValueError, match="demo"):
         concept_set(2, "all", kind="style")
+    templates = ["a photo of {}", "{} on a table"]
+    cs, names, listed = concept_set(2, "listed", kind="object", templates=templates)
+    assert {c.templates for c in cs.concepts} == {tuple(templates)}
+    assert {c.templates for c in cs.preserve_concepts} == {tuple(templates)}
+    with pytest.raises(ValueError, match="own templates"):
+        concept_set(2, "all", templates=templates)
     report = {"concepts": [
         {"name": ids[0], "kind": "identity", "role": "erased", "acc": {"direct": 0.0}},
         {"name": listed[0], "kind": "identity", "role": "retained", "acc": {"direct": 100.0}},
