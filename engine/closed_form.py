@@ -629,20 +629,17 @@ def balanced_edit_sums(rows: EditRows, lam: float, P: torch.Tensor, Re: torch.Te
 
 def edit_and_preserved_sums(rows: EditRows, backend: str):
     """(S_edit, C_edit, P) in float64: the edit rows' sums and the unweighted preserved Gram."""
-    weight = rows.weight.clone()
-    weight[rows.n_edit :] = 0.0
-    S_e, C_e = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
+    n = rows.n_edit
+    S_e, C_e = weighted_gram(rows.table, rows.table, rows.weight[:n], rows.src_index[:n], rows.tgt_index[:n],
                              out_dtype=torch.float64, backend=backend)
-    weight = torch.zeros_like(weight)
-    weight[rows.n_edit :] = 1.0
-    P, _ = weighted_gram(rows.table, rows.table, weight, rows.src_index, rows.tgt_index,
-                         out_dtype=torch.float64, backend=backend)
+    kept = rows.table[rows.src_index[n:]].double()  # mapped onto themselves: one Gram, no cross sum
+    P = kept.T @ kept
     if rows.caption_gram is not None:
         P = P + rows.caption_gram.to(P.device, P.dtype)
     return S_e, C_e, P
 
 
-def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig):
+def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig, R: torch.Tensor | None = None):
     """The largest preservation weight on a log grid (1e-5 .. 1e3) whose edit still moves every
     concept at least ``1 - AUTO_RESIDUAL`` of the way to its anchor (``edit_residuals``): as much
     of the preserved prompts kept as erasing every concept allows. The sums are linear in the
@@ -652,12 +649,13 @@ def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormCo
     With ``balance_concepts`` each try also raises the edit weight of the concepts left furthest
     (``balanced_edit_sums``), so the hardest concept no longer sets the weight for all.
 
-    Returns (weight, search report, (S, C) at that weight in float64, or None when there is
-    nothing to preserve): the sums ``accumulate`` would compute, so they are not built twice."""
+    ``R``: ``gram_root(G)`` where the caller has it. Returns (weight, search report, (S, C) at that
+    weight in float64, or None when there is nothing to preserve): the sums ``accumulate`` would
+    compute, so they are not built twice."""
     if len(rows.src_index) == rows.n_edit and rows.caption_gram is None:
         return 0.0, {"rule": "nothing to preserve"}, None
     S_e, C_e, P = edit_and_preserved_sums(rows, config.backend)
-    R = gram_root(G)
+    R = gram_root(G) if R is None else R
     Re = rows.table.double() @ R.T.to(rows.table.device)
     limit = AUTO_RESIDUAL * (BALANCE_TOLERANCE if config.balance_concepts else 1.0)
     tried, found = {}, {}
@@ -710,10 +708,11 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
         rows = collect_rows(pipe, concepts, config)
     with timer("report"):
         G = kv_gram(kv)  # of the weights before the edit
+        R = gram_root(G)  # every residual and drift below is a norm of R x
     search = sums = None
     if config.preserve_weight == AUTO:
         with timer("preserve_weight"):
-            rows.preserve_weight, search, sums = choose_preserve_weight(rows, G, config)
+            rows.preserve_weight, search, sums = choose_preserve_weight(rows, G, config, R)
         if search.get("balanced"):  # each concept's factor on its edit weight, by name
             weights = search["balanced"]["concept_weights"]
             search["balanced"]["concept_weights"] = dict(zip(concepts.names(), weights))
@@ -728,7 +727,7 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     moved_prior = None
     if config.max_prior_drift is not None:
         with timer("report"):
-            moved_prior = prior_drift(pipe, concepts, config, T, G, rows.prior_gram)
+            moved_prior = prior_drift(pipe, concepts, config, T, G, rows.prior_gram, R)
         if moved_prior > config.max_prior_drift:
             raise EditRefusedError(
                 f"{concepts.source}: erasing these {len(concepts.concepts)} concept(s) in one edit would move the "
@@ -741,7 +740,7 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     with timer("weight_update"):
         changed = apply_transform(kv, T, config.backend)
     with timer("report"):
-        residual, before, drift = fit_report(rows, T, G, concepts)
+        residual, before, drift = fit_report(rows, T, G, concepts, R)
     return ClosedFormEdit(
         transform=T,
         changed=changed,
@@ -760,16 +759,17 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
 
 
 def prior_drift(pipe, concepts: ConceptSet, config: ClosedFormConfig, T: torch.Tensor, G: torch.Tensor,
-                P: torch.Tensor | None = None) -> float:
+                P: torch.Tensor | None = None, R: torch.Tensor | None = None) -> float:
     """||W (T - I) p|| / ||W p|| over every row (all 77 positions) of the generic prior's prompts
     (the empty prompt and engine/prior.py's captions, less those naming an erased concept) and
     every layer: how far the edit moves everyday prompts, whether or not it preserved them.
-    ``P``: those rows' Gram where the edit already built it (``EditRows.prior_gram``)."""
+    ``P``: those rows' Gram where the edit already built it (``EditRows.prior_gram``); ``R``:
+    ``gram_root(G)`` likewise."""
     if P is None:
         captions, _ = prior.naming_erased(("", *prior.generic_captions()), concepts)
         P, _ = caption_gram(pipe, list(captions), config, padding=True)
     M = T.double().cpu() - torch.eye(T.shape[0], dtype=torch.float64)
-    num, den = gram_drift_terms(gram_root(G) @ M, G, P.double().cpu())
+    num, den = gram_drift_terms((gram_root(G) if R is None else R) @ M, G, P.double().cpu())
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
@@ -810,7 +810,7 @@ def gram_root(G: torch.Tensor) -> torch.Tensor:
     return (evecs * evals.clamp_min(0).sqrt()).T
 
 
-def fit_report(rows: EditRows, T: torch.Tensor, G: torch.Tensor, concepts: ConceptSet):
+def fit_report(rows: EditRows, T: torch.Tensor, G: torch.Tensor, concepts: ConceptSet, R: torch.Tensor | None = None):
     """Per-concept residual after (and distance before) the edit, and the preservation drift.
 
     All layers together: ||W x||^2 summed over layers is x^T G x (G from `kv_gram`). With
@@ -819,7 +819,7 @@ def fit_report(rows: EditRows, T: torch.Tensor, G: torch.Tensor, concepts: Conce
     rows enter through their Gram: sum_j ||R M p_j||^2 = tr(M^T G M P_cap), M = T - I.
     """
     dev = rows.table.device
-    R = gram_root(G)
+    R = gram_root(G) if R is None else R  # the caller's, where it has one
     M = T.double().cpu() - torch.eye(T.shape[0], dtype=torch.float64)  # T - I
     table = rows.table.double()
     Re = table @ R.T.to(dev)  # (n_rows, D): R e for every encoded row
