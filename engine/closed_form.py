@@ -639,7 +639,7 @@ def edit_and_preserved_sums(rows: EditRows, backend: str):
     return S_e, C_e, P
 
 
-def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormConfig, R: torch.Tensor | None = None):
+def choose_preserve_weight(rows: EditRows, R: torch.Tensor, config: ClosedFormConfig):
     """The largest preservation weight on a log grid (1e-5 .. 1e3) whose edit still moves every
     concept at least ``1 - AUTO_RESIDUAL`` of the way to its anchor (``edit_residuals``): as much
     of the preserved prompts kept as erasing every concept allows. The sums are linear in the
@@ -649,13 +649,12 @@ def choose_preserve_weight(rows: EditRows, G: torch.Tensor, config: ClosedFormCo
     With ``balance_concepts`` each try also raises the edit weight of the concepts left furthest
     (``balanced_edit_sums``), so the hardest concept no longer sets the weight for all.
 
-    ``R``: ``gram_root(G)`` where the caller has it. Returns (weight, search report, (S, C) at that
-    weight in float64, or None when there is nothing to preserve): the sums ``accumulate`` would
-    compute, so they are not built twice."""
+    ``R``: ``gram_root`` of the K/V Gram. Returns (weight, search report, (S, C) at that weight in
+    float64, or None when there is nothing to preserve): the sums ``accumulate`` would compute, so
+    they are not built twice."""
     if len(rows.src_index) == rows.n_edit and rows.caption_gram is None:
         return 0.0, {"rule": "nothing to preserve"}, None
     S_e, C_e, P = edit_and_preserved_sums(rows, config.backend)
-    R = gram_root(G) if R is None else R
     Re = rows.table.double() @ R.T.to(rows.table.device)
     limit = AUTO_RESIDUAL * (BALANCE_TOLERANCE if config.balance_concepts else 1.0)
     tried, found = {}, {}
@@ -712,7 +711,7 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     search = sums = None
     if config.preserve_weight == AUTO:
         with timer("preserve_weight"):
-            rows.preserve_weight, search, sums = choose_preserve_weight(rows, G, config, R)
+            rows.preserve_weight, search, sums = choose_preserve_weight(rows, R, config)
         if search.get("balanced"):  # each concept's factor on its edit weight, by name
             weights = search["balanced"]["concept_weights"]
             search["balanced"]["concept_weights"] = dict(zip(concepts.names(), weights))
@@ -727,7 +726,7 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
     moved_prior = None
     if config.max_prior_drift is not None:
         with timer("report"):
-            moved_prior = prior_drift(pipe, concepts, config, T, G, rows.prior_gram, R)
+            moved_prior = prior_drift(pipe, concepts, config, T, G, R, rows.prior_gram)
         if moved_prior > config.max_prior_drift:
             raise EditRefusedError(
                 f"{concepts.source}: erasing these {len(concepts.concepts)} concept(s) in one edit would move the "
@@ -759,17 +758,17 @@ def closed_form_edit(pipe, concepts: ConceptSet, config: ClosedFormConfig) -> Cl
 
 
 def prior_drift(pipe, concepts: ConceptSet, config: ClosedFormConfig, T: torch.Tensor, G: torch.Tensor,
-                P: torch.Tensor | None = None, R: torch.Tensor | None = None) -> float:
+                R: torch.Tensor, P: torch.Tensor | None = None) -> float:
     """||W (T - I) p|| / ||W p|| over every row (all 77 positions) of the generic prior's prompts
     (the empty prompt and engine/prior.py's captions, less those naming an erased concept) and
     every layer: how far the edit moves everyday prompts, whether or not it preserved them.
-    ``P``: those rows' Gram where the edit already built it (``EditRows.prior_gram``); ``R``:
-    ``gram_root(G)`` likewise."""
+    ``R``: ``gram_root(G)``; ``P``: those rows' Gram where the edit already built it
+    (``EditRows.prior_gram``)."""
     if P is None:
         captions, _ = prior.naming_erased(("", *prior.generic_captions()), concepts)
         P, _ = caption_gram(pipe, list(captions), config, padding=True)
     M = T.double().cpu() - torch.eye(T.shape[0], dtype=torch.float64)
-    num, den = gram_drift_terms((gram_root(G) if R is None else R) @ M, G, P.double().cpu())
+    num, den = gram_drift_terms(R @ M, G, P.double().cpu())
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
