@@ -42,6 +42,7 @@ from engine.cli import parse_sets
 from engine.concepts import concepts_from_names
 from engine.demo import demo_concepts
 from engine.evaluation import evaluate_toy
+from engine.evaluation.prompts import read_prompt_txt
 from engine.export import package_versions
 from engine.models import load_pipeline
 from engine.toyworld import concepts
@@ -68,15 +69,6 @@ def concept_set(count: int, variant: str, kind: str = "identity", templates: lis
         return demo_concepts(count)
     listed = [n for n in pool if n not in names][::2] if variant == "listed" else []
     return concepts_from_names(names, anchor=ANCHORS[kind], templates=templates, preserve=listed), names, listed
-
-
-def read_templates(path: str) -> list[str]:
-    """The non-empty lines of a templates file."""
-    with open(path, encoding="utf-8") as f:
-        templates = [line.strip() for line in f if line.strip()]
-    if not templates:
-        raise SystemExit(f"{path}: no templates")
-    return templates
 
 
 def mean(values):
@@ -150,7 +142,7 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of every method run, as erasure erase --set")
     parser.add_argument("--tag", default="", help="a label stored with the rows (e.g. the settings tried)")
-    parser.add_argument("--templates", help="a file of templates ({} where the name goes, one a line) for the "
+    parser.add_argument("--templates", help="a text file of templates ({} where the name goes, one a line, # comments) for the "
                                             "names of the variants names and listed (default: {} alone)")
     add_out_argument(parser, "toy_scale.json")
     args = parser.parse_args(argv)
@@ -161,7 +153,7 @@ def main(argv=None):
     out = result_path(args.out, "toy_scale.json")
     results = previous_results(out, world_name(world))
     settings = parse_sets(args.set)
-    templates = read_templates(args.templates) if args.templates else None
+    templates = [row.prompt for row in read_prompt_txt(args.templates).rows] if args.templates else None
     for method in args.methods.split(","):
         for count in (int(c) for c in args.counts.split(",")):
             for variant in args.variants.split(","):
