@@ -142,8 +142,9 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of every method run, as erasure erase --set")
     parser.add_argument("--tag", default="", help="a label stored with the rows (e.g. the settings tried)")
-    parser.add_argument("--templates", help="a text file of templates ({} where the name goes, one a line, # comments) for the "
-                                            "names of the variants names and listed (default: {} alone)")
+    parser.add_argument("--templates", help="a text file of templates ({} where the name goes, one a line, "
+                                            "# comments) for the names of the variants names and listed "
+                                            "(default: {} alone)")
     add_out_argument(parser, "toy_scale.json")
     args = parser.parse_args(argv)
     sha = git_sha()
