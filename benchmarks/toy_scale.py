@@ -151,6 +151,7 @@ def main(argv=None):
     world = verify_world(args.world)
     pipe, original = load_pipeline(pipeline_path(world)), load_pipeline(pipeline_path(world))
     snapshot = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    text_encoder = pipe.text_encoder  # text-gate replaces it by a widened copy
     out = result_path(args.out, "toy_scale.json")
     results = previous_results(out, world_name(world))
     settings = parse_sets(args.set)
@@ -162,6 +163,7 @@ def main(argv=None):
                                  args.kind, templates),
                        "tag": args.tag, "git_sha": sha}
                 pipe.unet.load_state_dict(snapshot)  # the next run starts from the original
+                pipe.register_modules(text_encoder=text_encoder)
                 key = lambda r: (r["method"], r.get("kind", "identity"), r["count"], r["variant"],  # noqa: E731
                                  r.get("tag", ""))
                 results = [r for r in results if key(r) != key(row)] + [row]

@@ -3,7 +3,8 @@
 Built in: uce, uce-plus (uce.py), trce-stage1 and trce (trce.py), esd (esd.py), co-erasing
 (co_erasing.py), bi-erasing (bi_erasing.py), speed (speed.py), mace (mace.py,
 mace_lora.py), rece (rece.py), advunlearn (advunlearn.py, advunlearn_attack.py: it trains the
-text encoder, ``Method.component``), stereo (stereo.py). Other packages add methods
+text encoder, ``Method.component``), stereo (stereo.py), text-gate (text_gate.py: it widens the
+text encoder's MLP). Other packages add methods
 without forking, either by calling ``register_method(method)`` or through the
 ``erasure_engine.methods`` entry-point group (a ``Method`` object, or a callable returning one),
 which is read the first time the registry is consulted:
@@ -28,6 +29,7 @@ from engine.methods.mace import MACE, MACEConfig
 from engine.methods.rece import RECE, RECEConfig
 from engine.methods.speed import SPEED, SpeedConfig
 from engine.methods.stereo import STEREO, StereoConfig
+from engine.methods.text_gate import TEXT_GATE, TextGateConfig
 from engine.methods.trce import TRCE, TRCE_STAGE1, TRCEConfig
 from engine.methods.uce import UCE, UCE_PLUS
 
@@ -35,7 +37,7 @@ ENTRY_POINT_GROUP = "erasure_engine.methods"
 DEFAULT_METHOD = "uce-plus"  # what `erase` and `erasure erase` use when no method is named
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in (UCE, UCE_PLUS, TRCE_STAGE1, ESD, CO_ERASING, BI_ERASING, TRCE,
-                                                     SPEED, MACE, RECE, ADVUNLEARN, STEREO)}
+                                                     SPEED, MACE, RECE, ADVUNLEARN, STEREO, TEXT_GATE)}
 _entry_points_read = False
 
 
@@ -103,5 +105,5 @@ __all__ = [
     "Method", "ClosedFormMethod", "FineTuningMethod", "Outcome", "training_summary", "register_method",
     "available_methods", "get_method", "finetune", "ENTRY_POINT_GROUP", "DEFAULT_METHOD",
     "ESDConfig", "CoErasingConfig", "BiErasingConfig", "TRCEConfig", "SpeedConfig",
-    "MACEConfig", "RECEConfig", "AdvUnlearnConfig",
+    "MACEConfig", "RECEConfig", "AdvUnlearnConfig", "TextGateConfig",
 ]
