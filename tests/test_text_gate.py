@@ -94,3 +94,12 @@ def test_saved_pipeline_loads_widened_and_the_delta_is_refused(erased, tmp_path,
 def test_sdxl_is_refused(tiny_sdxl_dir):
     with pytest.raises(ValueError, match="SDXL"):
         erase(tiny_sdxl_dir, ["Ann Lee"], method="text-gate", progress=False)
+
+
+def test_a_preserved_prompt_over_77_tokens_is_an_error(names):
+    from engine.concepts import ConceptFileError
+
+    erase_names, other = names
+    cs = concepts_from_names(erase_names[:1], anchor="a person", captions=["a long caption " * 30])
+    with pytest.raises(ConceptFileError, match="77|too long|shorten"):
+        erase(load_toy_pipeline(), cs, method="text-gate", progress=False)

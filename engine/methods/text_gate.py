@@ -104,13 +104,15 @@ def _gate(act, p: torch.Tensor, lo: torch.Tensor, full: torch.Tensor) -> torch.T
 def _preserved_prompts(pipe, concepts: ConceptSet, cfg: TextGateConfig) -> list[str]:
     """Every prompt whose rows the gates must leave closed: the generic prior, the names'
     neighbours and the concept file's preserved concepts and captions."""
+    listed = [t.format(c.name) for c in concepts.preserve_concepts for t in c.templates] + list(concepts.preserve_captions)
+    if listed:  # the file's own prompts: one over 77 tokens is an error
+        tokenize_prompts(pipe.tokenizer, listed)
     neighbours = prior.name_neighbours(pipe, concepts, cfg.neighbours) if cfg.neighbours else {}
-    kept = list(concepts.preserve_concepts) + prior.neighbour_concepts(neighbours, concepts)
     generic, _ = prior.naming_erased(("", *prior.generic_captions()), concepts)
     words = prior.vocabulary_words(pipe, concepts, prior.VOCABULARY_WORDS)
-    texts = [t.format(c.name) for c in kept for t in c.templates] + list(concepts.preserve_captions) + generic + words
-    out = []
-    for text in texts:
+    added = [t.format(c.name) for c in prior.neighbour_concepts(neighbours, concepts) for t in c.templates]
+    out = list(listed)
+    for text in added + generic + words:
         try:
             tokenize_prompts(pipe.tokenizer, [text])
         except PromptTooLongError:
