@@ -88,9 +88,10 @@ class Result:
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             save_delta(tmp / DELTA_NAME, self.delta, self.original, component=self.component)
             if export_lora:
-                not_matrices = [k for k, v in self.delta.items() if v.dim() != 2]
+                not_matrices = [k for k, v in self.delta.items()
+                                if v.dim() != 2 or v.shape != self.original[k].shape]  # text-gate widens them
                 if not_matrices:
-                    raise ValueError(f"export_lora: the edit changed tensors that are not linear weights (e.g. "
+                    raise ValueError(f"export_lora: the edit changed tensors that are not linear weights of the same shape (e.g. "
                                      f"{not_matrices[0]}); a LoRA cannot express it (use the delta or the pipeline)")
                 state, info = lora_from_delta(self.delta, self.original, lora_rank, prefix=self.component)
                 (tmp / LORA_DIR).mkdir()

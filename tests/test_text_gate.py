@@ -103,3 +103,10 @@ def test_a_preserved_prompt_over_77_tokens_is_an_error(names):
     cs = concepts_from_names(erase_names[:1], anchor="a person", captions=["a long caption " * 30])
     with pytest.raises(ConceptFileError, match="77|too long|shorten"):
         erase(load_toy_pipeline(), cs, method="text-gate", progress=False)
+
+
+def test_export_lora_is_refused_with_nothing_written(erased, tmp_path):
+    _, result = erased
+    with pytest.raises(ValueError, match="same shape"):
+        result.save(tmp_path / "lora", export_lora=True)
+    assert not (tmp_path / "lora").exists()
