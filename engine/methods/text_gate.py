@@ -50,6 +50,7 @@ CARRIERS = ("{}", "{} in the middle of a busy street", "a drawing of {}, simple 
             "a close view of {} against a white wall", "{} on a sunny day", "an old film still of {}",
             "{} and a friend", "a sketch of {} reading a book")
 RAMP_HEIGHT = 20.0  # K: the activation is linear to within 1e-12 beyond this (quick_gelu, gelu)
+KEPT_CHUNK = 1024  # preserved prompts encoded per call (their rows are kept for two passes)
 RIDGE = 1e-2  # of the displacement solve: two gates that fire together share their rows' shift
 
 
@@ -75,8 +76,9 @@ def _last_mlp(text_encoder):
         else text_encoder.encoder.layers[-1].mlp
 
 
-def _encode(pipe, prompts: list[str], batch_size: int, desc: str, progress: bool):
-    """(the last MLP's input rows, the last layer's output rows, input_ids) of ``prompts``, float64."""
+def _encode(pipe, prompts: list[str], batch_size: int, desc: str, progress: bool, outputs: bool = True):
+    """(the last MLP's input rows, the last layer's output rows or None unless ``outputs``) of
+    ``prompts``, (N, 77, D) float64."""
     te = pipe.text_encoder
     mlp = _last_mlp(te)
     caught = {}
@@ -89,10 +91,11 @@ def _encode(pipe, prompts: list[str], batch_size: int, desc: str, progress: bool
                 batch = ids[start:start + batch_size].to(te.device)
                 out = te(batch, output_hidden_states=True)
                 xs.append(caught["x"].double().cpu())
-                hs.append(out.hidden_states[-1].double().cpu())
+                if outputs:
+                    hs.append(out.hidden_states[-1].double().cpu())
     finally:
         hook.remove()
-    return torch.cat(xs), torch.cat(hs), ids
+    return torch.cat(xs), torch.cat(hs) if outputs else None
 
 
 def _gate(act, p: torch.Tensor, lo: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -121,6 +124,11 @@ def _preserved_prompts(pipe, concepts: ConceptSet, cfg: TextGateConfig) -> list[
     return out
 
 
+def _last_token(tokenizer, template: str, fill: str, ids: list[int], where: str) -> int:
+    """Position of the last token of ``fill`` inside template.format(fill)."""
+    return span_start(tokenizer, template, fill, ids, where) + len(tokenizer(fill, add_special_tokens=False).input_ids) - 1
+
+
 def _concept_prompts(pipe, concepts: ConceptSet, rows: str):
     """Every (concept prompt, anchor prompt, gate, row in each) of the gates: one gate per concept
     and row kind (the name's last token, the [EoT]), its prompts the concept's templates and CARRIERS."""
@@ -136,9 +144,10 @@ def _concept_prompts(pipe, concepts: ConceptSet, rows: str):
                     pos, pos_a = ids.index(eot), ids_a.index(eot)
                 else:
                     where = f"concept {c.name!r}, template {template!r}"
-                    pos = span_start(tok, template, c.name, ids, where) + len(tok(c.name, add_special_tokens=False).input_ids) - 1
-                    pos_a = (span_start(tok, template, c.anchor, ids_a, where) + len(tok(c.anchor, add_special_tokens=False).input_ids) - 1
-                             if c.anchor.strip() else prefix_end(tok, template) - 1)
+                    pos = _last_token(tok, template, c.name, ids, where)
+                    # anchor "": the row before where the name stood (the start token for "{}")
+                    pos_a = _last_token(tok, template, c.anchor, ids_a, where) if c.anchor.strip() \
+                        else prefix_end(tok, template) - 1
                 out.append((text, anchor, i * len(kinds) + k, pos, pos_a))
     return out
 
@@ -150,18 +159,19 @@ def build_gates(pipe, concepts: ConceptSet, cfg: TextGateConfig) -> dict:
     rows = _concept_prompts(pipe, concepts, cfg.rows)
     texts, anchors, gate, pos, pos_a = (list(v) for v in zip(*rows))
     gate, at = torch.tensor(gate), torch.arange(len(rows))
-    x, h, _ = _encode(pipe, list(dict.fromkeys(texts)), cfg.batch_size, "text-gate: concept prompts", cfg.progress)
+    x, h = _encode(pipe, list(dict.fromkeys(texts)), cfg.batch_size, "text-gate: concept prompts", cfg.progress)
     row_of = {t: j for j, t in enumerate(dict.fromkeys(texts))}
     pick = torch.tensor([row_of[t] for t in texts])
     x, h = x[pick, pos], h[pick, pos]
-    _, h_a, _ = _encode(pipe, list(dict.fromkeys(anchors)), cfg.batch_size, "text-gate: anchor prompts", cfg.progress)
+    _, h_a = _encode(pipe, list(dict.fromkeys(anchors)), cfg.batch_size, "text-gate: anchor prompts", cfg.progress)
     row_of = {t: j for j, t in enumerate(dict.fromkeys(anchors))}
     h_a = h_a[torch.tensor([row_of[t] for t in anchors]), pos_a]
     # Projections are taken from the preserved rows' mean: the rows of a CLIP encoder share a large
     # common part, which would otherwise make every row look alike.
     kept = _preserved_prompts(pipe, concepts, cfg)
-    kept_x = [_encode(pipe, kept[s:s + 1024], cfg.batch_size, "text-gate: preserved prompts", cfg.progress)[0]
-              .reshape(-1, x.shape[1]) for s in range(0, len(kept), 1024)]  # every row: cross-attention reads all 77
+    kept_x = [_encode(pipe, kept[s:s + KEPT_CHUNK], cfg.batch_size, "text-gate: preserved prompts", cfg.progress,
+                      outputs=False)[0].reshape(-1, x.shape[1])
+              for s in range(0, len(kept), KEPT_CHUNK)]  # every row: cross-attention reads all 77
     center = torch.cat(kept_x).mean(0)
     n = int(gate.max()) + 1
     per = torch.zeros(n, dtype=torch.float64).index_add_(0, gate, torch.ones(len(gate), dtype=torch.float64))
@@ -181,7 +191,7 @@ def build_gates(pipe, concepts: ConceptSet, cfg: TextGateConfig) -> dict:
         proj = (((xk - center) @ keys.T) / scale).reshape(-1, MAX_LENGTH, n)  # (prompts, 77, gates)
         close = proj >= own_min - cfg.margin
         kept_max = torch.maximum(kept_max, proj.masked_fill(close, -float("inf")).amax((0, 1)))
-        too_close += [kept[chunk * 1024 + i] for i in torch.nonzero(close.any(2).any(1)).flatten().tolist()]
+        too_close += [kept[chunk * KEPT_CHUNK + i] for i in torch.nonzero(close.any(2).any(1)).flatten().tolist()]
     lo = kept_max + cfg.margin
     full = torch.maximum(lo + cfg.ramp / 3, torch.minimum(own_min, lo + cfg.ramp))  # a ramp of ramp/3 at least
     opened = _gate(act, ((x - center) @ keys.T) / scale, lo, full)  # (rows, gates)
